@@ -1,0 +1,35 @@
+# The two commands a new user types: `make run` and `make test`. Both create .venv when it is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_MODEL := noisewise-demo
+
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export BENTOML_DO_NOT_TRACK := true
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+
+.PHONY: run test venv demo-model benchmarks clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+# Train, calibrate and register the demo model unless noisewise-demo@champion already exists.
+demo-model: venv
+	$(BIN)/noisewise train --dataset mnist5k --noise symmetric:0.2 --recipe elr \
+		--register $(DEMO_MODEL) --promote --skip-if-registered
+
+run: demo-model
+
+test: venv
+	$(BIN)/python -m pytest
+
+benchmarks: venv
+	$(BIN)/python benchmarks/recipes.py
+
+clean:
+	rm -rf $(VENV) .noisewise .pytest_cache

@@ -1,0 +1,1 @@
+"""Everything that becomes one registered noisewise model version: data, networks, recipes, registry."""

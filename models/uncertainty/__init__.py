@@ -1,0 +1,2 @@
+"""Pure uncertainty algorithms (torch/numpy/scipy/mapie only, no I/O): OOD scores, conformal sets,
+selective classification and label-noise estimation."""

@@ -1,0 +1,1 @@
+"""Feedback, label quality, drift and metrics."""

@@ -1,0 +1,1 @@
+"""The BentoML service and the `noisewise` command line."""
