@@ -153,12 +153,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         "arch": result.arch,
         "seed": args.seed,
         "noise": dataset.noise.spec,
-        "realized_noise_rate": dataset.noise.realized_rate,
+        "realized_noise_rate": round(dataset.noise.realized_rate, 4),
         "noise_convention": dataset.noise.convention,
         "best_epoch": m["best_epoch"],
-        "val_noisy_accuracy": m["val_noisy_accuracy"],
-        "clean_test_accuracy": m["clean_test_accuracy"],
-        "last_clean_test_accuracy": m["last_clean_test_accuracy"],
+        "val_noisy_accuracy": _round(m["val_noisy_accuracy"]),
+        "clean_test_accuracy": _round(m["clean_test_accuracy"]),
+        "last_clean_test_accuracy": _round(m["last_clean_test_accuracy"]),
         "train_seconds": round(m["train_seconds"], 2),
         "tracking_uri": registry.tracking_uri(),
     }
@@ -171,6 +171,10 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"  selected epoch {m['best_epoch']}: noisy-val accuracy {m['val_noisy_accuracy']:.4f}, "
           f"clean test accuracy {clean}\n  trained in {m['train_seconds']:.1f} s; MLflow store {registry.tracking_uri()}")
     return 0
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
