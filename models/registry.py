@@ -19,11 +19,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from models.nets import Classifier, arch_name, build_net
+
+if TYPE_CHECKING:
+    from models.calibrate import Calibration
 
 EXPERIMENT = "noisewise"
 CHAMPION = "champion"
@@ -115,6 +119,7 @@ class LoadedModel:
 
     net: Classifier
     spec: ModelSpec
+    calibration: "Calibration | None" = None
     name: str | None = None
     version: str | None = None
     run_id: str | None = None
@@ -129,13 +134,19 @@ class RegisteredVersion:
     promoted: bool
 
 
-def save_model_dir(net: Classifier, spec: ModelSpec, directory: Path) -> dict[str, str]:
-    """Write ``weights.safetensors`` and ``model.json``; returns MLflow's artifacts mapping."""
+def save_model_dir(net: Classifier, spec: ModelSpec, directory: Path,
+                   calibration: "Calibration | None" = None) -> dict[str, str]:
+    """Write ``weights.safetensors``, ``model.json`` and the calibration files; returns MLflow's
+    artifacts mapping (name -> path)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(directory / "weights.safetensors"))
     (directory / "model.json").write_text(spec.to_json())
-    return {"weights": str(directory / "weights.safetensors"), "spec": str(directory / "model.json")}
+    artifacts = {"weights": str(directory / "weights.safetensors"), "spec": str(directory / "model.json")}
+    if calibration is not None:
+        for path in calibration.save(directory):
+            artifacts[path.name.replace(".", "_")] = str(path)
+    return artifacts
 
 
 def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -152,7 +163,17 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Loade
         net.load_state_dict(state, strict=True)
     except Exception as err:  # safetensors raises its own error types for truncated/tampered files
         raise RegistryError(f"cannot load weights from {weights_file}: {err}") from None
-    return LoadedModel(net.to(device).eval(), spec)
+    calibration = None
+    if (directory / "calibration.json").exists() or (directory / "calibration.safetensors").exists():
+        from models.calibrate import Calibration, CalibrationError
+
+        try:
+            calibration = Calibration.load(directory, device=device)
+        except CalibrationError as err:
+            raise RegistryError(str(err)) from None
+        if calibration.class_names != spec.class_names:
+            raise RegistryError("calibration.json: class_names differ from model.json")
+    return LoadedModel(net.to(device).eval(), spec, calibration)
 
 
 def log_training_run(
@@ -163,15 +184,20 @@ def log_training_run(
     metrics: dict,
     register_as: str | None = None,
     promote: bool = False,
+    calibration: "Calibration | None" = None,
+    tags: dict | None = None,
 ) -> RegisteredVersion:
-    """Log params, per-epoch metrics, final metrics and the model; optionally register and promote."""
+    """Log params, per-epoch metrics, final metrics, the model and its calibration; optionally register
+    and promote. A recalibration logs a new run (and version) with the same weights: versions are
+    immutable, and the service follows the alias."""
     mlflow = _mlflow()
     from mlflow.entities import Metric
 
     experiment_id = _experiment_id(mlflow)
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-        mlflow.set_tags({"noisewise.arch": spec.arch, "noisewise.dataset": spec.lineage.get("source", "")})
+        mlflow.set_tags({"noisewise.arch": spec.arch, "noisewise.dataset": spec.lineage.get("source", ""),
+                         "noisewise.calibrated": str(calibration is not None).lower(), **(tags or {})})
         now = int(time.time() * 1000)
         per_epoch = [
             Metric(key, float(value), now, int(record["epoch"]))
@@ -184,7 +210,7 @@ def log_training_run(
             client.log_batch(run.info.run_id, metrics=per_epoch[start : start + 1000])
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if v is not None})
         with tempfile.TemporaryDirectory() as tmp:
-            artifacts = save_model_dir(net, spec, Path(tmp))
+            artifacts = save_model_dir(net, spec, Path(tmp), calibration)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(_PYFUNC_CODE),

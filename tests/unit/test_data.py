@@ -100,7 +100,7 @@ def test_splits_are_disjoint_complete_stratified_and_seeded():
     c = split_indices(len(y), seed=1, labels=y)
     everything = np.concatenate(list(a.values()))
     assert len(everything) == len(y) == len(np.unique(everything))
-    assert {k: len(v) for k, v in a.items()} == {"train": 600, "val": 100, "cal": 150, "test": 150}
+    assert {k: len(v) for k, v in a.items()} == {"train": 500, "val": 100, "cal": 250, "test": 150}
     assert all(np.array_equal(a[k], b[k]) for k in a) and not np.array_equal(a["train"], c["train"])
     assert np.all(np.bincount(y[a["test"]]) == 15)
 

@@ -1,0 +1,89 @@
+"""What the guarantees mean on data: coverage, set size, selective risk and OOD detection of a
+:class:`~models.predictor.Predictor` on a dataset's clean test split and on OOD sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from models.data import OOD_DATASETS, Dataset, load_ood
+from models.predictor import BatchOutput, Predictor
+from models.uncertainty.selective import aurc, eaurc
+
+
+def forward_all(predictor: Predictor, x: np.ndarray, batch_size: int = 512) -> BatchOutput:
+    """:meth:`Predictor.forward` over ``x`` in batches, concatenated on the host."""
+    parts = [predictor.forward(torch.as_tensor(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    return BatchOutput(*[torch.cat([getattr(p, f).cpu() for p in parts]) for f in BatchOutput.__dataclass_fields__])
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al. 2017): sum_b |B|/n |acc(B) - conf(B)|."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.mean() * abs(correct[members].mean() - conf[members].mean())
+    return float(total)
+
+
+def fpr_at_95_tpr(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    """Share of ID inputs flagged when the threshold catches 95% of OOD inputs (higher score = OOD)."""
+    threshold = np.quantile(ood_scores, 0.05)
+    return float((id_scores >= threshold).mean())
+
+
+def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict:
+    y = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
+    return {"auroc": float(roc_auc_score(y, np.r_[id_scores, ood_scores])), "fpr95": fpr_at_95_tpr(id_scores, ood_scores)}
+
+
+def evaluate(predictor: Predictor, dataset: Dataset, ood_sets: tuple[str, ...] = OOD_DATASETS,
+             n_ood: int = 500, seed: int = 0) -> dict:
+    """Metrics on the clean test labels (observed labels when no clean ones exist, said in ``labels``)."""
+    x, y_observed, y_clean = dataset.split("test")
+    labels = y_clean if y_clean is not None else y_observed
+    out = forward_all(predictor, x)
+    probs = out.probs.numpy()
+    pred = out.label.numpy()
+    correct = pred == labels
+    sets = out.sets.numpy()
+    accept = out.accept.numpy()
+    summary = predictor.calibration.summary()
+    result = {
+        "labels": "clean" if y_clean is not None else "observed (no clean labels known)",
+        "n_test": int(len(labels)),
+        "accuracy": float(correct.mean()),
+        "ece": expected_calibration_error(probs, labels),
+        "aurc": aurc(out.confidence.numpy(), correct),
+        "eaurc": eaurc(out.confidence.numpy(), correct),
+        "coverage": float(sets[np.arange(len(labels)), labels].mean()),
+        "mean_set_size": float(sets.sum(1).mean()),
+        "target_coverage": summary["prediction_set"]["target_coverage"],
+        "selective_coverage": float(accept.mean()),
+        "selective_risk": float((~correct[accept]).mean()) if accept.any() else None,
+        "risk_target": summary["abstention"]["risk_target"],
+        "id_ood_flag_rate": float(out.is_ood.numpy().mean()),
+        "alpha_ood": summary["ood"]["alpha_ood"],
+        "ood_auroc": {},
+        "ood_fpr95": {},
+        "ood_flag_rate": {},
+        "assumptions": {"eps": summary["prediction_set"]["eps"], "delta": summary["prediction_set"]["delta"],
+                        "risk_delta": summary["abstention"]["delta"], "noise": summary["noise"],
+                        "statements": summary["assumptions"]},
+    }
+    if len(dataset.input_shape) == 3:
+        id_scores = out.ood_score.numpy()
+        for name in ood_sets:
+            x_ood = load_ood(name, dataset.input_shape, n=n_ood, seed=seed, reference=x)
+            ood_out = forward_all(predictor, x_ood)
+            metrics = ood_metrics(id_scores, ood_out.ood_score.numpy())
+            result["ood_auroc"][name] = metrics["auroc"]
+            result["ood_fpr95"][name] = metrics["fpr95"]
+            result["ood_flag_rate"][name] = float(ood_out.is_ood.numpy().mean())
+    return result
