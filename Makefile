@@ -14,6 +14,9 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# pytorch-ood is a test oracle only. Its metadata asks for torchvision, which would replace the pinned
+	# CPU torch; the detectors the tests use need only torch, so install it without dependencies.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'pytorch-ood==0.4.0'
 	@touch $@
 
 venv: $(VENV)/.installed

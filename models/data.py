@@ -409,3 +409,17 @@ def _resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     mode = "area" if tensor.shape[-1] > size[1] else "bilinear"
     kwargs = {} if mode == "area" else {"align_corners": False}
     return F.interpolate(tensor, size=size, mode=mode, **kwargs).numpy()
+
+
+def load_from_lineage(lineage: dict) -> Dataset:
+    """Rebuild the dataset (same items, noise and splits) a model was trained on from its lineage."""
+    name = lineage.get("dataset")
+    source = name if name in BUILTIN_DATASETS else lineage.get("source")
+    if not source:
+        raise DataError("the model's lineage does not say which dataset it was trained on")
+    dataset = load_dataset(source, lineage.get("noise", "none"), seed=int(lineage.get("split_seed", 0)))
+    expected = lineage.get("sha256")
+    actual = dataset.lineage.get("sha256")
+    if expected and actual and expected != actual:
+        raise DataError(f"the data at {source} changed since the model was trained (fingerprint {actual} != {expected})")
+    return dataset

@@ -87,3 +87,14 @@ def evaluate(predictor: Predictor, dataset: Dataset, ood_sets: tuple[str, ...] =
             result["ood_fpr95"][name] = metrics["fpr95"]
             result["ood_flag_rate"][name] = float(ood_out.is_ood.numpy().mean())
     return result
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """Numeric entries of :func:`evaluate`'s result as flat MLflow metric names."""
+    flat = {}
+    for key, value in result.items():
+        if isinstance(value, dict) and key.startswith("ood_"):
+            flat.update({f"{key}_{name}": v for name, v in value.items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = float(value)
+    return flat

@@ -46,8 +46,12 @@ def home_dir() -> Path:
     return home
 
 
+def _default_uri() -> str:
+    return f"sqlite:///{home_dir() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home_dir() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
 
 
 def _mlflow():
@@ -61,11 +65,14 @@ def _mlflow():
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")
-    # our pyfunc takes arrays of any input shape, so MLflow's type-hint schema inference does not apply
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    exported = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # MLflow exports the URIs to the environment; undo that so NOISEWISE_HOME stays the source of truth
+    for key, value in exported.items():
+        if value is None:
+            os.environ.pop(key, None)
     return mlflow
 
 
@@ -74,7 +81,7 @@ def _experiment_id(mlflow) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # a server decides its own artifact store
+    if tracking_uri() == _default_uri():  # a user-chosen store or server decides its own artifact location
         location = (home_dir() / "artifacts").as_uri()
     return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
 
@@ -211,8 +218,17 @@ def log_training_run(
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if v is not None})
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = save_model_dir(net, spec, Path(tmp), calibration)
+            from mlflow.models.signature import ModelSignature
+            from mlflow.types.schema import Schema, TensorSpec
+            import numpy as np
+
+            signature = ModelSignature(
+                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *spec.input_shape))]),
+                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes))]),
+            )
             info = mlflow.pyfunc.log_model(
                 name="model",
+                signature=signature,
                 python_model=str(_PYFUNC_CODE),
                 artifacts=artifacts,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "noisewise"],

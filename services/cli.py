@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from models.data import BUILTIN_DATASETS, DataError, parse_noise_spec
+from models.calibrate import CalibrationError
 from models.registry import RegistryError
 from models.train import RECIPES
 
@@ -92,10 +93,161 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--promote", action="store_true", help="move the alias 'champion' to the new version")
     train.add_argument("--skip-if-registered", action="store_true",
                        help="do nothing when NAME@champion already exists (used by `make run`)")
+    train.add_argument("--no-calibrate", action="store_true",
+                       help="skip calibration (the version cannot be served until `noisewise calibrate` runs)")
     train.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_calibration_options(train)
     train.set_defaults(handler=cmd_train)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit OOD gate, conformal sets and certified abstention; log them as a new model version",
+        description="Fit the uncertainty layer of a registered model on its calibration split: a KNN (or other) "
+        "OOD score with a conformal p-value, noise-aware conformal prediction sets (NACP, or the audit-rectified "
+        "threshold when audited labels exist), and a certified abstention threshold. The result is logged as a "
+        "NEW version of the same model with the same weights (versions are immutable; promote it to serve it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    calibrate.add_argument("--model", required=True, help="NAME@ALIAS or NAME/VERSION")
+    calibrate.add_argument("--promote", action="store_true", help="move NAME@champion to the new version")
+    calibrate.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    calibrate.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    _add_calibration_options(calibrate)
+    calibrate.set_defaults(handler=cmd_calibrate)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="coverage, set size, selective risk and OOD AUROC of a calibrated model on its clean test split",
+        description="Evaluate a calibrated model on the clean test split of its dataset (or --dataset) and on OOD "
+        "sets (natural photo patches, another digit source, inverted images), so you can see what the guarantees "
+        "mean on your data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    evaluate.add_argument("--model", required=True, help="NAME@ALIAS or NAME/VERSION")
+    evaluate.add_argument("--dataset", default=None,
+                          help="evaluate on this dataset's test split instead of the model's own (same input shape)")
+    evaluate.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    evaluate.set_defaults(handler=cmd_evaluate)
     return parser
+
+
+def _rate_arg(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a flip rate in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a flip rate in [0, 1), got {value}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
+
+
+def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    from models.calibrate import CONFORMAL_MODES, RISK_CORRECTIONS
+    from models.uncertainty.conformal import CONFORMITY_SCORES
+    from models.uncertainty.ood import OOD_SCORERS
+
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--noise-rate", type=_rate_arg, default="auto",
+                       help="flip rate of the calibration labels (fraction wrong), or auto: the audit estimate with "
+                       "--audit, the injected rate for synthetic noise, else the confident-learning heuristic; NACP "
+                       "uses its lower bound")
+    group.add_argument("--audit", type=int, default=0, metavar="N",
+                       help="treat N random calibration items as audited (trusted labels from y_clean): enables the "
+                       "audit-rectified threshold, which needs no noise model")
+    group.add_argument("--alpha", type=_unit_interval, default=0.1, help="miscoverage: sets target 1 - alpha")
+    group.add_argument("--conformal", choices=CONFORMAL_MODES, default="plugin",
+                       help="plugin: NACP plug-in threshold (exact split CP at eps=0); finite-sample: with the "
+                       "finite-sample margin Delta at --delta (or the conditional audit form)")
+    group.add_argument("--delta", type=_unit_interval, default=0.001,
+                       help="failure probability of the finite-sample conformal guarantee")
+    group.add_argument("--score", choices=sorted(CONFORMITY_SCORES), default="aps", help="conformity score")
+    group.add_argument("--risk", type=_unit_interval, default=0.05, help="selective risk target r* for abstention")
+    group.add_argument("--risk-delta", type=_unit_interval, default=0.05,
+                       help="probability that the certified threshold's risk exceeds r*")
+    group.add_argument("--risk-correction", choices=RISK_CORRECTIONS, default="auto",
+                       help="symmetric-noise correction of the certification (auto: on only when the noise is "
+                       "symmetric by construction)")
+    group.add_argument("--ood-alpha", type=_unit_interval, default=0.05, help="false-OOD rate bound on ID inputs")
+    group.add_argument("--ood-scorer", choices=sorted(OOD_SCORERS), default="knn", help="OOD score")
+    group.add_argument("--calibration-seed", type=int, default=0, help="seed for the audit draw and randomized scores")
+
+
+def _calibration_settings(args: argparse.Namespace):
+    from models.calibrate import CalibrationSettings
+
+    settings = CalibrationSettings(
+        noise_rate=args.noise_rate, audit=args.audit, alpha=args.alpha, delta=args.delta, conformal=args.conformal,
+        risk=args.risk, risk_delta=args.risk_delta, risk_correction=args.risk_correction, ood_alpha=args.ood_alpha,
+        ood_scorer=args.ood_scorer, score=args.score, seed=args.calibration_seed,
+    )
+    settings.check()
+    return settings
+
+
+def _calibrate_and_evaluate(net, dataset, settings, device):
+    """Fit the calibration and evaluate it on the clean test split and the OOD sets."""
+    from models.calibrate import fit_calibration
+    from models.evaluation import evaluate
+    from models.predictor import Predictor
+
+    calibration = fit_calibration(net, dataset, settings, device=device)
+    return calibration, evaluate(Predictor(net, calibration, device=device), dataset)
+
+
+def _calibration_payload(calibration, evaluation: dict) -> dict:
+    summary = calibration.summary()
+    keep = ("accuracy", "coverage", "mean_set_size", "target_coverage", "selective_risk", "selective_coverage",
+            "risk_target", "ood_auroc", "id_ood_flag_rate", "ece", "aurc", "eaurc")
+    return {
+        "calibration": {
+            "sets": {k: summary["prediction_set"][k] for k in ("method", "score", "target_coverage", "q", "eps",
+                                                                "delta", "full_sets")},
+            "abstention": {k: summary["abstention"][k] for k in ("certified", "risk_target", "delta", "coverage",
+                                                                 "risk_ucb", "confidence")},
+            "ood": summary["ood"],
+            "noise": summary["noise"],
+            "assumptions": summary["assumptions"],
+        },
+        "evaluation": {k: _round_all(evaluation[k]) for k in keep},
+    }
+
+
+def _round_all(value):
+    if isinstance(value, dict):
+        return {k: _round_all(v) for k, v in value.items()}
+    return _round(value) if isinstance(value, float) else value
+
+
+def _calibration_text(calibration, evaluation: dict) -> str:
+    s = calibration.summary()
+    sets, abst = s["prediction_set"], s["abstention"]
+    lines = [
+        f"  sets: {sets['method']} ({sets['score']}), target coverage {sets['target_coverage']:.2f}: clean-test coverage "
+        f"{evaluation['coverage']:.3f}, mean size {evaluation['mean_set_size']:.2f}",
+        f"  abstention: r*={abst['risk_target']} delta={abst['delta']}: " + (
+            f"certified, accepts {evaluation['selective_coverage']:.1%} of clean test with risk "
+            f"{evaluation['selective_risk'] if evaluation['selective_risk'] is None else round(evaluation['selective_risk'], 4)}"
+            if abst["certified"] else "NOTHING CERTIFIED: the model abstains on every input (" + abst["reason"][:120] + ")"),
+        f"  ood: {s['ood']['scorer']} at alpha_ood={s['ood']['alpha_ood']}: AUROC " + ", ".join(
+            f"{k} {v:.3f}" for k, v in evaluation["ood_auroc"].items()),
+    ]
+    lines += [f"  assumes: {a}" for a in s["assumptions"]]
+    return "\n".join(lines)
+
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -130,8 +282,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"dataset {dataset.name}: {len(dataset.x)} items, {dataset.num_classes} classes, noise "
               f"{dataset.noise.spec} (realized flip rate {dataset.noise.realized_rate:.3f}); recipe "
               f"{recipe.name}{' + SAM' if recipe.sam else ''}, {recipe.epochs} epochs on {device}", file=sys.stderr)
+    settings = None if args.no_calibrate else _calibration_settings(args)
     result = train(dataset, recipe, arch=args.arch, seed=args.seed, device=device,
                    progress=not args.quiet and sys.stderr.isatty())
+    calibration, evaluation = (None, {}) if settings is None else _calibrate_and_evaluate(
+        result.net, dataset, settings, device)
     spec = registry.spec_from_training(result.net, dataset, recipe, result.arch_kwargs)
     params = {
         **recipe.params(), "arch": result.arch, "seed": args.seed, "dataset": dataset.name,
@@ -139,8 +294,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         "data_source": dataset.lineage.get("source"), "data_sha256": dataset.lineage.get("sha256"),
         "n_items": len(dataset.x), "splits": {k: len(v) for k, v in dataset.splits.items()},
     }
-    logged = registry.log_training_run(result.net.cpu(), spec, params, result.history, result.metrics,
-                                       register_as=args.register, promote=args.promote)
+    from models.evaluation import flat_metrics
+
+    logged = registry.log_training_run(result.net.cpu(), spec, params, result.history,
+                                       {**result.metrics, **flat_metrics(evaluation)}, register_as=args.register,
+                                       promote=args.promote, calibration=calibration)
     m = result.metrics
     payload = {
         "run_id": logged.run_id,
@@ -161,6 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "last_clean_test_accuracy": _round(m["last_clean_test_accuracy"]),
         "train_seconds": round(m["train_seconds"], 2),
         "tracking_uri": registry.tracking_uri(),
+        **({} if calibration is None else _calibration_payload(calibration, evaluation)),
     }
     clean = "unknown (no clean labels)" if m["clean_test_accuracy"] is None else f"{m['clean_test_accuracy']:.4f}"
     where = f"registered {logged.name} version {logged.version}" if logged.name else "not registered"
@@ -169,7 +328,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     _emit(args, payload,
           f"run {logged.run_id}: {where}\n"
           f"  selected epoch {m['best_epoch']}: noisy-val accuracy {m['val_noisy_accuracy']:.4f}, "
-          f"clean test accuracy {clean}\n  trained in {m['train_seconds']:.1f} s; MLflow store {registry.tracking_uri()}")
+          f"clean test accuracy {clean}\n  trained in {m['train_seconds']:.1f} s; MLflow store {registry.tracking_uri()}"
+          + ("\n  not calibrated (--no-calibrate)" if calibration is None else "\n" + _calibration_text(calibration, evaluation)))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from models import registry
+    from models.data import load_from_lineage
+    from models.evaluation import flat_metrics
+    from models.nets import pick_device
+
+    settings = _calibration_settings(args)
+    device = pick_device(args.device)
+    source = registry.load_model(args.model, device=device)
+    dataset = load_from_lineage(source.spec.lineage)
+    calibration, evaluation = _calibrate_and_evaluate(source.net, dataset, settings, device)
+    params = {**{f"calibration.{k}": v for k, v in settings.__dict__.items()},
+              "calibrated_from": f"{source.name}/{source.version}", "source_run_id": source.run_id}
+    logged = registry.log_training_run(
+        source.net.cpu(), source.spec, params, history=[], metrics=flat_metrics(evaluation), register_as=source.name,
+        promote=args.promote, calibration=calibration,
+        tags={"noisewise.calibrated_from": f"{source.name}/{source.version}"})
+    payload = {"model_name": logged.name, "model_version": logged.version, "calibrated_from": source.version,
+               "promoted": logged.promoted, "run_id": logged.run_id, **_calibration_payload(calibration, evaluation)}
+    promoted = f", promoted to {logged.name}@{registry.CHAMPION}" if logged.promoted else " (not promoted: use --promote)"
+    _emit(args, payload, f"{logged.name} version {logged.version}: calibration of version {source.version}{promoted}\n"
+          + _calibration_text(calibration, evaluation))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models import registry
+    from models.data import load_dataset, load_from_lineage
+    from models.evaluation import evaluate
+    from models.nets import pick_device
+    from models.predictor import Predictor
+
+    device = pick_device(args.device)
+    loaded = registry.load_model(args.model, device=device)
+    if loaded.calibration is None:
+        raise UsageError(f"{args.model} has no calibration: run `noisewise calibrate --model {args.model}` first")
+    if args.dataset is None:
+        dataset = load_from_lineage(loaded.spec.lineage)
+    else:
+        dataset = load_dataset(args.dataset, "none", seed=int(loaded.spec.lineage.get("split_seed", 0)))
+        if list(dataset.input_shape) != list(loaded.spec.input_shape):
+            raise UsageError(f"--dataset: inputs are {dataset.input_shape}, the model takes {tuple(loaded.spec.input_shape)}")
+    result = evaluate(Predictor(loaded.net, loaded.calibration, device=device), dataset)
+    payload = {"model_name": loaded.name, "model_version": loaded.version, "dataset": dataset.name,
+               **_round_all({k: v for k, v in result.items() if k != "assumptions"}),
+               "assumptions": result["assumptions"]}
+    _emit(args, payload, f"{loaded.name} version {loaded.version} on {dataset.name} ({result['labels']} test labels, "
+          f"n={result['n_test']}): accuracy {result['accuracy']:.3f}\n" + _calibration_text(loaded.calibration, result))
     return 0
 
 
@@ -187,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (UsageError, DataError, RegistryError, ValueError) as err:
+    except (UsageError, DataError, RegistryError, CalibrationError, ValueError) as err:
         print(f"noisewise: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -41,6 +41,9 @@ def test_register_promote_and_load_give_identical_predictions(store, trained):
     ds, result = trained
     logged = _log(ds, result, register_as="roundtrip", promote=True)
     assert (store / "mlflow.db").is_file() and registry.tracking_uri().startswith("sqlite:///")
+    # all state under NOISEWISE_HOME: artifacts too, never ./mlruns in the working directory
+    assert any((store / "artifacts").rglob("weights.safetensors"))
+    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
     x = torch.as_tensor(ds.split("test")[0])
     with torch.no_grad():
         before = result.net.eval()(x)
@@ -85,7 +88,7 @@ def test_pyfunc_loads_without_pickle_and_agrees(store, trained):
     logged = _log(ds, result, register_as="pyfunc")
     model = mlflow.pyfunc.load_model(f"models:/pyfunc/{logged.version}")
     x = ds.split("test")[0][:16]
-    probs = np.asarray(model.predict(x.reshape(16, -1)))
+    probs = np.asarray(model.predict(x))  # [16, 1, 8, 8] float32, as the logged signature says
     with torch.no_grad():
         expected = torch.softmax(result.net(torch.as_tensor(x)), 1).numpy()
     assert np.allclose(probs, expected, atol=1e-6)
