@@ -179,8 +179,6 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
-    if isinstance(value, float) and math.isinf(value):
-        return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
