@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from models.calibrate import features_and_logits  # noqa: E402
+from models.calibrate import features_and_logits, min_accepted_for  # noqa: E402
 from models.data import inject_noise, load_dataset  # noqa: E402
 from models.train import load_recipe, train  # noqa: E402
 from models.uncertainty.labelnoise import flip_rate_to_uniform  # noqa: E402
@@ -74,9 +74,7 @@ def run(logits: torch.Tensor, y: np.ndarray, splits: int, n_cal: int, risk: floa
             "pair, corrected (invalid)": (inject_noise(y[cal], k, f"pair:{rate}", seed=20_000 + split)[0], eps_u),
         }
         for name, (observed, eps) in labels.items():
-            noisy = name != "clean"
-            # calibrate.py's rule: with noisy labels start the fixed sequence at a quarter of the data
-            min_accepted = max(50, n_cal // 4) if noisy else math.ceil(math.log(delta) / math.log(1 - risk))
+            min_accepted = min_accepted_for(n_cal, risk, delta)  # the rule `noisewise calibrate` uses
             cert = certify_threshold(conf[cal], pred[cal] != observed, risk, delta, min_accepted=min_accepted,
                                      noise_eps=eps, num_classes=k if eps is not None else None)
             accepted = conf[test] >= cert.threshold

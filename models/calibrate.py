@@ -308,12 +308,7 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
             "abstention: certified on noisy labels with the symmetric-noise correction at "
             f"eps={eps_uniform:.4f} (valid only if the noise is symmetric)" if noise_eps is not None else
             "abstention: certified on noisy labels without correction (conservative: noisy labels over-estimate risk)")
-    # With noisy labels even the most confident items show an error floor near the noise rate, so
-    # small first test points fail by chance and end the fixed sequence: start it at a quarter of the
-    # data (fixed before looking at it; validity does not depend on this choice, only power).
-    # On clean (audited) labels, start where zero errors could certify: (1 - r*)^n <= delta.
-    zero_error_n = math.ceil(math.log(settings.risk_delta) / math.log(1.0 - settings.risk))
-    min_accepted = max(50, len(cert_conf) // 4) if noise_eps is not None or len(audit_index) == 0 else zero_error_n
+    min_accepted = min_accepted_for(len(cert_conf), settings.risk, settings.risk_delta)
     certified = certify_threshold(cert_conf, errors, settings.risk, settings.risk_delta, min_accepted=min_accepted,
                                   noise_eps=noise_eps, num_classes=k if noise_eps is not None else None)
 
@@ -327,6 +322,20 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
                   "min_accepted": min_accepted},
         assumptions=assumptions,
     )
+
+
+def min_accepted_for(n: int, risk: float, delta: float) -> int:
+    """Where the fixed-sequence test starts: the first grid point with at least this many accepted items.
+
+    A first test point that fails by chance ends the sequence with nothing certified, and the first
+    points are the weakest: with noisy labels even the most confident items show an error floor near
+    the noise rate, and on clean labels a single early error among a few dozen items fails the test.
+    Starting at a quarter of the certification data, fixed before looking at it, avoids that; never
+    below the n at which zero errors can certify, (1 - r*)^n <= delta. Validity does not depend on this
+    choice (it only removes a prefix of the sequence), only power does.
+    """
+    zero_error_n = math.ceil(math.log(delta) / math.log(1.0 - risk))
+    return max(zero_error_n, n // 4)
 
 
 def _noise_rate(settings, dataset, pred_cal, y_cal, audit_index, audit_labels, probs_np):
