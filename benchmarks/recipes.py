@@ -83,7 +83,7 @@ def main() -> None:
         + (f" --epochs {args.epochs}" if args.epochs else "") + "`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"CPU. Date: {time.strftime('%Y-%m-%d')}.",
+        f"CPU. Date: {time.strftime('%Y-%m-%d')}. `s/run` is wall time per training run.",
         "",
         "| recipe | " + " | ".join(f"{n} selected | {n} last" for n in args.noises) + " | s/run |",
         "|---|" + "---|---|" * len(args.noises) + "---|",
