@@ -197,7 +197,10 @@ class CalibrationSettings:
     ood_alpha: float = 0.05
     ood_scorer: str = "knn"
     ood_params: dict = field(default_factory=dict)
-    score: str = "aps"
+    # LAC by default: its served set is the set the threshold is calibrated for, so coverage lands on
+    # 1 - alpha with the smallest sets; MAPIE's APS serves include-last-label supersets that over-cover
+    # by ~5 points (docs/conformal.md).
+    score: str = "lac"
     seed: int = 0
 
     def check(self) -> None:
@@ -330,12 +333,14 @@ def min_accepted_for(n: int, risk: float, delta: float) -> int:
     A first test point that fails by chance ends the sequence with nothing certified, and the first
     points are the weakest: with noisy labels even the most confident items show an error floor near
     the noise rate, and on clean labels a single early error among a few dozen items fails the test.
-    Starting at a quarter of the certification data, fixed before looking at it, avoids that; never
-    below the n at which zero errors can certify, (1 - r*)^n <= delta. Validity does not depend on this
-    choice (it only removes a prefix of the sequence), only power does.
+    Starting at half of the certification data, fixed before looking at it, avoids that; never below
+    the n at which zero errors can certify, (1 - r*)^n <= delta. Validity does not depend on this
+    choice (it only removes a prefix of the sequence), only power does. On the demo model with noisy
+    labels (benchmarks/selective.py, 200 splits) starting at n/4, n/3 and n/2 certified in 38%, 54% and
+    65% of splits (mean accepted share 0.27, 0.40, 0.53), with clean labels 100% (0.92) for all three.
     """
     zero_error_n = math.ceil(math.log(delta) / math.log(1.0 - risk))
-    return max(zero_error_n, n // 4)
+    return max(zero_error_n, n // 2)
 
 
 def _noise_rate(settings, dataset, pred_cal, y_cal, audit_index, audit_labels, probs_np):

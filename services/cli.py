@@ -174,7 +174,9 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
                        "finite-sample margin Delta at --delta (or the conditional audit form)")
     group.add_argument("--delta", type=_unit_interval, default=0.001,
                        help="failure probability of the finite-sample conformal guarantee")
-    group.add_argument("--score", choices=sorted(CONFORMITY_SCORES), default="aps", help="conformity score")
+    group.add_argument("--score", choices=sorted(CONFORMITY_SCORES), default="lac",
+                       help="conformity score: lac (smallest sets, coverage on target), aps or raps (MAPIE's "
+                       "convention: adaptive sets that over-cover by a few points)")
     group.add_argument("--risk", type=_unit_interval, default=0.05, help="selective risk target r* for abstention")
     group.add_argument("--risk-delta", type=_unit_interval, default=0.05,
                        help="probability that the certified threshold's risk exceeds r*")

@@ -101,7 +101,8 @@ def _rank_masses(probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """
     n, k = probs.shape
     sorted_p, order = probs.sort(dim=1, descending=True)
-    cums = sorted_p.cumsum(dim=1)
+    # float rounding can push a cumulative sum a few ulps past 1, which would keep q = 1 sets from being full
+    cums = sorted_p.cumsum(dim=1).clamp_max(1.0)
     excl = torch.nn.functional.pad(cums[:, :-1], (1, 0))
     idx = torch.arange(k, device=probs.device).expand(n, k)
     differs = sorted_p[:, 1:] != sorted_p[:, :-1]
