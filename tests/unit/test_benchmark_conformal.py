@@ -105,7 +105,7 @@ def test_criteria_and_markdown(report):
     assert all(isinstance(c["pass"], bool) for c in report["criteria"])
     text = bench.render_markdown(report, "python benchmarks/conformal.py --quick", bench.explain(report))
     assert "Command: `python benchmarks/conformal.py --quick`" in text
-    assert "| method |" in text and "## synthetic-k100, APS (main table)" in text
+    assert "| method |" in text and "## synthetic-k100, LAC (main table: noisewise's default score)" in text
     assert text.count("**PASS**") + text.count("**FAIL**") == 3  # the headline checks that apply here
     assert "flip_rate_to_uniform" in text
 
