@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Sequence
@@ -214,7 +215,7 @@ def _calibration_payload(calibration, evaluation: dict) -> dict:
     summary = calibration.summary()
     keep = ("accuracy", "coverage", "mean_set_size", "target_coverage", "selective_risk", "selective_coverage",
             "risk_target", "ood_auroc", "id_ood_flag_rate", "ece", "aurc", "eaurc")
-    return {
+    return _round_all({
         "calibration": {
             "sets": {k: summary["prediction_set"][k] for k in ("method", "score", "target_coverage", "q", "eps",
                                                                 "delta", "full_sets")},
@@ -224,14 +225,19 @@ def _calibration_payload(calibration, evaluation: dict) -> dict:
             "noise": summary["noise"],
             "assumptions": summary["assumptions"],
         },
-        "evaluation": {k: _round_all(evaluation[k]) for k in keep},
-    }
+        "evaluation": {k: evaluation[k] for k in keep},
+    })
 
 
 def _round_all(value):
+    """Round floats for display and turn non-finite ones into null, so --json output is strict JSON."""
     if isinstance(value, dict):
         return {k: _round_all(v) for k, v in value.items()}
-    return _round(value) if isinstance(value, float) else value
+    if isinstance(value, list):
+        return [_round_all(v) for v in value]
+    if isinstance(value, float):
+        return _round(value) if math.isfinite(value) else None
+    return value
 
 
 def _calibration_text(calibration, evaluation: dict) -> str:
@@ -391,7 +397,7 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
-    print(json.dumps(payload) if getattr(args, "json", False) else text)
+    print(json.dumps(_round_all(payload), allow_nan=False) if getattr(args, "json", False) else text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,86 @@
+"""Adaptive batching: validated requests from many concurrent callers -> one forward pass per batch.
+
+The engine is BentoML's own adaptive batching dispatcher (``CorkDispatcher``, the one behind
+``@bentoml.api(batchable=True)``): it learns the cost of a batch from recent passes, corks requests
+while a pass is running or while waiting pays off, and cuts batches at ``max_batch_size`` inputs
+(splitting a larger request across passes). noisewise drives it directly instead of through a
+batchable API method because, in BentoML 1.4, the only way for a validating endpoint to reach a
+batchable method of the same service is an HTTP round trip through the service's own proxy: that
+doubles the per-request parsing and serialization, and its client closes its session every 100
+calls while other calls are in flight (``ServerDisconnectedError`` -> 500s under concurrency,
+bentoml/BentoML#5540). Here the validated float32 array goes straight into the queue.
+
+Every pass runs on one dedicated thread, so the network sees one batch at a time (as with BentoML's
+single-threaded batchable APIs) and the event loop stays free for parsing the next requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+FORWARD_PASSES = Counter("noisewise_forward_passes_total", "Forward passes of the served network.")
+BATCH_SIZE = Histogram(
+    "noisewise_batch_inputs", "Inputs per forward pass (requests merged by adaptive batching).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+
+
+class Overloaded(RuntimeError):
+    """A request waited in the batching queue longer than ``max_latency_ms``."""
+
+
+def _overloaded():
+    raise Overloaded("the batching queue is over its latency budget (NOISEWISE_BATCH_MAX_LATENCY_MS); retry later")
+
+
+class Batcher:
+    """``await batcher(x)`` with ``x`` ``[n, ...]`` returns ``predict(x)`` (a list of ``n`` items), computed
+    in a pass shared with concurrent callers when ``enabled``, or in its own pass otherwise."""
+
+    def __init__(self, predict: Callable[[np.ndarray], list], enabled: bool = True, max_batch_size: int = 256,
+                 max_latency_ms: int = 10_000):
+        self._predict = predict
+        self.enabled = enabled
+        self.max_batch_size = max_batch_size
+        self.max_latency_ms = max_latency_ms
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noisewise-model")
+        self.forward_passes = 0
+        self._dispatcher = None
+        self._dispatch = None
+        if enabled:
+            from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+            self._dispatcher = CorkDispatcher(
+                max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size, fallback=_overloaded,
+                get_batch_size=len, batch_dim=(0, 0),
+            )
+            self._dispatch = self._dispatcher(self._run_jobs)
+
+    async def __call__(self, x: np.ndarray) -> list:
+        if self._dispatch is None:
+            return await self._run(x)
+        return await self._dispatch(x)
+
+    async def _run_jobs(self, jobs: Sequence[np.ndarray]) -> list[list]:
+        """One pass over the queued requests (the dispatcher's callback): concatenate, predict, split."""
+        outputs = await self._run(np.concatenate(jobs) if len(jobs) > 1 else jobs[0])
+        bounds = [0, *itertools.accumulate(len(job) for job in jobs)]
+        return [outputs[a:b] for a, b in itertools.pairwise(bounds)]
+
+    async def _run(self, x: np.ndarray) -> list:
+        outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._predict, x)
+        self.forward_passes += 1
+        FORWARD_PASSES.inc()
+        BATCH_SIZE.observe(len(x))
+        return outputs
+
+    def close(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.shutdown()
+        self._executor.shutdown(wait=False, cancel_futures=True)

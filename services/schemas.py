@@ -1,0 +1,488 @@
+"""Request and response models of the HTTP API, and the validation that turns a request into a batch.
+
+A request carries either ``inputs`` (arrays shaped like the model input, or flat vectors of the right
+length) or ``images`` (base64 PNG/JPEG). Validation runs with an :class:`InputSpec` as pydantic context,
+so one pass checks the JSON types, the shapes against the served model, finiteness, the batch limit and
+decodes the images; every problem is reported with its location (``inputs[3]``) and the expected form.
+Without a context only the model-independent checks run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import itertools
+import math
+import pathlib
+import warnings
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the served model takes: passed as validation context."""
+
+    shape: tuple[int, ...]
+    max_batch: int = 256
+    max_image_pixels: int = 4096 * 4096
+    input_range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def image_mode(self) -> str | None:
+        """PIL mode images are converted to, or None for a model that does not take images."""
+        if len(self.shape) != 3:
+            return None
+        return {1: "L", 3: "RGB"}.get(self.shape[0])
+
+    def expected(self) -> str:
+        shape = list(self.shape)
+        if len(shape) == 1:
+            return f"an array of {self.size} numbers"
+        also = f" (or {shape[1:]})" if len(shape) == 3 and shape[0] == 1 else ""
+        return f"{self.size} numbers or an array shaped {shape}{also}"
+
+    def fit(self, array: np.ndarray) -> np.ndarray:
+        """``array`` reshaped to the model input, or a ``shape`` error."""
+        if array.shape == self.shape:
+            return array
+        if array.ndim == 1 and array.size == self.size:
+            return array.reshape(self.shape)
+        if len(self.shape) == 3 and self.shape[0] == 1 and array.shape == self.shape[1:]:
+            return array[None]
+        raise PydanticCustomError(
+            "shape", "expected {expected}, got shape {got}", {"expected": self.expected(), "got": list(array.shape)}
+        )
+
+
+def _spec(info: ValidationInfo) -> InputSpec | None:
+    return info.context.get("input") if isinstance(info.context, dict) else None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    return "an array"
+
+
+def _first_leaf_problem(value: Any) -> str:
+    """Name the first JSON value that is not a number, or report ragged nesting."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+            return f"expected numbers, found {_json_type(item)}"
+    return "expected nested arrays of numbers with equal lengths at each level"
+
+
+def numeric_array(value: Any) -> np.ndarray:
+    """A JSON array of numbers (nested to any depth) as float32, or an error saying what is wrong."""
+    if not isinstance(value, list):
+        raise PydanticCustomError("array_type", "expected an array of numbers, got {got}", {"got": _json_type(value)})
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):  # numpy refuses ragged nesting
+        raise PydanticCustomError("array_type", _first_leaf_problem(value)) from None
+    if array.dtype.kind not in "iuf":
+        raise PydanticCustomError("array_type", _first_leaf_problem(value))
+    if array.size == 0:
+        raise PydanticCustomError("array_empty", "expected numbers, got an empty array")
+    leaves: Any = value
+    for _ in range(array.ndim - 1):
+        leaves = itertools.chain.from_iterable(leaves)
+    if bool in set(map(type, leaves)):  # numpy silently turns [1.5, true] into [1.5, 1.0]
+        raise PydanticCustomError("array_type", "expected numbers, found a boolean")
+    with np.errstate(over="ignore"):
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        first = np.unravel_index(int(np.argmin(np.isfinite(array))), array.shape)
+        raise PydanticCustomError(
+            "finite_number", "expected finite numbers, found {value} at index {index}",
+            {"value": str(array[first]), "index": [int(i) for i in first]},
+        )
+    return array
+
+
+def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
+    """PNG/JPEG bytes -> float array shaped like the model input, in the model's input range.
+
+    Grayscale or RGB per the model's channels, resized to its H x W (PIL's default filter, as for
+    training on image folders), pixels scaled from [0, 255] to the input range.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    mode = spec.image_mode
+    if mode is None:
+        raise PydanticCustomError(
+            "image_unsupported", "this model takes {expected}, not images", {"expected": spec.expected()}
+        )
+    channels, height, width = spec.shape
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in IMAGE_FORMATS:
+                    raise PydanticCustomError(
+                        "image_format", "expected a PNG or JPEG image, got {got}", {"got": image.format or "unknown"}
+                    )
+                pixels_in = image.width * image.height
+                if pixels_in > spec.max_image_pixels:
+                    raise PydanticCustomError(
+                        "image_too_large", "image has {got} pixels, at most {limit} are accepted "
+                        "(NOISEWISE_MAX_IMAGE_PIXELS)", {"got": pixels_in, "limit": spec.max_image_pixels},
+                    )
+                if image.format == "JPEG":
+                    image.draft(mode, (width, height))  # let the JPEG decoder downscale large photos cheaply
+                image = image.convert(mode)
+                if image.size != (width, height):
+                    image = image.resize((width, height))
+                pixels = np.asarray(image, dtype=np.float32)
+    except PydanticCustomError:
+        raise
+    except UnidentifiedImageError:
+        raise PydanticCustomError("image_decode", "cannot decode: not a PNG or JPEG image") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise PydanticCustomError(
+            "image_decode", "cannot decode the image ({reason})", {"reason": str(err) or type(err).__name__}
+        ) from None
+    pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+    low, high = spec.input_range
+    return (low + pixels * ((high - low) / 255.0)).astype(np.float32)
+
+
+def _input_item(value: Any, info: ValidationInfo) -> np.ndarray:
+    array = numeric_array(value)
+    spec = _spec(info)
+    return spec.fit(array) if spec is not None else array
+
+
+def _image_item(value: Any, info: ValidationInfo) -> bytes | np.ndarray:
+    if not isinstance(value, str):
+        raise PydanticCustomError(
+            "image_type", "expected a base64-encoded PNG or JPEG string, got {got}", {"got": _json_type(value)}
+        )
+    text = value.strip()
+    if text.startswith("data:"):  # a data URL: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PydanticCustomError("image_base64", "not valid base64 (expected a base64-encoded PNG or JPEG)") from None
+    if not data:
+        raise PydanticCustomError("image_base64", "empty image")
+    spec = _spec(info)
+    return decode_image(data, spec) if spec is not None else data
+
+
+_NUMBERS_SCHEMA = {
+    "type": "array",
+    "description": "One input: nested arrays of numbers shaped like the model input (`input.shape` of "
+    "`/model`, e.g. [1, 8, 8]; [8, 8] is accepted for one channel), or a flat array of prod(shape) numbers. "
+    "Finite numbers only.",
+    "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {}}]},
+    "minItems": 1,
+}
+InputArray = Annotated[Any, AfterValidator(_input_item), WithJsonSchema(_NUMBERS_SCHEMA)]
+Base64Image = Annotated[
+    Any, AfterValidator(_image_item),
+    WithJsonSchema({"type": "string", "format": "byte", "description": "a base64-encoded PNG or JPEG image "
+                    "(a data: URL is accepted too)"}),
+]
+
+
+class PredictRequest(BaseModel):
+    """Either ``inputs`` or ``images``, one prediction per item."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[InputArray] | None = Field(
+        None, description="a batch of inputs, each shaped like the model input or flat (at most NOISEWISE_MAX_BATCH, "
+        "default 256)",
+    )
+    images: list[Base64Image] | None = Field(
+        None, description="a batch of base64-encoded PNG/JPEG images, converted to the model input (grayscale or "
+        "RGB, resized to H x W, pixels scaled to [0, 1]); at most NOISEWISE_MAX_BATCH",
+    )
+    _batch: np.ndarray | None = PrivateAttr(None)
+
+    @field_validator("inputs", "images", mode="before")
+    @classmethod
+    def check_count(cls, value: Any, info: ValidationInfo) -> Any:
+        """Before the items are converted, so that an oversized batch costs nothing."""
+        if isinstance(value, list):
+            if not value:
+                raise PydanticCustomError("empty_batch", "empty batch: expected at least 1 item")
+            spec = _spec(info)
+            if spec is not None and len(value) > spec.max_batch:
+                raise PydanticCustomError(
+                    "batch_too_large", "{got} items, at most {limit} are accepted per request (NOISEWISE_MAX_BATCH)",
+                    {"got": len(value), "limit": spec.max_batch},
+                )
+        return value
+
+    @model_validator(mode="after")
+    def check_one_source(self, info: ValidationInfo) -> PredictRequest:
+        if self.inputs is None and self.images is None:
+            raise PydanticCustomError(
+                "missing", "expected 'inputs' (arrays of numbers) or 'images' (base64 PNG/JPEG strings)"
+            )
+        if self.inputs is not None and self.images is not None:
+            raise PydanticCustomError("conflict", "expected either 'inputs' or 'images' in one request, not both")
+        if _spec(info) is not None:
+            self._batch = np.stack(self.inputs if self.inputs is not None else self.images)
+        return self
+
+    @property
+    def batch(self) -> np.ndarray:
+        """The validated float32 batch ``[N, *input_shape]`` (only after validation with an InputSpec)."""
+        if self._batch is None:
+            raise RuntimeError("PredictRequest was validated without an InputSpec context")
+        return self._batch
+
+
+class ImageUpload(BaseModel):
+    """``multipart/form-data`` with one or more files in the field ``images``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[pathlib.Path] = Field(
+        description="PNG/JPEG files (repeat the field for a batch); converted like `images` of /predict",
+    )
+
+
+def images_batch(files: list[bytes], spec: InputSpec) -> np.ndarray:
+    """Uploaded image files -> ``[N, *input_shape]``; errors located at ``images[i]``."""
+    errors: list[dict] = []
+    arrays = []
+    if len(files) > spec.max_batch:
+        errors.append({"type": PydanticCustomError(
+            "batch_too_large", "{got} items, at most {limit} are accepted per request (NOISEWISE_MAX_BATCH)",
+            {"got": len(files), "limit": spec.max_batch}), "loc": ("images",), "input": None})
+    elif not files:
+        errors.append({"type": PydanticCustomError("empty_batch", "empty batch: expected at least 1 item"),
+                       "loc": ("images",), "input": None})
+    for i, data in enumerate(files if not errors else []):
+        try:
+            arrays.append(decode_image(data, spec))
+        except PydanticCustomError as err:
+            errors.append({"type": err, "loc": ("images", i), "input": None})
+    if errors:
+        raise ValidationError.from_exception_data("ImageUpload", errors)
+    return np.stack(arrays)
+
+
+# --- error responses ------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(description="where the problem is, e.g. ['inputs', 3]")
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx answer from noisewise's own validation."""
+
+    error: str = Field(description="the problems in one line, e.g. 'inputs[3]: expected 64 numbers or an array "
+                       "shaped [1, 8, 8], got shape [5]'")
+    detail: list[ErrorDetail]
+
+
+_FRIENDLY = {
+    "extra_forbidden": "unknown field: a request has 'inputs' (arrays of numbers) or 'images' (base64 PNG/JPEG)",
+    "model_type": "expected a JSON object with 'inputs' or 'images'",
+    "model_attributes_type": "expected a JSON object with 'inputs' or 'images'",
+    "list_type": "expected an array",
+}
+
+
+def location(loc: tuple | list) -> str:
+    """``('inputs', 3, 'x')`` -> ``inputs[3].x``; ``()`` -> ``body``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+def error_response(err: ValidationError, limit: int = 5) -> ErrorResponse:
+    details = [
+        ErrorDetail(loc=list(e["loc"]), msg=_FRIENDLY.get(e["type"], e["msg"]), type=e["type"])
+        for e in err.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    parts = [f"{location(d.loc)}: {d.msg}" for d in details[:limit]]
+    if len(details) > limit:
+        parts.append(f"... and {len(details) - limit} more")
+    return ErrorResponse(error="; ".join(parts), detail=details)
+
+
+# --- responses ------------------------------------------------------------------------------------
+class TopK(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class OODResult(BaseModel):
+    score: float = Field(description="OOD score of the calibration's scorer (higher = more out-of-distribution)")
+    p_value: float = Field(description="conformal p-value against in-distribution calibration scores")
+    is_ood: bool = Field(description="p_value <= alpha_ood")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    id: str = Field(description="UUID4 of this prediction (use it to send feedback)")
+    label: int = Field(description="index of the most probable class")
+    class_name: str
+    confidence: float = Field(description="the calibration's confidence function (higher = more confident)")
+    top_k: list[TopK]
+    prediction_set: list[str] = Field(description="conformal prediction set (noise-aware), class names")
+    ood: OODResult
+    decision: Literal["accept", "abstain"]
+    reason: Literal["ood", "low_confidence"] | None = Field(
+        description="why the prediction abstains: the OOD gate first, then the certified confidence threshold"
+    )
+    model: ModelRef
+
+
+class SetGuarantee(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    target_coverage: float = Field(description="1 - alpha")
+    alpha: float
+    method: str = Field(description="how the set threshold was calibrated (e.g. nacp, split, audit)")
+    score: str = Field(description="conformity score (lac, aps, raps)")
+    eps: float | None = Field(None, description="label-noise rate plugged in (uniform convention)")
+    delta: float | None = Field(None, description="failure probability of the finite-sample guarantee")
+    Delta: float | None = Field(None, description="finite-sample margin added to the coverage target")
+    n: int | None = Field(None, description="calibration items")
+    full_sets: bool | None = None
+
+
+class AbstentionGuarantee(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    risk_target: float = Field(description="r*: certified bound on the error rate of accepted predictions")
+    delta: float = Field(description="failure probability of the certificate")
+    certified: bool = Field(description="false: no threshold could be certified, every prediction abstains")
+    risk_ucb: float | None = Field(None, description="upper confidence bound on the selective risk")
+    coverage: float | None = Field(None, description="fraction of calibration inputs accepted")
+    confidence: str | None = Field(None, description="confidence function")
+    noise_correction_eps: float | None = None
+
+
+class OODGuarantee(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    scorer: str
+    alpha_ood: float = Field(description="bound on the rate of in-distribution inputs flagged OOD")
+    n_calibration: int | None = None
+
+
+class Guarantees(BaseModel):
+    """What the prediction sets, the abstention and the OOD flag guarantee, and under which assumptions."""
+
+    prediction_set: SetGuarantee
+    abstention: AbstentionGuarantee
+    ood: OODGuarantee
+    assumptions: list[str]
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    guarantees: Guarantees
+
+
+class InputInfo(BaseModel):
+    shape: list[int] = Field(description="one input, without the batch dimension")
+    size: int = Field(description="numbers in one input (length of a flat vector)")
+    dtype: str = "float32"
+    range: list[float] = Field(description="value range the model was trained on; images are scaled to it")
+    images: bool = Field(description="whether PNG/JPEG images are accepted")
+    image_mode: str | None = Field(None, description="L (grayscale) or RGB")
+
+
+class ServingInfo(BaseModel):
+    device: str
+    batching: bool
+    batch_max_size: int
+    batch_max_latency_ms: int
+    max_inputs_per_request: int
+    top_k: int
+
+
+class CalibrationSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prediction_set: dict[str, Any]
+    abstention: dict[str, Any]
+    ood: dict[str, Any]
+    noise: dict[str, Any]
+    assumptions: list[str]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    alias: str | None = Field(description="alias the service was started with (None for NAME/VERSION)")
+    uri: str | None = None
+    run_id: str | None = None
+    arch: str
+    classes: list[str]
+    input: InputInfo
+    calibration: CalibrationSummary
+    serving: ServingInfo
+
+
+def finite_or_none(value: Any) -> Any:
+    """NaN/inf -> None, recursively: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def guarantees_from(summary: dict[str, Any]) -> Guarantees:
+    summary = finite_or_none(summary)
+    return Guarantees(
+        prediction_set=SetGuarantee(**summary["prediction_set"]),
+        abstention=AbstentionGuarantee(**summary["abstention"]),
+        ood=OODGuarantee(**summary["ood"]),
+        assumptions=list(summary.get("assumptions") or []),
+    )

@@ -1,0 +1,361 @@
+"""The noisewise BentoML service: a registered model with its calibration, uncertainty on every prediction.
+
+Routes (JSON unless said otherwise; the OpenAPI document is at ``/docs.json``):
+
+- ``POST /predict``: ``{"inputs": [...]}`` (arrays shaped like the model input, or flat vectors) or
+  ``{"images": ["<base64 PNG/JPEG>", ...]}`` -> ``{"predictions": [...], "guarantees": {...}}``.
+- ``POST /predict_image``: the same for ``multipart/form-data`` uploads, files in the field ``images``.
+- ``POST /model``: name, version, alias, classes, input spec, calibration summary, serving settings.
+- ``/healthz``, ``/livez``, ``/readyz`` (ready once the model is loaded and has run once), ``/metrics``:
+  BentoML's own.
+
+Bad input is answered with 400 and :class:`services.schemas.ErrorResponse` (``{"error": "inputs[3]:
+expected ...", "detail": [...]}``), never a 500. Requests are merged across callers into one forward pass
+per batch (``services/batching.py``; ``NOISEWISE_BATCHING=0`` turns it off). Configuration:
+``services/settings.py``.
+
+Start-up: ``bentoml serve services.service:Noisewise`` first checks the model once, before any worker
+starts (``check_model``, which runs ``python -m services.service``): a missing, uncalibrated or broken model
+prints one line and the server exits with status 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import bentoml
+import numpy as np
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from starlette.responses import JSONResponse
+
+from services.batching import Batcher, Overloaded
+from services.schemas import (
+    ErrorResponse,
+    Guarantees,
+    ImageUpload,
+    InputInfo,
+    InputSpec,
+    ModelInfo,
+    ModelRef,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    ServingInfo,
+    error_response,
+    finite_or_none,
+    guarantees_from,
+    images_batch,
+)
+from services.settings import Settings, SettingsError
+
+EXIT_MODEL = 3
+log = logging.getLogger("bentoml.noisewise")  # under "bentoml" so that BentoML's server logging shows it
+
+
+class StartupError(RuntimeError):
+    """The configured model cannot be served (one line, ready to show)."""
+
+
+@dataclass
+class Served:
+    """A loaded model ready to serve."""
+
+    name: str
+    version: str
+    predict: Callable[[np.ndarray], list]
+    spec: InputSpec
+    info: ModelInfo
+    guarantees: Guarantees
+
+
+def load_served(settings: Settings) -> Served:
+    """Load ``settings.model`` with its calibration, run it once, describe it; :class:`StartupError` if
+    it is missing, uncalibrated or broken."""
+    from models.nets import pick_device
+    from models.predictor import Predictor
+    from models.registry import RegistryError, load_model
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in server logs
+    ref = settings.model
+    try:
+        device = pick_device(settings.device)
+        loaded = load_model(ref, device=device)
+    except (RegistryError, ValueError) as err:
+        raise StartupError(f"cannot serve model {ref!r}: {_one_line(err)}") from None
+    except Exception as err:  # a corrupt store or an artifact this version of noisewise cannot read
+        raise StartupError(f"cannot load model {ref!r}: {type(err).__name__}: {_one_line(err)}") from None
+    label = f"{loaded.name}/{loaded.version}"
+    if loaded.calibration is None:
+        raise StartupError(
+            f"model {ref!r} ({label}) has no calibration: run `noisewise calibrate --model {ref}` and serve the "
+            "calibrated version"
+        )
+    spec = InputSpec(
+        shape=tuple(int(d) for d in loaded.spec.input_shape), max_batch=settings.max_batch,
+        max_image_pixels=settings.max_image_pixels,
+        input_range=tuple(float(v) for v in loaded.spec.input_range),  # type: ignore[arg-type]
+    )
+    try:
+        predictor = Predictor(loaded.net, loaded.calibration, device=device, top_k=settings.top_k)
+        summary = loaded.calibration.summary()
+        guarantees = guarantees_from(summary)
+        predictor.predict(np.zeros((2, *spec.shape), dtype=np.float32))  # fail now rather than on the first request
+    except Exception as err:
+        raise StartupError(f"model {ref!r} ({label}) is broken: {type(err).__name__}: {_one_line(err)}") from None
+    info = ModelInfo(
+        name=loaded.name, version=loaded.version, alias=settings.alias, uri=loaded.uri, run_id=loaded.run_id,
+        arch=loaded.spec.arch, classes=list(loaded.spec.class_names),
+        input=InputInfo(shape=list(spec.shape), size=spec.size, range=list(spec.input_range),
+                        images=spec.image_mode is not None, image_mode=spec.image_mode),
+        calibration=finite_or_none(summary),
+        serving=ServingInfo(device=str(predictor.device), batching=settings.batching,
+                            batch_max_size=settings.batch_max_size,
+                            batch_max_latency_ms=settings.batch_max_latency_ms,
+                            max_inputs_per_request=settings.max_batch, top_k=settings.top_k),
+    )
+    return Served(loaded.name, loaded.version, predictor.predict, spec, info, guarantees)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class PredictBody(BaseModel):
+    """The JSON body of ``/predict`` as BentoML parses it: any object, documented as
+    :class:`PredictRequest`. The endpoint validates it with PredictRequest and the served model's input
+    spec, so that every error comes back in one format, with the model's shape in the message, and
+    without BentoML's traceback-per-bad-request in the server log."""
+
+    model_config = ConfigDict(extra="allow")
+    _parse_error: ValidationError | None = PrivateAttr(None)
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return PredictRequest.model_json_schema(*args, **kwargs)
+
+    @classmethod
+    def model_validate_json(cls, json_data: Any, **kwargs: Any) -> PredictBody:
+        try:
+            return super().model_validate_json(json_data, **kwargs)
+        except ValidationError as err:  # not JSON, or not an object: answered by the endpoint like any bad input
+            body = cls.model_construct()
+            body._parse_error = err
+            return body
+
+
+class NoisewiseService(bentoml.Service):
+    """The BentoML service object, with noisewise's error answers in the OpenAPI document."""
+
+    ERRORS: ClassVar[dict[int, str]] = {
+        400: "invalid input: every problem with its location and the expected form",
+        413: "request body over NOISEWISE_MAX_BODY_BYTES",
+        503: "overloaded: the request waited longer than NOISEWISE_BATCH_MAX_LATENCY_MS",
+    }
+
+    @property
+    def openapi_spec(self):
+        from bentoml._internal.service.openapi.specification import MediaType, Reference, Response, Schema
+
+        spec = super().openapi_spec
+        ref = "#/components/schemas/{model}"
+        schema = ErrorResponse.model_json_schema(ref_template=ref)
+        # BentoML 1.4 builds components as a plain {"schemas": {...}} dict
+        components = spec.components["schemas"] if isinstance(spec.components, dict) else spec.components.schemas
+        for name, definition in {**schema.pop("$defs", {}), "ErrorResponse": schema}.items():
+            components[name] = Schema(**definition)
+        for route in ("/predict", "/predict_image"):
+            responses = spec.paths[route].post["responses"]
+            for status, description in self.ERRORS.items():
+                responses[status] = Response(description=description, content={
+                    "application/json": MediaType(schema=Reference(ref.format(model="ErrorResponse")))})
+        return spec
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length is over ``NOISEWISE_MAX_BODY_BYTES`` gets 413."""
+
+    def __init__(self, app):
+        self.app = app
+        self.limit = self._read_limit()
+
+    @staticmethod
+    def _read_limit() -> int:
+        try:
+            return Settings.from_env().max_body_bytes
+        except SettingsError:  # reported by the service itself, in one line
+            return Settings().max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":  # the app can be started again (tests): follow the environment
+            self.limit = self._read_limit()
+        elif scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > self.limit:
+                body = {"error": f"request body of {int(length)} bytes is over the limit of {self.limit} bytes "
+                        "(NOISEWISE_MAX_BODY_BYTES)", "detail": []}
+                return await JSONResponse(body, status_code=413)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class ServiceArgs(BaseModel):
+    """``bentoml serve/build --arg gpu=1``: GPUs BentoML reserves per worker (bentofile.yaml sets 1 for the
+    Bento). The device itself follows NOISEWISE_DEVICE (``auto``: cuda when visible)."""
+
+    gpu: int = 0
+
+
+_args = bentoml.use_arguments(ServiceArgs)
+
+
+@bentoml.service(
+    service_class=NoisewiseService,
+    **({"resources": {"gpu": _args.gpu}} if _args.gpu else {}),
+    traffic={"timeout": 60},
+    workers=1,  # one process owns the model and batches for it; scale with replicas, not workers
+)
+class Noisewise:
+    """Predictions with noise-aware conformal sets, OOD p-values and certified abstention."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        try:
+            self.settings = Settings.from_env()
+            served = load_served(self.settings)
+        except (SettingsError, StartupError) as err:
+            _fail(str(err))
+        self.served = served
+        self.batcher = Batcher(served.predict, enabled=self.settings.batching,
+                               max_batch_size=self.settings.batch_max_size,
+                               max_latency_ms=self.settings.batch_max_latency_ms)
+        self._model_ref = ModelRef(name=served.name, version=served.version)
+        # Where predictions go once computed: ``sink(records)``, one dict per prediction (the response fields
+        # plus "probs", the full probability vector), called on the event loop, so it must not block.
+        # None: predictions are not stored.
+        self.sink: Callable[[list[dict]], None] | None = None
+        self.ready = True
+        log.info("noisewise: serving %s/%s on %s (batching %s)", served.name, served.version,
+                 served.info.serving.device, "on" if self.settings.batching else "off")
+
+    @bentoml.on_deployment
+    def check_model() -> None:
+        """Runs once in the ``bentoml serve`` process before workers start: a model that cannot be served
+        stops the server here with one line and exit status 3 (a worker that failed instead would be
+        restarted forever by BentoML's process manager). The check loads the model in a child process, on
+        the CPU, so that the long-lived server process keeps neither torch nor a CUDA context."""
+        root = str(Path(__file__).resolve().parents[1])  # where the `services` package lives, also in a Bento
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        status = subprocess.run([sys.executable, "-m", "services.service"], env={**os.environ, "PYTHONPATH": path},
+                                check=False).returncode
+        if status != 0:
+            if status != EXIT_MODEL:
+                print(f"noisewise: error: the model check crashed (exit status {status})", file=sys.stderr,
+                      flush=True)
+            raise SystemExit(EXIT_MODEL)
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    @bentoml.api(route="/predict")
+    async def predict(self, body: PredictBody, /) -> PredictResponse:
+        """Predict a batch: `{"inputs": [...]}` (arrays shaped like the model input, or flat vectors) or
+        `{"images": ["<base64 PNG/JPEG>", ...]}`. One prediction per item, each with its conformal set,
+        OOD p-value and accept/abstain decision; `guarantees` says what those guarantee."""
+        if body._parse_error is not None:
+            return _bad_request(body._parse_error)
+        raw = dict(body.model_extra or {})
+        context = {"input": self.served.spec}
+        try:
+            if raw.get("images") is not None:  # decoding can take a while: keep the event loop free
+                request = await asyncio.to_thread(PredictRequest.model_validate, raw, context=context)
+            else:
+                request = PredictRequest.model_validate(raw, context=context)
+        except ValidationError as err:
+            return _bad_request(err)
+        return await self._answer(request.batch)
+
+    @bentoml.api(route="/predict_image")
+    async def predict_image(self, upload: ImageUpload, /) -> PredictResponse:
+        """Predict uploaded PNG/JPEG files (`multipart/form-data`, field `images`, repeat it for a batch)."""
+        try:
+            batch = await asyncio.to_thread(
+                lambda: images_batch([path.read_bytes() for path in upload.images], self.served.spec)
+            )
+        except ValidationError as err:
+            return _bad_request(err)
+        return await self._answer(batch)
+
+    @bentoml.api(route="/model")
+    async def model_info(self) -> ModelInfo:
+        """The served model: name, version, alias, classes, input spec, calibration summary (guarantees and
+        assumptions) and serving settings."""
+        return self.served.info
+
+    async def _answer(self, batch: np.ndarray) -> PredictResponse | JSONResponse:
+        try:
+            outputs = await self.batcher(batch)
+        except Overloaded as err:
+            return JSONResponse({"error": str(err), "detail": []}, status_code=503)
+        predictions = [
+            Prediction(id=str(uuid.uuid4()), model=self._model_ref, **out.to_dict()) for out in outputs
+        ]
+        if self.sink is not None:
+            self.sink([{**p.model_dump(), "probs": out.probs} for p, out in zip(predictions, outputs)])
+        return PredictResponse(predictions=predictions, guarantees=self.served.guarantees)
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        if getattr(self, "batcher", None) is not None:
+            self.batcher.close()
+
+
+Noisewise.add_asgi_middleware(BodyLimit)
+
+
+def _bad_request(err: ValidationError) -> JSONResponse:
+    return JSONResponse(error_response(err).model_dump(), status_code=400)
+
+
+def _fail(message: str):
+    """Stop on a model that cannot be served: one log line, no traceback."""
+    log.error("noisewise: %s", message)
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is not None:
+        # a `bentoml serve` worker: exiting here skips uvicorn's traceback; the process manager restarts the
+        # worker, which retries (check_model has already stopped the server if the model was never servable)
+        logging.shutdown()
+        os._exit(EXIT_MODEL)
+    raise StartupError(message)
+
+
+def check_model_here() -> int:
+    """The start-up check (``python -m services.service``): 0 if NOISEWISE_MODEL can be served, else one line
+    on stderr and EXIT_MODEL."""
+    from models.nets import pick_device
+
+    try:
+        settings = Settings.from_env()
+        try:
+            pick_device(settings.device)
+        except ValueError as err:
+            raise StartupError(f"NOISEWISE_DEVICE: {err}") from None
+        load_served(dataclasses.replace(settings, device="cpu"))
+    except (SettingsError, StartupError) as err:
+        print(f"noisewise: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_MODEL
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(check_model_here())

@@ -1,0 +1,100 @@
+"""Serving configuration from ``NOISEWISE_*`` environment variables.
+
+``NOISEWISE_HOME`` and ``MLFLOW_TRACKING_URI`` (where the registry lives) are read by
+``models/registry.py``; everything the service itself needs is here, validated up front so that a
+bad value stops the server with one line naming the variable.
+
+=================================  =========================  ===============================================
+variable                           default                    meaning
+=================================  =========================  ===============================================
+``NOISEWISE_MODEL``                ``noisewise-demo@champion``  registered model: ``NAME@ALIAS`` or ``NAME/VERSION``
+``NOISEWISE_DEVICE``               ``auto``                   ``auto`` (cuda when available), ``cpu``, ``cuda[:N]``
+``NOISEWISE_MAX_BATCH``            ``256``                    most inputs (arrays or images) in one request
+``NOISEWISE_TOP_K``                ``3``                      classes listed in each prediction's ``top_k``
+``NOISEWISE_BATCHING``             ``1``                      adaptive batching across requests (``0`` turns it off)
+``NOISEWISE_BATCH_MAX_SIZE``       ``256``                    most inputs in one forward pass
+``NOISEWISE_BATCH_MAX_LATENCY_MS`` ``10000``                  a request queued longer than this is shed (503)
+``NOISEWISE_MAX_IMAGE_PIXELS``     ``16777216``               largest decoded image (width x height)
+``NOISEWISE_MAX_BODY_BYTES``       ``33554432``               largest request body (413 beyond)
+=================================  =========================  ===============================================
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "noisewise-demo@champion"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    max_batch: int = 256
+    top_k: int = 3
+    batching: bool = True
+    batch_max_size: int = 256
+    batch_max_latency_ms: int = 10_000
+    max_image_pixels: int = 4096 * 4096
+    max_body_bytes: int = 32 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+
+        def positive_int(name: str, default: int) -> int:
+            text = env.get(name, "").strip()
+            if not text:
+                return default
+            try:
+                value = int(text)
+            except ValueError:
+                raise SettingsError(f"{name}: expected a positive integer, got {text!r}") from None
+            if value < 1:
+                raise SettingsError(f"{name}: expected a positive integer, got {value}")
+            return value
+
+        def flag(name: str, default: bool) -> bool:
+            text = env.get(name, "").strip().lower()
+            if not text:
+                return default
+            if text not in _TRUE | _FALSE:
+                raise SettingsError(f"{name}: expected 1/0 (or true/false, yes/no, on/off), got {text!r}")
+            return text in _TRUE
+
+        model = env.get("NOISEWISE_MODEL", "").strip() or defaults.model
+        if any(c.isspace() for c in model) or model.startswith("@") or model.endswith(("@", "/")):
+            raise SettingsError(f"NOISEWISE_MODEL: expected NAME@ALIAS or NAME/VERSION, got {model!r}")
+        device = env.get("NOISEWISE_DEVICE", "").strip().lower() or defaults.device
+        if not _DEVICE.match(device):
+            raise SettingsError(f"NOISEWISE_DEVICE: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        return cls(
+            model=model,
+            device=device,
+            max_batch=positive_int("NOISEWISE_MAX_BATCH", defaults.max_batch),
+            top_k=positive_int("NOISEWISE_TOP_K", defaults.top_k),
+            batching=flag("NOISEWISE_BATCHING", defaults.batching),
+            # BentoML's dispatcher needs room for at least two inputs per batch
+            batch_max_size=max(2, positive_int("NOISEWISE_BATCH_MAX_SIZE", defaults.batch_max_size)),
+            batch_max_latency_ms=positive_int("NOISEWISE_BATCH_MAX_LATENCY_MS", defaults.batch_max_latency_ms),
+            max_image_pixels=positive_int("NOISEWISE_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
+            max_body_bytes=positive_int("NOISEWISE_MAX_BODY_BYTES", defaults.max_body_bytes),
+        )
+
+    @property
+    def alias(self) -> str | None:
+        """The alias in ``NAME@ALIAS`` (``champion`` for a bare ``NAME``), None for ``NAME/VERSION``."""
+        ref = self.model.removeprefix("models:/")
+        if "@" in ref:
+            return ref.split("@", 1)[1]
+        return None if "/" in ref else "champion"

@@ -1,0 +1,61 @@
+"""A small registered, calibrated model for the serving tests, trained once per test session.
+
+Trained through the real CLI (in-process) into the session's NOISEWISE_HOME (set by tests/conftest.py), so
+the in-process service tests and the real-server tests share it. Digits (8x8, 10 classes), 20% symmetric
+noise, 4 epochs: weak (~70% clean accuracy) but fast, and r* = 0.25 so that abstention certifies and both
+decisions occur.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+
+NAME = "serving-test"
+REF = f"{NAME}@champion"
+
+
+def ensure_model() -> str:
+    from models.registry import has_alias
+
+    if not has_alias(NAME):
+        from services.cli import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = main(["train", "--dataset", "digits", "--noise", "symmetric:0.2", "--recipe", "ce", "--epochs",
+                           "4", "--risk", "0.25", "--seed", "0", "--register", NAME, "--promote", "--json",
+                           "--quiet"])
+        assert status == 0, out.getvalue()
+        assert json.loads(out.getvalue())["calibration"]["abstention"]["certified"], "test model did not certify"
+    return REF
+
+
+def digits(n: int, start: int = 0):
+    """``n`` clean digits images ``[n, 1, 8, 8]`` in [0, 1] and their labels, as the model was trained on."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images[start:start + n] / 16.0).astype("float32")[:, None]
+    return x, bunch.target[start:start + n]
+
+
+def direct_predictions(ref: str, x):
+    """The registered model's own predictions (models.predictor), to compare the service against."""
+    from models.predictor import Predictor
+    from models.registry import load_model
+
+    loaded = load_model(ref, device="cpu")
+    return Predictor(loaded.net, loaded.calibration, device="cpu").predict(x)
+
+
+@functools.cache
+def asgi_app():
+    """``Noisewise.to_asgi()``, built once per process: BentoML registers its Prometheus metrics when the app
+    is built, and a second build in the same process fails with DuplicateTimeseries. Each TestClient
+    context runs the app's lifespan again, i.e. creates a new service instance from the current environment."""
+    from services.service import Noisewise
+
+    return Noisewise.to_asgi()

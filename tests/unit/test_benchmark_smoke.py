@@ -1,0 +1,153 @@
+"""benchmarks/ood.py and benchmarks/overhead.py in quick mode: the reports' structure and value ranges.
+
+Quick mode trains the mnist5k MLP for 2 epochs (ood) and times tiny banks at batches 1 and 2 with
+3 repetitions (overhead); both run with one torch thread, restored afterwards. Timings are never
+asserted beyond being positive (DESIGN.md 7: benchmarks, never timed tests)."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ood_bench = _load("ood")
+overhead_bench = _load("overhead")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ood_report(one_thread):
+    return ood_bench.run_benchmark(quick=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def overhead_report(one_thread):
+    report = overhead_bench.run_benchmark(threads=1, quick=True, progress=False)
+    torch.set_num_threads(1)  # run_benchmark sets the thread count; the fixture restores the original
+    return report
+
+
+def test_ood_report_structure(ood_report):
+    from models.data import OOD_DATASETS
+    from models.uncertainty.ood import OOD_SCORERS
+
+    runs = ood_report["runs"]
+    quick = ood_bench.QUICK
+    assert len(runs) == len(quick["recipes"]) * len(ood_bench.NOISES) * len(quick["seeds"]) * len(ood_bench.CHECKPOINTS)
+    for run in runs:
+        assert set(run["scorers"]) == set(OOD_SCORERS)  # every registered scorer is benchmarked
+        assert run["n_ood"] == {name: quick["n_ood"] for name in OOD_DATASETS}
+        assert 0 < run["n_mistakes"] < run["n_test"]
+        assert 0.0 <= run["clean_test_accuracy"] <= 1.0
+        for entry in run["scorers"].values():
+            assert set(entry["ood"]) == set(OOD_DATASETS)
+            for metrics in entry["ood"].values():
+                assert 0.0 <= metrics["auroc"] <= 1.0 and 0.0 <= metrics["fpr95"] <= 1.0
+            assert set(entry["mistakes_vs_ood"]) == {*OOD_DATASETS, "all"}
+            assert all(0.0 <= v <= 1.0 for v in entry["mistakes_vs_ood"].values())
+    # noise was injected where asked: the realized flip rate is binomial around 0.4 (n = 5000, sd 0.007)
+    rates = {run["noise"]: run["realized_noise_rate"] for run in runs}
+    assert rates["none"] == 0.0 and abs(rates["symmetric:0.4"] - 0.4) < 0.03
+
+
+def test_ood_summary_claims_and_markdown(ood_report):
+    summary = ood_report["summary"]
+    assert set(summary) == {f"ce/{c}/{n}" for c in ood_bench.CHECKPOINTS for n in ood_bench.NOISES}
+    claims = ood_report["claims"]
+    assert [c["setting"] for c in claims] == ["ce/selected", "ce/last"]
+    for claim in claims:
+        assert sorted(claim["rank_noisy"]) == sorted(claim["mean_auroc_noisy"])
+        for name, change in claim["change"].items():
+            assert change == pytest.approx(claim["mean_auroc_noisy"][name] - claim["mean_auroc_clean"][name])
+    text = ood_bench.render_markdown(ood_report, "python benchmarks/ood.py --quick", ood_bench.explain(ood_report))
+    assert "Command: `python benchmarks/ood.py --quick`" in text and "QUICK smoke run" in text
+    assert "## Reading against DESIGN.md 4.3" in text and "## ce, last checkpoint" in text
+    assert text.count("| `knn` |") == 2 * 3  # AUROC, FPR@95 and mistakes tables per checkpoint
+
+
+def test_ood_rejects_unknown_checkpoint():
+    with pytest.raises(ValueError, match="unknown checkpoints"):
+        ood_bench.run_benchmark(checkpoints=("best",), quick=True, progress=False)
+
+
+def test_overhead_report_structure(overhead_report):
+    results = overhead_report["results"]
+    quick = overhead_bench.QUICK
+    assert len(results) == len(overhead_bench.MODELS) * len(quick["batches"])
+    for row in results:
+        assert row["batch"] in quick["batches"] and row["reps"] == quick["reps"]
+        assert row["bank"] == [quick["bank"], 512]
+        for arm in ("bare", "full"):
+            assert row[arm]["n"] == quick["reps"] and 0 < row[arm]["median_ms"] <= row[arm]["p90_ms"]
+        assert row["ratio_of_medians"] > 0 and row["ratio_paired_median"] > 0
+        assert row["ratio_of_medians"] == pytest.approx(row["full"]["median_ms"] / row["bare"]["median_ms"])
+        assert set(row["stages"]) == set(overhead_bench.STAGES)
+        assert all(s["median_ms"] > 0 for s in row["stages"].values())
+        assert set(row["knn_chunk_sweep"]) == {str(c) for c in quick["chunk_sizes"]}
+        bf16 = row["variants"]["bf16_bank"]
+        assert bf16["ratio_of_medians"] > 0 and bf16["knn"]["median_ms"] > 0
+        # bf16 keeps 8 mantissa bits: a cosine of unit vectors moves by well under 1e-2
+        assert 0 <= bf16["max_abs_score_diff"] < 1e-2
+    meta = overhead_report["meta"]
+    assert meta["threads"] == 1 and meta["cores"] >= 1 and meta["torch"] == torch.__version__
+    assert meta["load"]["wall_seconds"] > 0
+    # the target row (resnet18, batch 64) is not part of the quick run
+    assert overhead_report["target"]["ratio"] is None
+
+
+def test_overhead_predictor_matches_stages():
+    # The timed calibration is a working Calibration: Predictor.forward returns sets, p-values and decisions
+    # consistent with the stage closures the breakdown times.
+    from models.nets import build_net
+    from models.predictor import Predictor
+
+    torch.manual_seed(0)
+    net = build_net("mlp", (1, 28, 28), 10).eval()
+    cal = overhead_bench.build_calibration(net.feature_dim, 300)
+    predictor = Predictor(net, cal, device="cpu")
+    x = torch.rand(8, 1, 28, 28)
+    out = predictor.forward(x)
+    stages = overhead_bench.stage_functions(predictor, x)
+    accept, reason = stages["confidence"]()
+    assert torch.equal(accept, out.accept) and torch.equal(reason, out.reason)
+    assert torch.equal(stages["gate"](), out.is_ood)
+    assert torch.equal(stages["sets"](), out.label)
+    assert out.sets.any(dim=1).all()  # MAPIE's include_last_label sets are never empty
+    assert math.isfinite(cal.threshold.q) and cal.certified.certified
+
+
+def test_overhead_markdown_and_help(overhead_report, capsys):
+    text = overhead_bench.render_markdown(overhead_report, "python benchmarks/overhead.py --quick",
+                                          overhead_bench.explain(overhead_report))
+    assert "Command: `python benchmarks/overhead.py --quick`" in text
+    assert "| model | bank | batch |" in text and "## Where the time goes" in text
+    assert "torch.set_num_threads(1)" in text
+    with pytest.raises(SystemExit) as exit_info:
+        overhead_bench.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        ood_bench.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--json" in out
