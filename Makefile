@@ -26,7 +26,9 @@ demo-model: venv
 	$(BIN)/noisewise train --dataset mnist5k --noise symmetric:0.2 --recipe elr \
 		--register $(DEMO_MODEL) --promote --skip-if-registered
 
+# Serve it on 127.0.0.1:3000; prints a ready-to-paste curl once the server is ready. Ctrl-C stops it.
 run: demo-model
+	$(BIN)/noisewise serve --model $(DEMO_MODEL)@champion --host 127.0.0.1 --port 3000
 
 test: venv
 	$(BIN)/python -m pytest

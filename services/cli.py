@@ -131,6 +131,37 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a registered, calibrated model over HTTP (BentoML) and print a ready-to-paste curl",
+        description="Start `bentoml serve services.service:Noisewise` for a registered model, wait until it is "
+        "ready, then print an example request. Stop it with Ctrl-C. Configuration beyond these options comes "
+        "from NOISEWISE_* variables (see services/settings.py).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--model", default=os.environ.get("NOISEWISE_MODEL", "noisewise-demo@champion"),
+                       help="NAME@ALIAS or NAME/VERSION")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    serve.add_argument("--port", type=_positive_int, default=3000, help="port")
+    serve.add_argument("--ready-timeout", type=_positive_int, default=180, help="seconds to wait for /readyz")
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser(
+        "demo",
+        help="send realistic traffic (ID test images and OOD images) to a running service and summarize it",
+        description="Send the served model's clean test images and OOD images (natural photo patches, another "
+        "digit source) to a running noisewise service in small batches, then summarize what came back: "
+        "decisions, abstention reasons, set sizes, coverage of the clean labels and OOD flag rates.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--url", default="http://127.0.0.1:3000", help="the running service")
+    demo.add_argument("--model", default=os.environ.get("NOISEWISE_MODEL", "noisewise-demo@champion"),
+                      help="the served model (its dataset supplies the test images)")
+    demo.add_argument("--n", type=_positive_int, default=300, help="ID test images to send (OOD: a third each)")
+    demo.add_argument("--batch", type=_positive_int, default=8, help="inputs per request")
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 
@@ -394,6 +425,128 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
+
+
+def _example_request(ref: str) -> "Path":
+    """Write one clean test input of the model's dataset as a JSON body; returns its path."""
+    from pathlib import Path
+
+    from models import registry
+    from models.data import load_from_lineage
+
+    loaded = registry.load_model(ref)
+    dataset = load_from_lineage(loaded.spec.lineage)
+    x = dataset.split("test")[0][:1]
+    path = registry.home_dir() / "example-request.json"
+    path.write_text(json.dumps({"inputs": [[round(float(v), 4) for v in x[0].ravel()]]}))
+    return path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from models import registry
+
+    name, version, _ = registry.resolve_version(args.model)  # a clear one-line error before starting anything
+    example = _example_request(args.model)
+    env = {**os.environ, "NOISEWISE_MODEL": args.model}
+    command = [sys.executable, "-m", "bentoml", "serve", "services.service:Noisewise", "--host", args.host,
+               "--port", str(args.port)]
+    print(f"noisewise: starting {name}/{version} on http://{args.host}:{args.port} ...", file=sys.stderr, flush=True)
+    server = subprocess.Popen(command, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    deadline = time.monotonic() + args.ready_timeout
+    try:
+        while server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                server.terminate()
+                raise UsageError(f"the server did not become ready within {args.ready_timeout} s")
+            time.sleep(0.5)
+        if server.poll() is not None:
+            return server.returncode or 1
+        print(f"\nnoisewise is serving {name} version {version} at {base}\n\n"
+              f"  try it:   curl -s -X POST {base}/predict -H 'Content-Type: application/json' -d @{example}\n"
+              f"  model:    curl -s -X POST {base}/model\n"
+              f"  metrics:  {base}/metrics (Prometheus format; noisewise_* and bentoml_service_* series)\n"
+              f"  API docs: {base}/docs.json\n\nCtrl-C stops the server.\n", flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        try:
+            return server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            return 130
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import httpx
+    import numpy as np
+
+    from models import registry
+    from models.data import load_from_lineage, load_ood
+
+    loaded = registry.load_model(args.model)
+    dataset = load_from_lineage(loaded.spec.lineage)
+    x_test, _, y_clean = dataset.split("test")
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(x_test), size=min(args.n, len(x_test)), replace=False)
+    streams = {"id": (x_test[pick], None if y_clean is None else y_clean[pick])}
+    if len(dataset.input_shape) == 3:
+        for name in ("photos", "other-digits"):
+            streams[name] = (load_ood(name, dataset.input_shape, n=max(1, args.n // 3), seed=1), None)
+    summary: dict = {}
+    with httpx.Client(base_url=args.url, timeout=60) as client:
+        try:
+            served = client.post("/model").json()
+        except httpx.HTTPError as err:
+            raise UsageError(f"--url: no noisewise service answers at {args.url} ({err}); start it with `make run`")
+        for name, (x, labels) in streams.items():
+            predictions = []
+            for start in range(0, len(x), args.batch):
+                body = {"inputs": [row.ravel().round(4).tolist() for row in x[start : start + args.batch]]}
+                response = client.post("/predict", json=body)
+                if response.status_code != 200:
+                    raise UsageError(f"/predict answered {response.status_code}: {response.text[:200]}")
+                predictions += response.json()["predictions"]
+            names = dataset.class_names
+            stats = {
+                "sent": len(predictions),
+                "accepted": sum(p["decision"] == "accept" for p in predictions),
+                "abstained_ood": sum(p["reason"] == "ood" for p in predictions),
+                "abstained_low_confidence": sum(p["reason"] == "low_confidence" for p in predictions),
+                "mean_set_size": float(np.mean([len(p["prediction_set"]) for p in predictions])),
+            }
+            if labels is not None:
+                stats["set_coverage_of_clean_labels"] = float(np.mean(
+                    [names[y] in p["prediction_set"] for p, y in zip(predictions, labels)]))
+                accepted = [(p, y) for p, y in zip(predictions, labels) if p["decision"] == "accept"]
+                stats["accepted_error_rate"] = (float(np.mean([p["label"] != y for p, y in accepted]))
+                                                if accepted else None)
+            summary[name] = stats
+    payload = {"url": args.url, "model": served.get("name"), "version": served.get("version"), "streams": summary,
+               "feedback": "not sent: the feedback endpoint comes with the monitoring work"}
+    lines = [f"demo traffic to {args.url} ({payload['model']} version {payload['version']}):"]
+    for name, st in summary.items():
+        line = (f"  {name:>12}: {st['sent']} sent, {st['accepted']} accepted, {st['abstained_ood']} abstained (ood), "
+                f"{st['abstained_low_confidence']} abstained (low confidence), mean set size {st['mean_set_size']:.2f}")
+        if "set_coverage_of_clean_labels" in st:
+            err = st["accepted_error_rate"]
+            line += (f", set coverage {st['set_coverage_of_clean_labels']:.3f}, error among accepted "
+                     f"{'n/a' if err is None else f'{err:.3f}'}")
+        lines.append(line)
+    _emit(args, payload, "\n".join(lines))
+    return 0
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
