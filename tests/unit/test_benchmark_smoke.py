@@ -108,6 +108,9 @@ def test_overhead_report_structure(overhead_report):
         assert bf16["ratio_of_medians"] > 0 and bf16["knn"]["median_ms"] > 0
         # bf16 keeps 8 mantissa bits: a cosine of unit vectors moves by well under 1e-2
         assert 0 <= bf16["max_abs_score_diff"] < 1e-2
+        # one bank block computes the same k-th cosine as the chunked scan, up to float rounding
+        assert row["variants"]["one_block"]["max_abs_score_diff"] < 1e-5
+        assert row["variants"]["one_block"]["chunk_size"] >= quick["bank"]
     meta = overhead_report["meta"]
     assert meta["threads"] == 1 and meta["cores"] >= 1 and meta["torch"] == torch.__version__
     assert meta["load"]["wall_seconds"] > 0
