@@ -89,6 +89,8 @@ REPS = {"resnet18": {1: 300, 16: 100, 64: 40}, "mlp": {1: 500, 16: 300, 64: 200}
 WARMUP = {"resnet18": 5, "mlp": 50}
 CHUNK_SIZES = (1024, 4096, 16384, 65536)
 STAGES = ("forward", "knn", "gate", "sets", "confidence")
+# A row is re-measured (up to --attempts times) when other processes used more than this many cores during it.
+QUIET_CORES = 0.25
 QUICK = {"batches": (1, 2), "bank": 2_000, "reps": 3, "warmup": 1, "chunk_sizes": (512, 4096)}
 
 
@@ -236,7 +238,8 @@ def measure_batch(predictor: Predictor, net: torch.nn.Module, batch: int, reps: 
     arms.update({f"stage:{name}": fn for name, fn in stage_functions(predictor, x).items()})
     arms.update({f"knn_chunk:{size}": knn_at(size) for size in chunk_sizes if size != default_chunk})
     # Measured fixes (not served): "one_block" = the served scorer with chunk_size >= the bank rows, so the
-    # similarity is one matmul + one topk with no merging; "bf16_bank" = the bank in bfloat16.
+    # similarity is one matmul + one topk with no merging (only when the default splits the bank);
+    # "bf16_bank" = the bank in bfloat16.
     one_block = max(default_chunk, scorer.state_dict()["bank"].shape[0])
 
     def full_one_block():
@@ -252,7 +255,11 @@ def measure_batch(predictor: Predictor, net: torch.nn.Module, batch: int, reps: 
         one_block_diff = float((scorer.score(features) - served_scores).abs().max())
     finally:
         scorer.chunk_size = default_chunk
-    variant_specs = {"one_block": (full_one_block, knn_at(one_block), one_block_diff)}
+    # "served_again": the served path as a second, identical arm (an A/A control: how far two arms that do
+    # the same work land apart in this loop is the noise floor of every ratio here)
+    variant_specs = {"served_again": (full, lambda: scorer.score(features), 0.0)}
+    if one_block > default_chunk:  # only a different computation when the served scorer splits the bank
+        variant_specs["one_block"] = (full_one_block, knn_at(one_block), one_block_diff)
     if bf16_predictor is not None:
         bf16_scorer = bf16_predictor.calibration.ood_scorer
         diff = float((bf16_scorer.score(features) - served_scores).abs().max())
@@ -275,7 +282,8 @@ def measure_batch(predictor: Predictor, net: torch.nn.Module, batch: int, reps: 
             "ratio_paired_median": float(np.median(np.asarray(times[f"variant:{name}:full"]) / np.asarray(times["bare"]))),
             "max_abs_score_diff": diff,
         }
-    variants["one_block"]["chunk_size"] = one_block
+    if "one_block" in variants:
+        variants["one_block"]["chunk_size"] = one_block
     return {
         "batch": batch, "reps": reps, "warmup": warmup,
         "bare": bare_s, "full": full_s,
@@ -316,7 +324,7 @@ def _own_cpu_seconds() -> float:
 
 def _other_benchmarks() -> list[str]:
     try:
-        out = subprocess.run(["pgrep", "-af", "benchmarks/|pytest"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["pgrep", "-af", "benchmarks/|pytest"], check=False, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     me = str(os.getpid())
@@ -346,7 +354,7 @@ class LoadMonitor:
 
 
 def run_benchmark(threads: int = 2, quick: bool = False, models=None, batches=BATCHES, reps_scale: float = 1.0,
-                  progress: bool = True, seed: int = 0, variants: bool = True) -> dict:
+                  progress: bool = True, seed: int = 0, variants: bool = True, max_attempts: int = 3) -> dict:
     """Time bare vs full for every model and batch; returns the report (``results``, ``target``, ``meta``)."""
     torch.set_num_threads(threads)
     chosen = [m for m in MODELS if models is None or m[0] in models]
@@ -383,7 +391,21 @@ def run_benchmark(threads: int = 2, quick: bool = False, models=None, batches=BA
                 reps = max(3, round(REPS[family][nearest] * reps_scale))
             warmup = QUICK["warmup"] if quick else WARMUP[family]
             chunk_sizes = QUICK["chunk_sizes"] if quick else CHUNK_SIZES
-            row = measure_batch(predictor, net, batch, reps, warmup, chunk_sizes, seed, bf16_predictor)
+            # A row measured while other processes took a share of the 2 cores is repeated (the selection uses
+            # the background load only, never the timings); the least-disturbed attempt is kept and reported.
+            attempts = []
+            for _ in range(1 if quick else max_attempts):
+                with LoadMonitor() as row_monitor:
+                    row = measure_batch(predictor, net, batch, reps, warmup, chunk_sizes, seed, bf16_predictor)
+                row["load"] = {"other_cpu_cores_mean": row_monitor.result["other_cpu_cores_mean"],
+                               "wall_seconds": row_monitor.result["wall_seconds"]}
+                attempts.append(row)
+                other = row["load"]["other_cpu_cores_mean"]
+                if other is None or other <= QUIET_CORES:
+                    break
+            row = min(attempts, key=lambda r: r["load"]["other_cpu_cores_mean"] or 0.0)
+            row["attempts"] = len(attempts)
+            row["attempt_loads"] = [a["load"]["other_cpu_cores_mean"] for a in attempts]
             results.append({"model": name, "arch": arch, "input_shape": list(shape), "bank": [bank, net.feature_dim],
                             "k": K_NEIGHBOURS, **row})
         bar.close()
@@ -393,6 +415,7 @@ def run_benchmark(threads: int = 2, quick: bool = False, models=None, batches=BA
               "pass": None if target_row is None else target_row["ratio_of_medians"] <= TARGET_RATIO}
     return {"results": results, "target": target,
             "meta": {"threads": threads, "quick": quick, "seed": seed, "reps_scale": reps_scale, "variants": variants,
+                     "max_attempts": 1 if quick else max_attempts, "quiet_cores": QUIET_CORES,
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": _cpu_flags(),
                      "load": monitor.result, **machine_info()}}
 
@@ -410,7 +433,7 @@ def _cpu_flags() -> list[str]:
 def machine_info() -> dict:
     model = platform.machine()
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
         model = next((line.split(":", 1)[1].strip() for line in out.splitlines()
                       if line.startswith("Model name")), model)
     except (OSError, subprocess.SubprocessError):
@@ -426,11 +449,10 @@ def machine_info() -> dict:
 
 
 def dominant_stage(row: dict) -> tuple[str, float]:
-    """The non-forward stage with the largest median time, and its share of the full-path overhead."""
+    """The non-forward stage with the largest median time, and its share of the summed non-forward stages."""
     extra = {s: row["stages"][s]["median_ms"] for s in STAGES if s != "forward"}
     name = max(extra, key=extra.get)
-    overhead = max(row["overhead_ms"], 1e-9)
-    return name, extra[name] / overhead
+    return name, extra[name] / max(sum(extra.values()), 1e-9)
 
 
 def explain(report: dict) -> list[str]:
@@ -445,19 +467,35 @@ def explain(report: dict) -> list[str]:
     lines.append(
         f"* Target: full path <= {TARGET_RATIO:.2f} x bare forward on ResNet-18 at batch 64: ratio of medians "
         f"{row['ratio_of_medians']:.3f} (median of per-pair ratios {row['ratio_paired_median']:.3f}): {verdict}.")
+    margin = TARGET_RATIO - row["ratio_of_medians"]
+    if abs(margin) < 0.03:
+        lines.append(
+            f"* The margin to the target is {margin:+.3f}, within the run-to-run variation of this ratio on a shared "
+            "2-core machine whose background load changes between runs, so this setting sits at the target rather "
+            "than clearly on one side of it. "
+            "The measured fixes below leave a margin that does not depend on the load.")
     lines.append(
         f"* At that setting the full path adds {row['overhead_ms']:.1f} ms to a {row['bare']['median_ms']:.1f} ms "
         f"forward. Stage medians: " + ", ".join(f"{s} {v:.2f} ms" for s, v in extra.items())
-        + f"; `{name}` is the largest ({100 * share:.0f}% of the measured overhead).")
+        + f"; `{name}` is the largest ({100 * share:.0f}% of the non-forward stages).")
     sweep = row["knn_chunk_sweep"]
     if sweep:
         best = min(sweep, key=lambda k: sweep[k]["median_ms"])
         default = str(row["knn_default_chunk_size"])
         if default in sweep:
             lines.append(
-                f"* knn `chunk_size` at batch 64: " + ", ".join(f"{k}: {v['median_ms']:.1f} ms" for k, v in sweep.items())
+                "* knn `chunk_size` at batch 64: " + ", ".join(f"{k}: {v['median_ms']:.1f} ms" for k, v in sweep.items())
                 + f" (default {default}; fastest {best}).")
+    control = row["variants"].get("served_again")
+    if control is not None:
+        lines.append(
+            f"* A/A control: the same served path timed as a second arm in the same loop gave a ratio of "
+            f"{control['ratio_of_medians']:.3f} (knn {control['knn']['median_ms']:.1f} ms) against "
+            f"{row['ratio_of_medians']:.3f} (knn {row['stages']['knn']['median_ms']:.1f} ms): differences of that size "
+            "are measurement noise.")
     for name, v in row["variants"].items():
+        if name == "served_again":
+            continue
         what = (f"with `chunk_size={v['chunk_size']}` (the whole bank in one block: one matmul and one topk, no "
                 "merging of running top-k lists)" if name == "one_block" else
                 f"with the bank in bfloat16 (scores moved by at most {v['max_abs_score_diff']:.1e})")
@@ -476,6 +514,14 @@ def explain(report: dict) -> list[str]:
             f"{small['ratio_of_medians']:.2f} ({sname} {small['stages'][sname]['median_ms']:.1f} ms vs a "
             f"{small['bare']['median_ms']:.1f} ms forward).")
     return lines
+
+
+def _load_cell(row: dict) -> str:
+    other = row.get("load", {}).get("other_cpu_cores_mean")
+    text = "n/a" if other is None else f"{other:.2f}"
+    if row.get("attempts", 1) > 1:
+        text += f" ({row['attempts']} attempts: " + ", ".join(f"{v:.2f}" for v in row["attempt_loads"]) + ")"
+    return text
 
 
 def render_markdown(report: dict, command: str, interpretation: list[str] | None = None) -> str:
@@ -503,11 +549,13 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
         "## Setup",
         "",
         "* **bare** = `net(x)` in eval mode under `torch.no_grad()`. **full** = `Predictor.forward(x)`: "
-        "features and logits, softmax, knn OOD score (k = 50, cosine, fp32 bank on CPU), conformal p-value and OOD "
+        "features and logits, softmax, knn OOD score (k = 50, cosine, fp32 bank on CPU, `chunk_size` = "
+        f"{report['results'][0]['knn_default_chunk_size'] if report['results'] else 'n/a'} bank rows per block), "
+        "conformal p-value and OOD "
         "flag, APS prediction sets with MAPIE's serving convention (`include_last_label=True`), MSP confidence and "
         "the accept/abstain decision, all in torch before the single host copy.",
         "* Everything is timed interleaved in one loop: each repetition runs every arm once (bare, full, each "
-        "stage, the knn chunk sizes, the measured fixes) in rotating order, after warm-up, on the same input batch "
+        "stage, the knn chunk sizes, the A/A control and the measured fixes) in rotating order, after warm-up, on the same input batch "
         "(`torch.rand`), so all arms see the same machine load. Ratio = median(full) / median(bare); the paired "
         "column is the median of the per-repetition ratios full_i / bare_i.",
         "* Random weights and a Calibration built from the real classes with random contents (KNNScorer fitted on "
@@ -521,8 +569,8 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
         "## Bare vs full",
         "",
         "| model | bank | batch | reps | bare median ms | bare p90 ms | full median ms | full p90 ms | "
-        "ratio (medians) | ratio (paired median) | bare items/s | full items/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "ratio (medians) | ratio (paired median) | bare items/s | full items/s | other load (cores), attempts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ratio = f"{r['ratio_of_medians']:.3f}"
@@ -532,7 +580,17 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
             f"| {r['model']} | {r['bank'][0]:,} x {r['bank'][1]} | {r['batch']} | {r['reps']} | "
             f"{r['bare']['median_ms']:.2f} | {r['bare']['p90_ms']:.2f} | {r['full']['median_ms']:.2f} | "
             f"{r['full']['p90_ms']:.2f} | {ratio} | {r['ratio_paired_median']:.3f} | "
-            f"{r['throughput_bare_per_s']:.0f} | {r['throughput_full_per_s']:.0f} |")
+            f"{r['throughput_bare_per_s']:.0f} | {r['throughput_full_per_s']:.0f} | {_load_cell(r)} |")
+    lines += ["", f"`other load` = CPU cores used by other processes while the row was measured (machine busy time "
+                  f"from /proc/stat minus this process's CPU time). A row measured with more than {QUIET_CORES} is "
+                  f"measured again, up to {report['meta'].get('max_attempts', 1)} attempts; the attempt with the least "
+                  "background load is kept (chosen on the load alone, never on the timings)."]
+    disturbed = [f"{r['model']} batch {r['batch']}" for r in report["results"]
+                 if (r.get("load", {}).get("other_cpu_cores_mean") or 0.0) > QUIET_CORES
+                 or max(r["bare"]["p90_ms"] / r["bare"]["median_ms"], r["full"]["p90_ms"] / r["full"]["median_ms"]) > 1.5]
+    if disturbed:
+        lines += ["", f"**Disturbed rows** (other load over {QUIET_CORES} cores even at the best attempt, or a p90 over "
+                      f"1.5 x the median; their medians and ratios are less reliable): {', '.join(disturbed)}."]
     lines += ["", "## Where the time goes", "",
               "Median ms per stage, each stage timed on its own on precomputed inputs, in the same interleaved loop "
               "as bare and full (every repetition runs every arm once, in rotating order). "
@@ -545,11 +603,11 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
         name, share = dominant_stage(r)
         lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(f"{r['stages'][s]['median_ms']:.2f}" for s in STAGES)
                      + f" | {r['stage_sum_ms']:.2f} | {r['full']['median_ms']:.2f} | {r['overhead_ms']:.2f} | "
-                     f"{name} ({100 * share:.0f}% of overhead) |")
+                     f"{name} ({100 * share:.0f}% of extra stages) |")
     sizes = sorted({int(k) for r in report["results"] for k in r["knn_chunk_sweep"]})
     lines += ["", "## knn score vs `chunk_size`", "",
-              "Median ms of `KNNScorer.score` alone at other `chunk_size` values (queries and bank rows per block; "
-              f"the default is {report['results'][0]['knn_default_chunk_size'] if report['results'] else 'n/a'}).", "",
+              "Median ms of `KNNScorer.score` alone at other `chunk_size` values (bank rows per block of the "
+              f"similarity matmul; the served default is {report['results'][0]['knn_default_chunk_size'] if report['results'] else 'n/a'}).", "",
               "| model | batch | " + " | ".join(str(s) for s in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
     for r in report["results"]:
         lines.append(f"| {r['model']} | {r['batch']} | "
@@ -558,14 +616,16 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
     rows = [r for r in report["results"] if r["variants"]]
     if rows:
         lines += ["", "## Measured fixes (not what noisewise serves)", "",
-                  "Timed in the same loop as the rows above. `one_block`: the served KNNScorer with `chunk_size` set "
-                  "to at least the bank rows, so the similarity is one matmul and one topk (no merging of per-block "
-                  "top-k lists); the same scores up to float rounding. `bf16_bank`: the bank and query cast to bfloat16 (`BF16BankKNN` in "
+                  "Timed in the same loop as the rows above. `served_again`: the served path again, as a second arm "
+                  "(A/A control: its distance to the served columns is measurement noise). `one_block` (only where "
+                  "the served `chunk_size` splits the bank): `chunk_size` set to at least the bank rows, so the "
+                  "similarity is one matmul and one topk (no merging of per-block top-k lists); the same scores up "
+                  "to float rounding. `bf16_bank`: the bank and query cast to bfloat16 (`BF16BankKNN` in "
                   "this script, KNNScorer with one line changed in `_after_load`; KNNScorer keeps fp32 on CPU). "
                   "CPU flags: " + (", ".join(f"`{f}`" for f in report["meta"]["cpu_flags"]) or "n/a")
                   + f"; torch CPU capability `{report['meta']['cpu_capability']}`. `max abs diff` = largest change of "
                   "a knn score (1 - cosine) on the timed batch.", "",
-                  "| model | batch | variant | knn ms (served: fp32, 4096) | knn ms (variant) | full ms (served) | "
+                  "| model | batch | variant | knn ms (served) | knn ms (variant) | full ms (served) | "
                   "full ms (variant) | ratio (served) | ratio (variant) | ratio (variant, paired) | max abs diff |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -602,18 +662,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="markdown output (default docs/overhead.md)")
     parser.add_argument("--json", action="store_true", help="print every number as JSON on stdout instead of the "
                                                             "markdown (the markdown is still written)")
+    parser.add_argument("--json-out", default=None, help="also write every number as JSON to this file")
+    parser.add_argument("--attempts", type=int, default=3,
+                        help=f"measure a row up to this many times while other processes use more than {QUIET_CORES} "
+                             "cores during it; the least-disturbed attempt is kept (default 3)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.attempts < 1:
+        parser.error("--attempts must be >= 1")
     out = Path(args.out) if args.out else (Path("/tmp/noisewise-overhead-quick.md") if args.quick
                                            else ROOT / "docs" / "overhead.md")
     report = run_benchmark(threads=args.threads, quick=args.quick, models=args.models, batches=tuple(args.batches),
-                           reps_scale=args.reps_scale, variants=not args.no_variants)
+                           reps_scale=args.reps_scale, variants=not args.no_variants, max_attempts=args.attempts)
     command = _format_command(["benchmarks/overhead.py", *argv])
     report["meta"]["command"] = command
     markdown = render_markdown(report, command, explain(report))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown + "\n")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1) if args.json else markdown)
     print(f"wrote {out}", file=sys.stderr)
 

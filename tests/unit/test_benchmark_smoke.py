@@ -100,6 +100,7 @@ def test_overhead_report_structure(overhead_report):
         for arm in ("bare", "full"):
             assert row[arm]["n"] == quick["reps"] and 0 < row[arm]["median_ms"] <= row[arm]["p90_ms"]
         assert row["ratio_of_medians"] > 0 and row["ratio_paired_median"] > 0
+        assert row["attempts"] == 1 and row["load"]["wall_seconds"] > 0  # quick mode never re-measures
         assert row["ratio_of_medians"] == pytest.approx(row["full"]["median_ms"] / row["bare"]["median_ms"])
         assert set(row["stages"]) == set(overhead_bench.STAGES)
         assert all(s["median_ms"] > 0 for s in row["stages"].values())
@@ -108,14 +109,31 @@ def test_overhead_report_structure(overhead_report):
         assert bf16["ratio_of_medians"] > 0 and bf16["knn"]["median_ms"] > 0
         # bf16 keeps 8 mantissa bits: a cosine of unit vectors moves by well under 1e-2
         assert 0 <= bf16["max_abs_score_diff"] < 1e-2
-        # one bank block computes the same k-th cosine as the chunked scan, up to float rounding
-        assert row["variants"]["one_block"]["max_abs_score_diff"] < 1e-5
-        assert row["variants"]["one_block"]["chunk_size"] >= quick["bank"]
+        assert row["variants"]["served_again"]["ratio_of_medians"] > 0  # the A/A control arm
+        # one_block exists only where the served chunk_size splits the bank
+        assert ("one_block" in row["variants"]) == (row["knn_default_chunk_size"] < quick["bank"])
     meta = overhead_report["meta"]
     assert meta["threads"] == 1 and meta["cores"] >= 1 and meta["torch"] == torch.__version__
     assert meta["load"]["wall_seconds"] > 0
     # the target row (resnet18, batch 64) is not part of the quick run
     assert overhead_report["target"]["ratio"] is None
+
+
+def test_overhead_one_block_variant_when_the_bank_is_split(one_thread):
+    # A served chunk_size smaller than the bank makes the one-block variant a different computation with
+    # the same k-th cosine up to float rounding.
+    from models.nets import build_net
+    from models.predictor import Predictor
+
+    torch.manual_seed(0)
+    net = build_net("mlp", (1, 28, 28), 10).eval()
+    cal = overhead_bench.build_calibration(net.feature_dim, 600)
+    cal.ood_scorer.chunk_size = 256
+    row = overhead_bench.measure_batch(Predictor(net, cal, device="cpu"), net, 4, reps=2, warmup=1,
+                                       chunk_sizes=(128, 256))
+    one_block = row["variants"]["one_block"]
+    assert one_block["chunk_size"] == 600 and one_block["max_abs_score_diff"] < 1e-5
+    assert row["knn_default_chunk_size"] == 256 and cal.ood_scorer.chunk_size == 256  # restored
 
 
 def test_overhead_predictor_matches_stages():
