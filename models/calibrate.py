@@ -46,6 +46,7 @@ from models.uncertainty.labelnoise import (
 )
 from models.uncertainty.ood import OODGate, OODScorer, build_ood_scorer
 from models.uncertainty.selective import CertifiedThreshold, certify_threshold, select_pnorm
+from models.uncertainty.selective import confidence as confidence_fn
 
 CALIBRATION_FORMAT = "noisewise-calibration/1"
 CONFORMAL_MODES = ("plugin", "finite-sample")
@@ -293,8 +294,6 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     f_val, z_val = features_and_logits(net, x_val, device)
     p = select_pnorm(z_val, (z_val.argmax(1).cpu().numpy() == y_val))
     confidence_name, confidence_params = ("msp", {}) if p is None else ("maxlogit_pnorm", {"p": int(p)})
-    from models.uncertainty.selective import confidence as confidence_fn
-
     conf_cal = confidence_fn(z_cal, confidence_name, **confidence_params).double().cpu().numpy()
     if len(audit_index):
         errors = pred_cal[audit_index] != audit_labels

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -328,10 +328,6 @@ def _fingerprint(x: np.ndarray, y: np.ndarray) -> str:
     digest.update(np.ascontiguousarray(x).tobytes())
     digest.update(np.ascontiguousarray(y).tobytes())
     return digest.hexdigest()[:16]
-
-
-def noise_report_dict(report: NoiseReport) -> dict:
-    return asdict(report)
 
 
 # --- Out-of-distribution evaluation sets -------------------------------------------------------------

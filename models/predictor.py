@@ -77,8 +77,7 @@ class Predictor:
         if len(self.class_names) != net.num_classes:
             raise ValueError(f"calibration has {len(self.class_names)} classes but the network {net.num_classes}")
         self._score_fn = CONFORMITY_SCORES[calibration.conformity_score]
-        threshold = calibration.certified.threshold
-        self._accept_threshold = float(threshold)
+        self._accept_threshold = float(calibration.certified.threshold)  # +inf when nothing certified
 
     @property
     def input_shape(self) -> tuple[int, ...]:

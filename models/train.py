@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -274,7 +274,3 @@ def _forget_rate(recipe: Recipe, dataset: Dataset) -> float:
     if value == "auto":
         return dataset.noise.realized_rate if dataset.noise.n_flipped else 0.2
     return float(value)
-
-
-def recipe_summary(recipe: Recipe) -> dict:
-    return asdict(recipe)

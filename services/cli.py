@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from models.data import BUILTIN_DATASETS, DataError, parse_noise_spec
@@ -427,10 +428,8 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def _example_request(ref: str) -> "Path":
+def _example_request(ref: str) -> Path:
     """Write one clean test input of the model's dataset as a JSON body; returns its path."""
-    from pathlib import Path
-
     from models import registry
     from models.data import load_from_lineage
 
