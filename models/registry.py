@@ -12,6 +12,7 @@ stages are deprecated in MLflow and are not used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -131,6 +132,7 @@ class LoadedModel:
     version: str | None = None
     run_id: str | None = None
     uri: str | None = None
+    weights: str | None = None  # sha256 of weights.safetensors: versions with equal weights give equal outputs
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Loade
             raise RegistryError(str(err)) from None
         if calibration.class_names != spec.class_names:
             raise RegistryError("calibration.json: class_names differ from model.json")
-    return LoadedModel(net.to(device).eval(), spec, calibration)
+    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    return LoadedModel(net.to(device).eval(), spec, calibration, weights=digest)
 
 
 def log_training_run(

@@ -1,0 +1,386 @@
+"""Predictions and feedback labels, durable, in SQL (DESIGN.md 2).
+
+SQLite under ``NOISEWISE_HOME`` (``store.db``, WAL journal, ``synchronous=FULL``) by default; any SQLAlchemy
+URL in ``NOISEWISE_STORE_URL`` otherwise, PostgreSQL in production (``postgresql+psycopg://user@host/db``).
+The schema is versioned with Alembic (``monitoring/migrations``): :class:`Store` upgrades a database to the
+current revision when it opens it, so an old store keeps its data across noisewise upgrades.
+
+Each prediction is stored with what label-quality scoring and recalibration need later: the full probability
+vector (float32 bytes), the served set (class indices), the OOD score and p-value, the decision, the model
+version and a digest of its weights (versions with equal weights give equal probabilities).
+
+Feedback is idempotent: a label is keyed by ``(prediction_id, annotator)``. Sending the same label again is
+a ``duplicate`` (acknowledged, not counted twice); a different label from the same annotator for the same
+prediction is a ``conflict`` (rejected: the first answer stands; use another annotator name for a second
+opinion). Several annotators per prediction are kept. A call returns only after its transaction has
+committed, so every acknowledged item is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+STORE_URL_ENV = "NOISEWISE_STORE_URL"
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+metadata = sa.MetaData()
+
+predictions = sa.Table(
+    "predictions", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("model_name", sa.String(256), nullable=False),
+    sa.Column("model_version", sa.String(64), nullable=False),
+    sa.Column("weights", sa.String(64), nullable=False),
+    sa.Column("predicted", sa.Integer, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("prediction_set", sa.JSON, nullable=False),
+    sa.Column("set_size", sa.Integer, nullable=False),
+    sa.Column("is_ood", sa.Boolean, nullable=False),
+    sa.Column("ood_score", sa.Float, nullable=False),
+    sa.Column("ood_p_value", sa.Float, nullable=False),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=True),
+    sa.Column("probs", sa.LargeBinary, nullable=False),
+)
+
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("prediction_id", sa.String(36), sa.ForeignKey("predictions.id"), nullable=False, index=True),
+    sa.Column("annotator", sa.String(128), nullable=False),
+    sa.Column("label", sa.Integer, nullable=False),
+    sa.Column("audited", sa.Boolean, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("quality", sa.Float, nullable=False),
+    sa.Column("suspect", sa.Boolean, nullable=False),
+    sa.Column("proposed", sa.Integer, nullable=False),
+    sa.Column("in_set", sa.Boolean, nullable=False),
+    sa.UniqueConstraint("prediction_id", "annotator", name="uq_feedback_prediction_annotator"),
+)
+
+reports = sa.Table(
+    "reports", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("payload", sa.JSON, nullable=False),
+)
+
+PREDICTION_COLUMNS = ["prediction_id", "created_at", "predicted", "confidence", "set_size", "is_ood", "ood_score",
+                      "ood_p_value", "decision", "reason", "model_name", "model_version", "weights"]
+FEEDBACK_COLUMNS = ["feedback_id", "prediction_id", "annotator", "label", "audited", "received_at", "predicted",
+                    "probs", "in_set", "set_size", "is_ood", "ood_score", "ood_p_value", "confidence", "decision",
+                    "reason", "model_name", "model_version", "weights", "quality", "suspect", "proposed"]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or migrated (one line, ready to show)."""
+
+
+def default_url() -> str:
+    from models.registry import home_dir
+
+    return f"sqlite:///{home_dir() / 'store.db'}"
+
+
+def store_url() -> str:
+    """``NOISEWISE_STORE_URL``, else SQLite under ``NOISEWISE_HOME``."""
+    return os.environ.get(STORE_URL_ENV, "").strip() or default_url()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite returns naive datetimes (stored as UTC): make them aware so both backends read back the same
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """Stored form of one prediction."""
+
+    id: str
+    model_name: str
+    model_version: str
+    weights: str
+    predicted: int
+    confidence: float
+    prediction_set: list[int]
+    is_ood: bool
+    ood_score: float
+    ood_p_value: float
+    decision: str
+    reason: str | None
+    probs: np.ndarray  # float32 [K]
+    created_at: datetime | None = None
+
+    def to_row(self) -> dict:
+        return {
+            "id": self.id, "created_at": self.created_at or _now(), "model_name": self.model_name,
+            "model_version": str(self.model_version), "weights": self.weights, "predicted": int(self.predicted),
+            "confidence": float(self.confidence), "prediction_set": [int(j) for j in self.prediction_set],
+            "set_size": len(self.prediction_set), "is_ood": bool(self.is_ood), "ood_score": float(self.ood_score),
+            "ood_p_value": float(self.ood_p_value), "decision": self.decision, "reason": self.reason,
+            "probs": np.asarray(self.probs, dtype="<f4").tobytes(),
+        }
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One validated, scored feedback label, ready to store."""
+
+    prediction_id: str
+    label: int
+    annotator: str
+    audited: bool
+    quality: float
+    suspect: bool
+    proposed: int
+    in_set: bool
+
+
+@dataclass(frozen=True)
+class StoredPrediction:
+    """What feedback scoring needs of a stored prediction."""
+
+    id: str
+    predicted: int
+    prediction_set: list[int]
+    is_ood: bool
+    probs: np.ndarray
+    model_name: str
+    model_version: str
+
+
+class Store:
+    """A predictions + feedback database (see the module docstring).
+
+    Parameters
+    ----------
+    url : str, optional
+        SQLAlchemy URL; default :func:`store_url`.
+    """
+
+    def __init__(self, url: str | None = None):
+        self.url = url or store_url()
+        try:
+            self.engine = _engine(self.url)
+            upgrade(self.engine)
+        except StoreError:
+            raise
+        except Exception as err:
+            raise StoreError(f"cannot open the store {_safe(self.url)}: {type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+        self._upsert = _insert_ignore(self.engine.dialect.name)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- predictions ---------------------------------------------------------------------------------------
+    def add_predictions(self, rows: Sequence[PredictionRow]) -> None:
+        """Store served predictions (one transaction)."""
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(predictions.insert(), [r.to_row() for r in rows])
+
+    def get_predictions(self, ids: Iterable[str]) -> dict[str, StoredPrediction]:
+        """The stored predictions among ``ids``, by id (unknown ids are absent)."""
+        ids = list(dict.fromkeys(ids))
+        found: dict[str, StoredPrediction] = {}
+        cols = [predictions.c[c] for c in ("id", "predicted", "prediction_set", "is_ood", "probs", "model_name",
+                                          "model_version")]
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):  # bound the IN list
+                chunk = ids[start:start + 500]
+                for row in conn.execute(sa.select(*cols).where(predictions.c.id.in_(chunk))):
+                    found[row.id] = StoredPrediction(row.id, row.predicted, list(row.prediction_set), row.is_ood,
+                                                     np.frombuffer(row.probs, dtype="<f4"), row.model_name,
+                                                     row.model_version)
+        return found
+
+    def count(self, table: str = "feedback") -> int:
+        target = {"feedback": feedback, "predictions": predictions, "reports": reports}[table]
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(target)).scalar_one())
+
+    # --- feedback ------------------------------------------------------------------------------------------
+    def add_feedback(self, rows: Sequence[FeedbackRow]) -> list[str]:
+        """Store feedback labels in one transaction; returns one outcome per row: ``stored``, ``duplicate``
+        (the same label from the same annotator is already stored) or ``conflict`` (a different label from
+        the same annotator is stored; it stands). Rows must reference stored predictions."""
+        if not rows:
+            return []
+        now = _now()
+        keys = [(r.prediction_id, r.annotator) for r in rows]
+        with self.engine.begin() as conn:
+            existing = self._labels_for(conn, keys)
+            outcomes, new = [], {}
+            for r, key in zip(rows, keys):
+                if key in existing:
+                    outcomes.append("duplicate" if existing[key] == r.label else "conflict")
+                elif key in new:  # the same item twice in one batch
+                    outcomes.append("duplicate" if new[key]["label"] == r.label else "conflict")
+                else:
+                    new[key] = {"prediction_id": r.prediction_id, "annotator": r.annotator, "label": int(r.label),
+                                "audited": bool(r.audited), "received_at": now, "quality": float(r.quality),
+                                "suspect": bool(r.suspect), "proposed": int(r.proposed), "in_set": bool(r.in_set)}
+                    outcomes.append("stored")
+            if new:
+                # a concurrent writer may have stored the same key since the read: insert-or-ignore, then
+                # re-read, so that the outcome reported is what is in the table
+                conn.execute(self._upsert, list(new.values()))
+                after = self._labels_for(conn, list(new))
+                for i, (r, key) in enumerate(zip(rows, keys)):
+                    if outcomes[i] == "stored" and after.get(key) != r.label:
+                        outcomes[i] = "conflict"
+        return outcomes
+
+    @staticmethod
+    def _labels_for(conn, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        found = {}
+        ids = list({k[0] for k in keys})
+        for start in range(0, len(ids), 500):
+            query = sa.select(feedback.c.prediction_id, feedback.c.annotator, feedback.c.label).where(
+                feedback.c.prediction_id.in_(ids[start:start + 500]))
+            for row in conn.execute(query):
+                found[(row.prediction_id, row.annotator)] = row.label
+        return found
+
+    # --- frames for monitoring -----------------------------------------------------------------------------
+    def feedback_frame(self, since: datetime | None = None, window: int | None = None,
+                       model_name: str | None = None) -> pd.DataFrame:
+        """Feedback joined with its predictions (columns :data:`FEEDBACK_COLUMNS`), oldest first; ``window``
+        keeps the most recent items."""
+        p, f = predictions, feedback
+        query = sa.select(
+            f.c.id.label("feedback_id"), f.c.prediction_id, f.c.annotator, f.c.label, f.c.audited, f.c.received_at,
+            p.c.predicted, p.c.probs, f.c.in_set, p.c.set_size, p.c.is_ood, p.c.ood_score, p.c.ood_p_value,
+            p.c.confidence, p.c.decision, p.c.reason, p.c.model_name, p.c.model_version, p.c.weights, f.c.quality,
+            f.c.suspect, f.c.proposed,
+        ).join(p, p.c.id == f.c.prediction_id)
+        if since is not None:
+            query = query.where(f.c.received_at >= since)
+        if model_name is not None:
+            query = query.where(p.c.model_name == model_name)
+        query = query.order_by(f.c.id.desc())
+        if window is not None:
+            query = query.limit(window)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        frame = pd.DataFrame([r._asdict() for r in reversed(rows)], columns=FEEDBACK_COLUMNS)
+        frame["probs"] = [np.frombuffer(b, dtype="<f4") for b in frame["probs"]]
+        return _typed(frame, "received_at")
+
+    def prediction_frame(self, since: datetime | None = None, limit: int | None = None,
+                         model_name: str | None = None) -> pd.DataFrame:
+        """Served predictions (columns :data:`PREDICTION_COLUMNS`), oldest first; ``limit`` keeps the most
+        recent."""
+        p = predictions
+        query = sa.select(p.c.id.label("prediction_id"), *(p.c[c] for c in PREDICTION_COLUMNS[1:]))
+        if since is not None:
+            query = query.where(p.c.created_at >= since)
+        if model_name is not None:
+            query = query.where(p.c.model_name == model_name)
+        query = query.order_by(p.c.created_at.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return _typed(pd.DataFrame([r._asdict() for r in reversed(rows)], columns=PREDICTION_COLUMNS), "created_at")
+
+    # --- monitor reports -----------------------------------------------------------------------------------
+    def add_report(self, kind: str, payload: Mapping) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(reports.insert(), {"created_at": _now(), "kind": kind, "payload": dict(payload)})
+
+    def latest_report(self, kind: str) -> dict | None:
+        query = sa.select(reports.c.payload, reports.c.created_at).where(reports.c.kind == kind).order_by(
+            reports.c.id.desc()).limit(1)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else {**row.payload, "created_at": _utc(row.created_at).isoformat()}
+
+
+def _typed(frame: pd.DataFrame, time_column: str) -> pd.DataFrame:
+    frame[time_column] = pd.to_datetime([_utc(t) for t in frame[time_column]], utc=True)
+    for column, dtype in (("predicted", "int64"), ("label", "int64"), ("proposed", "int64"), ("set_size", "int64"),
+                          ("feedback_id", "int64"), ("audited", bool), ("is_ood", bool), ("in_set", bool),
+                          ("suspect", bool)):
+        if column in frame:
+            frame[column] = frame[column].astype(dtype)
+    return frame
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable URL>"
+
+
+def _engine(url: str) -> sa.Engine:
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            # WAL: readers (monitor, CLI) never block the service's writes; FULL: a committed feedback item
+            # survives a crash of the process and of the machine
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _insert_ignore(dialect: str):
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        raise StoreError(f"unsupported store backend {dialect!r}: use SQLite or PostgreSQL")
+    return insert(feedback).on_conflict_do_nothing(index_elements=["prediction_id", "annotator"])
+
+
+def upgrade(engine: sa.Engine) -> str:
+    """Migrate the database to the newest schema revision (Alembic); returns the revision."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return head
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+    except sa.exc.DBAPIError:
+        # another process (the service and a CLI starting together) migrated first: fine if it reached head
+        with engine.connect() as conn:
+            if MigrationContext.configure(conn).get_current_revision() != head:
+                raise
+    return head
