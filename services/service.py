@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from starlette.responses import JSONResponse
 
+from monitoring import metrics
 from services.batching import Batcher, Overloaded
+from services.recording import Recorder
 from services.schemas import (
     ErrorResponse,
     Guarantees,
@@ -56,6 +59,7 @@ from services.schemas import (
     guarantees_from,
     images_batch,
 )
+from services.feedback_api import FeedbackRequest, FeedbackResponse, SuspectsRequest, ingest, response_status
 from services.settings import Settings, SettingsError
 
 EXIT_MODEL = 3
@@ -76,6 +80,12 @@ class Served:
     spec: InputSpec
     info: ModelInfo
     guarantees: Guarantees
+    weights: str
+    calibration: Any  # models.calibrate.Calibration
+    ref: ModelRef = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ref = ModelRef(name=self.name, version=self.version)
 
 
 def load_served(settings: Settings) -> Served:
@@ -123,7 +133,8 @@ def load_served(settings: Settings) -> Served:
                             batch_max_latency_ms=settings.batch_max_latency_ms,
                             max_inputs_per_request=settings.max_batch, top_k=settings.top_k),
     )
-    return Served(loaded.name, loaded.version, predictor.predict, spec, info, guarantees)
+    return Served(loaded.name, loaded.version, predictor.predict, spec, info, guarantees, loaded.weights or "",
+                  loaded.calibration)
 
 
 def _one_line(err: BaseException) -> str:
@@ -131,27 +142,42 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-class PredictBody(BaseModel):
-    """The JSON body of ``/predict`` as BentoML parses it: any object, documented as
-    :class:`PredictRequest`. The endpoint validates it with PredictRequest and the served model's input
-    spec, so that every error comes back in one format, with the model's shape in the message, and
+class JSONBody(BaseModel):
+    """A JSON body as BentoML parses it: any object, documented as ``DOCUMENTED``. The endpoint validates it
+    itself, so that every error comes back in one format (with the served model's shape in the message) and
     without BentoML's traceback-per-bad-request in the server log."""
 
+    DOCUMENTED: ClassVar[type[BaseModel]]
     model_config = ConfigDict(extra="allow")
     _parse_error: ValidationError | None = PrivateAttr(None)
 
     @classmethod
     def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return PredictRequest.model_json_schema(*args, **kwargs)
+        return cls.DOCUMENTED.model_json_schema(*args, **kwargs)
 
     @classmethod
-    def model_validate_json(cls, json_data: Any, **kwargs: Any) -> PredictBody:
+    def model_validate_json(cls, json_data: Any, **kwargs: Any) -> JSONBody:
         try:
             return super().model_validate_json(json_data, **kwargs)
         except ValidationError as err:  # not JSON, or not an object: answered by the endpoint like any bad input
             body = cls.model_construct()
             body._parse_error = err
             return body
+
+    def fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PredictBody(JSONBody):
+    DOCUMENTED = PredictRequest
+
+
+class FeedbackBody(JSONBody):
+    DOCUMENTED = FeedbackRequest
+
+
+class SuspectsBody(JSONBody):
+    DOCUMENTED = SuspectsRequest
 
 
 class NoisewiseService(bentoml.Service):
@@ -161,6 +187,19 @@ class NoisewiseService(bentoml.Service):
         400: "invalid input: every problem with its location and the expected form",
         413: "request body over NOISEWISE_MAX_BODY_BYTES",
         503: "overloaded: the request waited longer than NOISEWISE_BATCH_MAX_LATENCY_MS",
+    }
+    FEEDBACK_ERRORS: ClassVar[dict[int, str]] = {
+        207: "some items were stored (or were duplicates) and some rejected: see each item's status",
+        400: "malformed body, or every item rejected for different reasons",
+        404: "every item names an unknown prediction id",
+        409: "every item conflicts with a label already given by the same annotator",
+        413: "more items than NOISEWISE_MAX_FEEDBACK_ITEMS, or body over NOISEWISE_MAX_BODY_BYTES",
+        422: "every item has an unknown label",
+        503: "the store is off (NOISEWISE_STORE=0) or unavailable",
+    }
+    STORE_ERRORS: ClassVar[dict[int, str]] = {
+        400: "malformed body",
+        503: "the store is off (NOISEWISE_STORE=0) or unavailable",
     }
 
     @property
@@ -174,9 +213,13 @@ class NoisewiseService(bentoml.Service):
         components = spec.components["schemas"] if isinstance(spec.components, dict) else spec.components.schemas
         for name, definition in {**schema.pop("$defs", {}), "ErrorResponse": schema}.items():
             components[name] = Schema(**definition)
-        for route in ("/predict", "/predict_image"):
+        for route, errors in (("/predict", self.ERRORS), ("/predict_image", self.ERRORS),
+                              ("/feedback", self.FEEDBACK_ERRORS), ("/suspects", self.STORE_ERRORS),
+                              ("/reload", self.STORE_ERRORS)):
+            if route not in spec.paths:
+                continue
             responses = spec.paths[route].post["responses"]
-            for status, description in self.ERRORS.items():
+            for status, description in errors.items():
                 responses[status] = Response(description=description, content={
                     "application/json": MediaType(schema=Reference(ref.format(model="ErrorResponse")))})
         return spec
@@ -229,23 +272,42 @@ class Noisewise:
 
     def __init__(self) -> None:
         self.ready = False
+        self.store = self.recorder = None
         try:
             self.settings = Settings.from_env()
             served = load_served(self.settings)
+            if self.settings.store:
+                from monitoring.store import Store, StoreError
+
+                try:
+                    self.store = Store()
+                except StoreError as err:
+                    raise StartupError(f"{err} (set NOISEWISE_STORE_URL, or NOISEWISE_STORE=0 to serve without "
+                                       "storing predictions and feedback)") from None
         except (SettingsError, StartupError) as err:
             _fail(str(err))
         self.served = served
-        self.batcher = Batcher(served.predict, enabled=self.settings.batching,
+        self.batcher = Batcher(self._predict, enabled=self.settings.batching,
                                max_batch_size=self.settings.batch_max_size,
                                max_latency_ms=self.settings.batch_max_latency_ms)
-        self._model_ref = ModelRef(name=served.name, version=served.version)
-        # Where predictions go once computed: ``sink(records)``, one dict per prediction (the response fields
-        # plus "probs", the full probability vector), called on the event loop, so it must not block.
-        # None: predictions are not stored.
-        self.sink: Callable[[list[dict]], None] | None = None
+        if self.store is not None:
+            self.recorder = Recorder(self.store)
+        metrics.start_series(served.calibration.class_names)
+        metrics.set_model(served.name, served.version, self.settings.alias, served.info.calibration.model_dump())
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._background = threading.Thread(target=self._watch, name="noisewise-watch", daemon=True)
+        self._background.start()
         self.ready = True
-        log.info("noisewise: serving %s/%s on %s (batching %s)", served.name, served.version,
-                 served.info.serving.device, "on" if self.settings.batching else "off")
+        log.info("noisewise: serving %s/%s on %s (batching %s, store %s)", served.name, served.version,
+                 served.info.serving.device, "on" if self.settings.batching else "off",
+                 _safe_url(self.store.url) if self.store is not None else "off")
+
+    def _predict(self, x: np.ndarray) -> list[tuple[Served, Any]]:
+        """One forward pass with the model served now; each output remembers which model made it, so that a
+        hot reload between the pass and the response cannot mislabel it."""
+        served = self.served
+        return [(served, out) for out in served.predict(x)]
 
     @bentoml.on_deployment
     def check_model() -> None:
@@ -273,7 +335,7 @@ class Noisewise:
         OOD p-value and accept/abstain decision; `guarantees` says what those guarantee."""
         if body._parse_error is not None:
             return _bad_request(body._parse_error)
-        raw = dict(body.model_extra or {})
+        raw = body.fields()
         context = {"input": self.served.spec}
         try:
             if raw.get("images") is not None:  # decoding can take a while: keep the event loop free
@@ -306,17 +368,149 @@ class Noisewise:
             outputs = await self.batcher(batch)
         except Overloaded as err:
             return JSONResponse({"error": str(err), "detail": []}, status_code=503)
-        predictions = [
-            Prediction(id=str(uuid.uuid4()), model=self._model_ref, **out.to_dict()) for out in outputs
-        ]
-        if self.sink is not None:
-            self.sink([{**p.model_dump(), "probs": out.probs} for p, out in zip(predictions, outputs)])
-        return PredictResponse(predictions=predictions, guarantees=self.served.guarantees)
+        predictions = [Prediction(id=str(uuid.uuid4()), model=served.ref, **out.to_dict()) for served, out in outputs]
+        records = [p.model_dump() for p in predictions]
+        metrics.observe_predictions(records)
+        if self.recorder is not None:
+            try:
+                await self.recorder.record([_stored_row(p, served, out) for p, (served, out) in zip(predictions, outputs)])
+            except Exception:  # logged and counted by the recorder: the predictions are still right, serve them
+                pass
+        return PredictResponse(predictions=predictions, guarantees=outputs[0][0].guarantees)
+
+    @bentoml.api(route="/feedback")
+    async def feedback(self, body: FeedbackBody, /) -> FeedbackResponse:
+        """Labels for served predictions: `{"items": [{"prediction_id", "label", "annotator"?, "audited"?}]}`.
+        Labels are class names or indices. Idempotent: an item sent again is a duplicate, not counted twice.
+        Each item is scored at once for label quality (a suspected annotation error or not). Bad items get
+        their own 4xx status and message; the others are stored. Every item acknowledged (201/200) is on
+        disk when the response is sent."""
+        if body._parse_error is not None:
+            return _bad_request(body._parse_error)
+        if self.store is None:
+            return _error(503, "feedback is off: this service runs with NOISEWISE_STORE=0")
+        items = body.fields().get("items")
+        if set(body.fields()) - {"items"}:
+            extra = sorted(set(body.fields()) - {"items"})[0]
+            return _error(400, f"{extra}: unknown field: a feedback request has only 'items'")
+        if not isinstance(items, list) or not items:
+            return _error(400, "items: expected a non-empty array of {prediction_id, label, annotator?, audited?}")
+        if len(items) > self.settings.max_feedback_items:
+            return _error(413, f"items: {len(items)} items is over the limit of {self.settings.max_feedback_items} "
+                               "per request (NOISEWISE_MAX_FEEDBACK_ITEMS)")
+        served = self.served
+        try:
+            response, stored = await asyncio.to_thread(ingest, items, self.store, served.calibration.class_names,
+                                                       np.asarray(served.calibration.cl_thresholds, dtype=np.float32))
+        except Exception as err:  # the store is down: nothing was acknowledged, the client retries
+            log.error("noisewise: storing feedback failed: %s: %s", type(err).__name__, err)
+            return _error(503, f"the store is unavailable ({type(err).__name__}); nothing was stored, retry")
+        metrics.observe_feedback({"stored": response.stored, "duplicate": response.duplicates,
+                                  "rejected": response.rejected}, stored, served.calibration.class_names)
+        return JSONResponse(response.model_dump(), status_code=response_status(response))
+
+    @bentoml.api(route="/suspects")
+    async def suspects(self, body: SuspectsBody, /) -> dict:
+        """Suspected annotation errors in the feedback, most suspicious first, with the model's proposed label,
+        for re-annotation: `{"since"?: ISO time, "class_name"?: str, "limit"?: int}`. Feedback on inputs flagged
+        OOD is listed apart (`ood`): the model cannot judge those labels."""
+        if body._parse_error is not None:
+            return _bad_request(body._parse_error)
+        if self.store is None:
+            return _error(503, "suspects are off: this service runs with NOISEWISE_STORE=0")
+        try:
+            request = SuspectsRequest.model_validate(body.fields())
+        except ValidationError as err:
+            return _bad_request(err)
+        from monitoring.feedback import suspects
+
+        names = self.served.calibration.class_names
+        if request.class_name is not None and request.class_name not in names:
+            return _error(422, f"class_name: unknown class {request.class_name[:40]!r}: expected one of "
+                               f"{', '.join(repr(n) for n in names[:20])}")
+        try:
+            frame = await asyncio.to_thread(self.store.feedback_frame, request.since, None, self.served.name)
+        except Exception as err:
+            return _error(503, f"the store is unavailable ({type(err).__name__})")
+        result = suspects(frame, names, since=request.since, class_name=request.class_name, limit=request.limit)
+        return JSONResponse(finite_or_none(result))
+
+    @bentoml.api(route="/reload")
+    async def reload(self) -> dict:
+        """Check the registry now: serve the version the alias points to, if it moved (the service also checks
+        every NOISEWISE_RELOAD_INTERVAL_S). In-flight requests finish on the version they started with."""
+        previous = self.served.version
+        try:
+            changed = await asyncio.to_thread(self._reload_if_moved)
+        except StartupError as err:
+            return _error(409, f"the new version cannot be served, still serving {self.served.name}/{previous}: {err}")
+        return {"reloaded": changed, "name": self.served.name, "version": self.served.version,
+                "previous_version": previous}
+
+    def _reload_if_moved(self) -> bool:
+        """Swap to the version the alias points to now, if it moved. Raises StartupError if it cannot be served."""
+        if self.settings.alias is None:
+            return False
+        from models.registry import resolve_version
+
+        with self._reload_lock:
+            _, version, _ = resolve_version(self.settings.model)
+            if version == self.served.version:
+                return False
+            try:
+                new = load_served(self.settings)
+            except StartupError:
+                metrics.RELOADS.labels("failed").inc()
+                raise
+            old, self.served = self.served, new  # one reference swap: the next forward pass uses the new model
+            metrics.RELOADS.labels("ok").inc()
+            metrics.set_model(new.name, new.version, self.settings.alias, new.info.calibration.model_dump())
+            log.info("noisewise: hot reload %s/%s -> %s/%s", old.name, old.version, new.name, new.version)
+            return True
+
+    def _watch(self) -> None:
+        """Background work: follow the alias (hot reload) and refresh the feedback gauges."""
+        import time
+
+        next_reload = next_gauges = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self.settings.reload_interval_s and now >= next_reload:
+                next_reload = now + self.settings.reload_interval_s
+                try:
+                    self._reload_if_moved()
+                except Exception as err:  # a bad new version or a registry hiccup: keep serving the old one
+                    log.error("noisewise: reload check failed: %s", _one_line(err))
+            if self.store is not None and self.settings.monitor_interval_s and now >= next_gauges:
+                next_gauges = now + self.settings.monitor_interval_s
+                try:
+                    self.refresh_gauges()
+                except Exception as err:
+                    log.error("noisewise: refreshing the feedback gauges failed: %s: %s", type(err).__name__,
+                              _one_line(err))
+            self._stop.wait(0.5)
+
+    def refresh_gauges(self) -> None:
+        """Noise rate, realized coverage, suspect share and drift gauges from the store."""
+        from monitoring.monitor import drift_gauge_values, feedback_state
+
+        served = self.served
+        frame = self.store.feedback_frame(window=self.settings.monitor_window, model_name=served.name)
+        metrics.set_feedback_gauges(feedback_state(frame, served.calibration))
+        report = self.store.latest_report("monitor")
+        if report is not None:
+            metrics.set_drift_gauges(drift_gauge_values(report))
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
         if getattr(self, "batcher", None) is not None:
             self.batcher.close()
+        if getattr(self, "recorder", None) is not None:
+            self.recorder.close()
+        if getattr(self, "store", None) is not None:
+            self.store.close()
 
 
 Noisewise.add_asgi_middleware(BodyLimit)
@@ -324,6 +518,28 @@ Noisewise.add_asgi_middleware(BodyLimit)
 
 def _bad_request(err: ValidationError) -> JSONResponse:
     return JSONResponse(error_response(err).model_dump(), status_code=400)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": []}, status_code=status)
+
+
+def _safe_url(url: str) -> str:
+    from monitoring.store import _safe
+
+    return _safe(url)
+
+
+def _stored_row(prediction: Prediction, served: Served, out):
+    from monitoring.store import PredictionRow
+
+    names = served.calibration.class_names
+    index = {name: j for j, name in enumerate(names)}
+    return PredictionRow(
+        id=prediction.id, model_name=served.name, model_version=served.version, weights=served.weights,
+        predicted=out.label, confidence=out.confidence, prediction_set=[index[n] for n in out.prediction_set],
+        is_ood=out.is_ood, ood_score=out.ood_score, ood_p_value=out.ood_p_value, decision=out.decision,
+        reason=out.reason, probs=np.asarray(out.probs, dtype=np.float32))
 
 
 def _fail(message: str):

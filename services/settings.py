@@ -16,6 +16,13 @@ variable                           default                    meaning
 ``NOISEWISE_BATCH_MAX_LATENCY_MS`` ``10000``                  a request queued longer than this is shed (503)
 ``NOISEWISE_MAX_IMAGE_PIXELS``     ``16777216``               largest decoded image (width x height)
 ``NOISEWISE_MAX_BODY_BYTES``       ``33554432``               largest request body (413 beyond)
+``NOISEWISE_MAX_FEEDBACK_ITEMS``   ``1000``                   most items in one ``/feedback`` request (413 beyond)
+``NOISEWISE_STORE``                ``1``                      store predictions and accept feedback (``0``: neither)
+``NOISEWISE_STORE_URL``            SQLite under the home      predictions + feedback store (SQLAlchemy URL)
+``NOISEWISE_RELOAD_INTERVAL_S``    ``5``                      how often the alias is checked for a new version
+                                                              (hot reload; ``0``: never, only ``POST /reload``)
+``NOISEWISE_MONITOR_INTERVAL_S``   ``10``                     how often the feedback gauges are recomputed
+``NOISEWISE_MONITOR_WINDOW``       ``5000``                   most recent feedback items behind those gauges
 =================================  =========================  ===============================================
 """
 
@@ -46,6 +53,11 @@ class Settings:
     batch_max_latency_ms: int = 10_000
     max_image_pixels: int = 4096 * 4096
     max_body_bytes: int = 32 * 1024 * 1024
+    max_feedback_items: int = 1000
+    store: bool = True
+    reload_interval_s: float = 5.0
+    monitor_interval_s: float = 10.0
+    monitor_window: int = 5000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -62,6 +74,18 @@ class Settings:
                 raise SettingsError(f"{name}: expected a positive integer, got {text!r}") from None
             if value < 1:
                 raise SettingsError(f"{name}: expected a positive integer, got {value}")
+            return value
+
+        def seconds(name: str, default: float) -> float:
+            text = env.get(name, "").strip()
+            if not text:
+                return default
+            try:
+                value = float(text)
+            except ValueError:
+                raise SettingsError(f"{name}: expected a number of seconds, got {text!r}") from None
+            if not 0 <= value < 86400 * 365:
+                raise SettingsError(f"{name}: expected a number of seconds >= 0, got {text}")
             return value
 
         def flag(name: str, default: bool) -> bool:
@@ -89,6 +113,11 @@ class Settings:
             batch_max_latency_ms=positive_int("NOISEWISE_BATCH_MAX_LATENCY_MS", defaults.batch_max_latency_ms),
             max_image_pixels=positive_int("NOISEWISE_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
             max_body_bytes=positive_int("NOISEWISE_MAX_BODY_BYTES", defaults.max_body_bytes),
+            max_feedback_items=positive_int("NOISEWISE_MAX_FEEDBACK_ITEMS", defaults.max_feedback_items),
+            store=flag("NOISEWISE_STORE", defaults.store),
+            reload_interval_s=seconds("NOISEWISE_RELOAD_INTERVAL_S", defaults.reload_interval_s),
+            monitor_interval_s=seconds("NOISEWISE_MONITOR_INTERVAL_S", defaults.monitor_interval_s),
+            monitor_window=positive_int("NOISEWISE_MONITOR_WINDOW", defaults.monitor_window),
         )
 
     @property

@@ -1,0 +1,127 @@
+"""What ``noisewise monitor`` computes, and the feedback state behind the service's gauges.
+
+:func:`feedback_state` is cheap (pandas over the recent feedback window): the service recomputes it every
+``NOISEWISE_MONITOR_INTERVAL_S`` for the noise-rate, realized-coverage and suspect-share gauges.
+:func:`run_monitor` adds the Evidently reports (``monitoring/drift.py``), stores the result as a ``monitor``
+report, from which the service exports the drift gauges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.uncertainty.labelnoise import NoiseRateEstimate, flip_rate_to_uniform
+from monitoring.feedback import best_estimate, noise_rate_estimates, realized_coverage, suspects
+
+
+def _estimate_dict(est: NoiseRateEstimate) -> dict[str, Any]:
+    lower, upper = est.flip_interval
+    return {"flip_rate": est.flip_rate, "lower": lower, "upper": upper, "method": est.method, "n": est.n,
+            "uniform": {"eps": est.estimate, "lower": est.lower, "upper": est.upper}}
+
+
+def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
+    """Noise-rate estimates (flip convention, with intervals), realized coverage of the served sets (raw and
+    corrected with the best estimate), suspect share, on a feedback frame of one model.
+
+    Returns ``{"n", "n_ood", "noise": {method: {flip_rate, lower, upper, method, n, uniform}}, "best": method or
+    None, "coverage": realized_coverage(...) or {}, "suspect_share": float or None, "target": 1 - alpha}``.
+    """
+    k = calibration.num_classes
+    target = 1.0 - calibration.threshold.alpha
+    ind = frame[~frame["is_ood"]] if len(frame) else frame
+    state: dict[str, Any] = {"n": int(len(ind)), "n_ood": int(len(frame) - len(ind)), "noise": {}, "best": None,
+                             "coverage": {}, "suspect_share": None, "target": target}
+    if not len(ind):
+        return state
+    estimates = noise_rate_estimates(frame, k)
+    state["noise"] = {name: _estimate_dict(est) for name, est in estimates.items()}
+    best = best_estimate(estimates)
+    best_name = next((name for name, est in estimates.items() if est is best), None)
+    state["best"] = best_name
+    eps = best.estimate if best is not None else 0.0
+    state["coverage"] = realized_coverage(frame, float(min(max(eps, 0.0), 0.999)), k, target)
+    state["suspect_share"] = float(ind["suspect"].mean())
+    return state
+
+
+def drift_gauge_values(report: Mapping[str, Any]) -> dict[str, tuple[float, bool]]:
+    """``{"label": (p_value, detected), "prediction": (...)}`` from a stored monitor report (only the tests
+    that ran)."""
+    values = {}
+    for name in ("label", "prediction"):
+        result = (report.get("drift") or {}).get(f"{name}_drift") or {}
+        if result.get("score") is not None and result.get("detected") is not None:
+            values[name] = (float(result["score"]), bool(result["detected"]))
+    return values
+
+
+def reference_frame(loaded) -> pd.DataFrame:
+    """Calibration labels and the model's predictions on the calibration inputs (the drift reference)."""
+    import torch
+
+    from models.calibrate import features_and_logits
+    from models.data import load_from_lineage
+
+    dataset = load_from_lineage(loaded.spec.lineage)
+    x_cal, y_cal, _ = dataset.split("cal")
+    with torch.no_grad():
+        _, logits = features_and_logits(loaded.net, x_cal, torch.device("cpu"))
+    return pd.DataFrame({"label": np.asarray(y_cal, dtype=np.int64),
+                         "predicted": logits.argmax(1).cpu().numpy().astype(np.int64)})
+
+
+def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit: int = 20) -> dict[str, Any]:
+    """The ``noisewise monitor`` report: feedback state, suspects, Evidently drift/quality reports (saved to the
+    workspace), stored in the store as a ``monitor`` report for the service's drift gauges."""
+    from monitoring.drift import drift_report
+
+    calibration = loaded.calibration
+    feedback = store.feedback_frame(window=window, model_name=loaded.name)
+    predictions = store.prediction_frame(limit=window, model_name=loaded.name)
+    state = feedback_state(feedback, calibration)
+    flagged = suspects(feedback, calibration.class_names, limit=limit)
+    drift = drift_report(reference_frame(loaded), predictions, feedback, list(calibration.class_names),
+                         workspace=Path(workspace), model=f"{loaded.name}/{loaded.version}")
+    calibration_noise = calibration.noise or {}
+    report = {
+        "model": {"name": loaded.name, "version": loaded.version},
+        "n_predictions": int(len(predictions)), "n_feedback": int(len(feedback)),
+        "feedback": state,
+        "calibration_noise": {"flip_rate": calibration_noise.get("flip_rate"), "lower": calibration_noise.get("lower"),
+                              "method": calibration_noise.get("method")},
+        "suspects": {"n_suspects": flagged.get("n_suspects"), "n_ood": flagged.get("n_ood"),
+                     "top": flagged.get("suspects", [])[:limit]},
+        "drift": drift,
+    }
+    best = state.get("best")
+    if best is not None and calibration_noise.get("lower") is not None:
+        lower = state["noise"][best]["lower"]
+        report["noise_above_calibration"] = bool(lower > float(calibration_noise["lower"]))
+        report["noise_eps_uniform_lower"] = flip_rate_to_uniform(lower, calibration.num_classes)
+    store.add_report("monitor", _jsonable(report))
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars, NaN and timestamps -> JSON-safe values (reports go into a JSON column)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, (pd.Timestamp,)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    return value
