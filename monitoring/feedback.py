@@ -1,0 +1,870 @@
+"""Label quality, noise rate, realized coverage and recalibration over production feedback.
+
+Pure functions on numpy arrays and pandas frames: no I/O, no HTTP, no SQL. The store hands over
+a *feedback frame* (one row per stored feedback item joined with the prediction it labels; the
+columns are listed in :data:`FEEDBACK_COLUMNS`), the service and the CLI call these functions.
+
+* :func:`score_feedback`: the O(K) per-item rule applied at ingestion (DESIGN.md 4.7), a thin
+  numpy wrapper of ``models.uncertainty.labelnoise.suspect_mask`` and ``label_quality``.
+* :func:`batch_label_issues`: cleanlab's ``find_label_issues`` over accumulated feedback.
+* :func:`suspects`: suspected annotation errors ranked for re-annotation; feedback on OOD
+  inputs listed apart (the model cannot judge those labels).
+* :func:`noise_rate_estimates` / :func:`best_estimate`: DESIGN.md 4.5 from the feedback.
+* :func:`realized_coverage`: coverage of the served sets on feedback labels, raw and corrected
+  for uniform label noise.
+* :func:`recalibrated_threshold`: a new conformal threshold from recent feedback (audit-rectified
+  or NACP), or :class:`RecalibrationRefused` with a one-line reason.
+
+Which rows feed what
+--------------------
+* OOD rows (``is_ood``) are left out of every estimate: the model's probabilities say nothing
+  about inputs it flagged as out of distribution. :func:`suspects` lists them apart.
+* *Ordinary* labels (``audited == False``) are the possibly-noisy annotations; *audited* labels
+  are trusted. Where one label per prediction is needed, it is the earliest by ``received_at``
+  (ties broken by ``feedback_id``), so the choice does not depend on later annotators.
+* Noise rates are in the uniform convention of ``models.uncertainty.labelnoise``:
+  ``P(y~ = j | y = i) = (1 - eps) 1[i = j] + eps / K``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from models.uncertainty.conformal import (
+    CONFORMITY_SCORES,
+    MAPIE_CONVENTION,
+    ConformalThreshold,
+    audit_rectified_threshold,
+    nacp_threshold,
+)
+from models.uncertainty.labelnoise import (
+    LABEL_QUALITY_SCORES,
+    NoiseRateEstimate,
+    label_quality,
+    noise_rate_confident_learning,
+    noise_rate_from_audit,
+    noise_rate_from_duplicates,
+    suspect_mask,
+)
+
+__all__ = [
+    "FEEDBACK_COLUMNS",
+    "MIN_AUDITED_FOR_RECTIFIED",
+    "MIN_AUDIT_ITEMS",
+    "MIN_BATCH_ITEMS",
+    "MIN_DUPLICATE_ITEMS",
+    "MIN_HEURISTIC_ITEMS",
+    "MIN_RECALIBRATION_ITEMS",
+    "FeedbackScores",
+    "NoiseRateEstimate",
+    "Recalibration",
+    "RecalibrationRefused",
+    "batch_label_issues",
+    "best_estimate",
+    "noise_rate_estimates",
+    "realized_coverage",
+    "recalibrated_threshold",
+    "required_items",
+    "score_feedback",
+    "suspects",
+]
+
+#: Columns of the feedback frame (the store's data contract).
+FEEDBACK_COLUMNS = (
+    "feedback_id", "prediction_id", "annotator", "label", "audited", "received_at", "predicted",
+    "probs", "in_set", "set_size", "is_ood", "ood_score", "ood_p_value", "confidence", "decision",
+    "reason", "model_name", "model_version", "weights", "quality", "suspect", "proposed",
+)
+
+#: :func:`batch_label_issues` refuses fewer items: cleanlab's per-class noise-rate pruning rounds
+#: ``n * joint[i, j]`` to whole items, so with a handful of items it flags nothing meaningful.
+MIN_BATCH_ITEMS = 20
+#: Minimum number of predictions with two labels from different annotators for the duplicates
+#: estimate. At 30 pairs the 95% Clopper-Pearson interval on the agreement is still ~0.3 wide,
+#: below that the estimate is not worth showing.
+MIN_DUPLICATE_ITEMS = 30
+#: Minimum audited items *and* minimum ordinary items for the audit estimate (same reasoning).
+MIN_AUDIT_ITEMS = 30
+#: Minimum ordinary labels for the confident-learning heuristic (and every class must occur).
+MIN_HEURISTIC_ITEMS = 50
+#: Minimum audited items among the recalibration items for the audit-rectified threshold; with
+#: fewer, the audit term's standard error (~ sqrt(flip rate / m)) is comparable to alpha and the
+#: recalibration falls back to NACP (the audit still feeds the noise-rate estimate).
+MIN_AUDITED_FOR_RECTIFIED = 50
+#: Floor on the number of recalibration items (predictions) when ``min_items`` is not given.
+MIN_RECALIBRATION_ITEMS = 100
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _check_probs(probs: Any) -> np.ndarray:
+    p = _as_numpy(probs)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"`probs` must have shape [N, K] with K >= 2 classes, got shape {p.shape}.")
+    if not np.issubdtype(p.dtype, np.floating):
+        raise ValueError(f"`probs` must be floating-point probabilities, got dtype {p.dtype}.")
+    if p.size and (not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0):
+        bad = np.flatnonzero(~np.all(np.isfinite(p) & (p >= 0) & (p <= 1), axis=1))
+        raise ValueError(f"`probs` must be finite probabilities in [0, 1]; row {int(bad[0])} is not.")
+    return p
+
+
+def _check_labels(labels: Any, n: int, k: int, name: str = "labels") -> np.ndarray:
+    y = _as_numpy(labels)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"`{name}` must have shape [{n}] (one label per row of `probs`), got {y.shape}.")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
+            raise ValueError(f"`{name}` must hold integer class indices, got dtype {y.dtype}.")
+    y = y.astype(np.int64)
+    bad = np.flatnonzero((y < 0) | (y >= k))
+    if bad.size:
+        raise ValueError(
+            f"`{name}[{int(bad[0])}]` = {int(y[bad[0]])} is not a class index in [0, {k - 1}] "
+            f"({bad.size} label(s) out of range)."
+        )
+    return y
+
+
+def _check_frame(frame: Any, columns: tuple[str, ...], caller: str) -> pd.DataFrame:
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{caller}: `frame` must be a pandas DataFrame (the feedback frame), got {type(frame).__name__}.")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{caller}: the feedback frame lacks column(s) {missing}; see monitoring.feedback.FEEDBACK_COLUMNS.")
+    return frame
+
+
+def _check_unit(value: Any, name: str, closed_low: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    low_ok = ok and (value >= 0.0 if closed_low else value > 0.0)
+    if not (low_ok and value < 1.0):
+        interval = "[0, 1)" if closed_low else "(0, 1)"
+        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
+    return float(value)
+
+
+def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows by arrival (received_at, then feedback_id): 'first label' means the earliest."""
+    return frame.sort_values(["received_at", "feedback_id"], kind="mergesort")
+
+
+def _first_per_prediction(frame: pd.DataFrame) -> pd.DataFrame:
+    return _ordered(frame).drop_duplicates("prediction_id", keep="first")
+
+
+def _stack_probs(frame: pd.DataFrame, k: int | None = None) -> np.ndarray:
+    if len(frame) == 0:
+        return np.zeros((0, k or 0))
+    p = np.stack([np.asarray(v, dtype=np.float64) for v in frame["probs"].to_numpy()])
+    if k is not None and p.shape[1] != k:
+        raise ValueError(f"stored `probs` have {p.shape[1]} classes but {k} were expected (model/calibration mismatch).")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Per-item rule at ingestion
+# --------------------------------------------------------------------------------------------
+
+
+class FeedbackScores(NamedTuple):
+    """Output of :func:`score_feedback` (numpy arrays of length N)."""
+
+    quality: np.ndarray
+    """float64 [N]: label-quality score in [0, 1], lower = more likely mislabelled."""
+    suspect: np.ndarray
+    """bool [N]: the given label is a suspected annotation error."""
+    proposed: np.ndarray
+    """int64 [N]: the model's proposed label (best confident other class for suspects, else argmax)."""
+
+
+def score_feedback(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    thresholds: np.ndarray,
+    method: str = "self_confidence",
+) -> FeedbackScores:
+    """Score feedback labels one by one with the confident-learning rule (DESIGN.md 4.7).
+
+    ``suspect = exists j != y~ with p_j >= t_j - 1e-6 and p_j > p_{y~}`` with the per-class
+    thresholds ``t`` of the Calibration (``Calibration.cl_thresholds``, mean ``p_j`` over
+    calibration items labelled ``j``). Each item is scored on its own in O(K), so the result does
+    not depend on the other feedback. Parity with cleanlab (proved in tests): with the same
+    thresholds, wherever the most probable class reaches its threshold an item is flagged iff it
+    lies off the diagonal of cleanlab's confident joint, and every flagged item is off-diagonal
+    (``models.uncertainty.labelnoise.suspect_mask`` lists the deliberate differences).
+
+    Parameters
+    ----------
+    probs : array-like of float, shape [N, K]
+        Softmax outputs stored at serving (float32 is fine).
+    labels : array-like of int, shape [N]
+        Given labels, class indices in ``[0, K)``.
+    thresholds : array-like of float, shape [K]
+        Per-class confident thresholds.
+    method : {"self_confidence", "normalized_margin"}
+        Label-quality score (cleanlab's definitions).
+
+    Returns
+    -------
+    FeedbackScores
+        ``(quality [N] float64, suspect [N] bool, proposed [N] int64)``.
+    """
+    p = _check_probs(probs)
+    n, k = p.shape
+    y = _check_labels(labels, n, k)
+    t = _as_numpy(thresholds)
+    if t.shape != (k,) or not np.issubdtype(t.dtype, np.number) or not np.all(np.isfinite(t)):
+        raise ValueError(f"`thresholds` must be {k} finite per-class thresholds (one per column of `probs`), got shape {t.shape}.")
+    if method not in LABEL_QUALITY_SCORES:
+        raise ValueError(f"`method` must be one of {sorted(LABEL_QUALITY_SCORES)}, got {method!r}.")
+    if n == 0:
+        return FeedbackScores(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
+    probs_t = torch.from_numpy(np.ascontiguousarray(p))
+    labels_t = torch.from_numpy(y)
+    found = suspect_mask(probs_t, labels_t, torch.from_numpy(t.astype(p.dtype)))
+    quality = label_quality(probs_t, labels_t, method=method)
+    return FeedbackScores(
+        quality=quality.numpy().astype(np.float64),
+        suspect=found.mask.numpy().astype(bool),
+        proposed=found.proposed.numpy().astype(np.int64),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Batch work: cleanlab
+# --------------------------------------------------------------------------------------------
+
+
+def batch_label_issues(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    thresholds: np.ndarray | None = None,
+    filter_by: str = "prune_by_noise_rate",
+    min_items: int = MIN_BATCH_ITEMS,
+) -> np.ndarray:
+    """``cleanlab.filter.find_label_issues`` over accumulated feedback (DESIGN.md 4.7).
+
+    Unlike :func:`score_feedback`, cleanlab looks at the whole batch: it estimates the joint
+    distribution of given and true labels and, with ``filter_by="prune_by_noise_rate"`` (its
+    default), flags per off-diagonal cell the ``n * Q[i, j]`` items with the largest margin.
+
+    Edge cases, handled instead of left to cleanlab's warnings:
+
+    * no item: an empty mask;
+    * fewer than ``min_items`` items: ``ValueError`` saying how many are needed (cleanlab's
+      per-class pruning rounds counts to whole items and flags nothing meaningful on a handful);
+    * classes with no feedback label: without ``thresholds`` cleanlab has no threshold for them
+      and can never propose them as the true label (it warns; the warning is silenced here).
+      Pass the Calibration's ``cl_thresholds`` as ``thresholds`` to build the confident joint
+      from those instead, so every class can be proposed and the batch agrees with the
+      ingestion rule's thresholds.
+
+    Parameters
+    ----------
+    probs : array-like of float, shape [N, K]
+        Out-of-sample probabilities (stored at serving).
+    labels : array-like of int, shape [N]
+    thresholds : array-like of float, shape [K], optional
+        Per-class thresholds for the confident joint (default: cleanlab's, from this batch).
+    filter_by : str
+        cleanlab's ``filter_by`` (``"prune_by_noise_rate"``, ``"prune_by_class"``, ``"both"``,
+        ``"confident_learning"``, ``"predicted_neq_given"``, ...).
+    min_items : int
+
+    Returns
+    -------
+    np.ndarray of bool, shape [N]
+        True for a likely label issue.
+    """
+    from cleanlab.count import compute_confident_joint
+    from cleanlab.filter import find_label_issues
+
+    p = _check_probs(probs)
+    n, k = p.shape
+    y = _check_labels(labels, n, k)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    if n < min_items:
+        raise ValueError(
+            f"batch_label_issues: {n} feedback item(s), at least {min_items} are needed for cleanlab's "
+            "batch estimate; use score_feedback's per-item flags until more feedback arrives."
+        )
+    kwargs: dict[str, Any] = {"filter_by": filter_by, "n_jobs": 1}
+    if thresholds is not None:
+        t = _as_numpy(thresholds).astype(np.float64)
+        if t.shape != (k,) or not np.all(np.isfinite(t)):
+            raise ValueError(f"`thresholds` must be {k} finite per-class thresholds, got shape {t.shape}.")
+        kwargs["confident_joint"] = compute_confident_joint(y, p, thresholds=t)
+    with warnings.catch_warnings():
+        # "May not flag all label issues in class c, it has too few examples": documented above.
+        warnings.filterwarnings("ignore", message=".*too few examples.*")
+        mask = find_label_issues(y, p, **kwargs)
+    return np.asarray(mask, dtype=bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Suspects for re-annotation
+# --------------------------------------------------------------------------------------------
+
+
+def _to_utc(value: Any, name: str) -> pd.Timestamp:
+    try:
+        ts = pd.Timestamp(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a datetime or an ISO-8601 string, got {value!r}.") from None
+    if ts is pd.NaT:
+        raise ValueError(f"`{name}` must be a datetime or an ISO-8601 string, got {value!r}.")
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _iso(ts: Any) -> str:
+    return pd.Timestamp(ts).isoformat()
+
+
+def _class_name(names: list[str], index: Any) -> str | None:
+    if index is None or (isinstance(index, float) and math.isnan(index)):
+        return None
+    i = int(index)
+    return names[i] if 0 <= i < len(names) else str(i)
+
+
+def suspects(
+    frame: pd.DataFrame,
+    class_names: list[str],
+    since: datetime | str | None = None,
+    class_name: str | None = None,
+    limit: int = 100,
+) -> dict[str, Any]:
+    """Suspected annotation errors for re-annotation, most suspicious first (DESIGN.md 4.7).
+
+    Uses the ``suspect``, ``quality`` and ``proposed`` columns written at ingestion by
+    :func:`score_feedback`. Feedback on inputs the model flagged OOD goes to the separate
+    ``"ood"`` list whatever its flag: the model cannot judge those labels.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Feedback frame.
+    class_names : list of str
+        Index -> class name.
+    since : datetime or ISO-8601 str, optional
+        Keep feedback received at or after this time (naive times are UTC).
+    class_name : str, optional
+        Keep feedback whose *given* label is this class.
+    limit : int >= 1
+        Maximum length of each list (the counts are over all matches).
+
+    Returns
+    -------
+    dict
+        ``{"suspects": [...], "ood": [...], "n_feedback", "n_suspects", "n_ood"}``. Each suspect:
+        ``prediction_id, feedback_id, annotator, label, proposed, quality, received_at, audited``
+        (class names, ISO time), ranked by ``quality`` ascending (ties: earliest first). Each OOD
+        item: ``prediction_id, feedback_id, annotator, label, predicted, ood_score, ood_p_value,
+        received_at, audited``, newest first. ``n_feedback`` counts the feedback items matching
+        the filters, ``n_suspects`` the in-distribution suspects among them, ``n_ood`` the OOD ones.
+    """
+    cols = ("feedback_id", "prediction_id", "annotator", "label", "audited", "received_at", "predicted",
+            "is_ood", "ood_score", "ood_p_value", "quality", "suspect", "proposed")
+    _check_frame(frame, cols, "suspects")
+    names = list(class_names)
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ValueError(f"`limit` must be an integer >= 1, got {limit!r}.")
+    rows = frame
+    if since is not None:
+        rows = rows[pd.to_datetime(rows["received_at"], utc=True) >= _to_utc(since, "since")]
+    if class_name is not None:
+        if class_name not in names:
+            raise ValueError(f"`class_name` {class_name!r} is not a class of this model; valid names: {names}.")
+        rows = rows[rows["label"].astype(int) == names.index(class_name)]
+    ood = rows["is_ood"].astype(bool)
+    flagged = rows[~ood & rows["suspect"].astype(bool)]
+    flagged = flagged.sort_values(["quality", "received_at", "feedback_id"], kind="mergesort")
+    ood_rows = rows[ood].sort_values(["received_at", "feedback_id"], ascending=False, kind="mergesort")
+
+    def common(r: Any) -> dict[str, Any]:
+        return {
+            "prediction_id": str(r.prediction_id),
+            "feedback_id": int(r.feedback_id),
+            "annotator": "" if r.annotator is None else str(r.annotator),
+            "label": _class_name(names, r.label),
+        }
+
+    listed = [
+        {**common(r), "proposed": _class_name(names, r.proposed), "quality": float(r.quality),
+         "received_at": _iso(r.received_at), "audited": bool(r.audited)}
+        for r in flagged.head(int(limit)).itertuples(index=False)
+    ]
+    listed_ood = [
+        {**common(r), "predicted": _class_name(names, r.predicted), "ood_score": float(r.ood_score),
+         "ood_p_value": float(r.ood_p_value), "received_at": _iso(r.received_at), "audited": bool(r.audited)}
+        for r in ood_rows.head(int(limit)).itertuples(index=False)
+    ]
+    return {
+        "suspects": listed,
+        "ood": listed_ood,
+        "n_feedback": len(rows),
+        "n_suspects": len(flagged),
+        "n_ood": len(ood_rows),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Noise-rate estimates (DESIGN.md 4.5)
+# --------------------------------------------------------------------------------------------
+
+
+def _duplicate_pairs(ordinary: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """First two labels per prediction from different annotators (earliest label of each).
+
+    An anonymous label (``annotator == ""``) counts as its own annotator: the store keeps it as a
+    separate submission and nothing says two anonymous labels come from the same person.
+    """
+    rows = _ordered(ordinary)
+    anonymous = rows["annotator"].fillna("").astype(str) == ""
+    who = rows["annotator"].fillna("").astype(str).where(~anonymous, "\0anon-" + rows["feedback_id"].astype(str))
+    rows = rows.assign(_who=who.to_numpy()).drop_duplicates(["prediction_id", "_who"], keep="first")
+    rank = rows.groupby("prediction_id", sort=False).cumcount()
+    first = rows[rank == 0].set_index("prediction_id")["label"]
+    second = rows[rank == 1].set_index("prediction_id")["label"]
+    both = second.index
+    return first.loc[both].to_numpy(np.int64), second.to_numpy(np.int64)
+
+
+def noise_rate_estimates(
+    frame: pd.DataFrame,
+    num_classes: int,
+    confidence: float = 0.95,
+) -> dict[str, NoiseRateEstimate]:
+    """Noise-rate estimates of the *ordinary* feedback labels, each with interval, method and n.
+
+    OOD rows are left out first. Keys present only when their data suffice:
+
+    * ``"duplicates"``: predictions with ordinary labels from >= 2 different annotators (an
+      anonymous label counts as its own annotator); the first two (by arrival) are the pair ->
+      ``noise_rate_from_duplicates``. Needs :data:`MIN_DUPLICATE_ITEMS` pairs.
+    * ``"audit"``: ``psi0`` = agreement of the model's prediction with audited labels (first
+      audited label per prediction), ``psi1`` = with ordinary labels (first ordinary label per
+      prediction, one per item so that the binomial interval is not fooled by correlated
+      labels of the same input) -> ``noise_rate_from_audit``. A prediction with both an audited
+      and an ordinary label is used in both groups: each is a fair draw of its own population,
+      and the Bonferroni intervals of ``noise_rate_from_audit`` need no independence between the
+      groups. Needs :data:`MIN_AUDIT_ITEMS` audited and as many ordinary items. The audited items
+      must be a random sample of the traffic: auditing the *suspects* biases ``psi0`` upwards
+      (the model tends to be right where it contradicts the label) and ``eps`` with it.
+    * ``"heuristic"``: confident learning on the first ordinary label per prediction and the
+      stored probabilities (``noise_rate_confident_learning``, ``heuristic=True``: its band has
+      no coverage guarantee). Needs :data:`MIN_HEURISTIC_ITEMS` items and every class present
+      (the per-class thresholds need one item per class).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Feedback frame.
+    num_classes : int >= 2
+    confidence : float in (0, 1)
+
+    Returns
+    -------
+    dict of str -> NoiseRateEstimate
+        Uniform convention (``.flip_rate`` / ``.flip_interval`` give the flip-rate view).
+    """
+    _check_frame(frame, ("feedback_id", "prediction_id", "annotator", "label", "audited", "received_at",
+                         "predicted", "probs", "is_ood"), "noise_rate_estimates")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+    k = int(num_classes)
+    level = _check_unit(confidence, "confidence")
+    rows = frame[~frame["is_ood"].astype(bool)]
+    audited = rows["audited"].astype(bool)
+    ordinary, trusted = rows[~audited], rows[audited]
+    out: dict[str, NoiseRateEstimate] = {}
+
+    a, b = _duplicate_pairs(ordinary)
+    if a.size >= MIN_DUPLICATE_ITEMS:
+        out["duplicates"] = noise_rate_from_duplicates(a, b, k, confidence=level)
+
+    first_ordinary = _first_per_prediction(ordinary)
+    first_audited = _first_per_prediction(trusted)
+    if len(first_audited) >= MIN_AUDIT_ITEMS and len(first_ordinary) >= MIN_AUDIT_ITEMS:
+        out["audit"] = noise_rate_from_audit(
+            first_audited["predicted"].to_numpy(np.int64), first_audited["label"].to_numpy(np.int64),
+            first_ordinary["predicted"].to_numpy(np.int64), first_ordinary["label"].to_numpy(np.int64),
+            k, confidence=level,
+        )
+
+    labels = first_ordinary["label"].to_numpy(np.int64)
+    if len(labels) >= MIN_HEURISTIC_ITEMS and np.unique(labels).size == k:
+        out["heuristic"] = noise_rate_confident_learning(labels, _stack_probs(first_ordinary, k), confidence=level)
+    return out
+
+
+#: Preference order of :func:`best_estimate`: trusted labels first, then the annotator model, then the heuristic.
+ESTIMATE_PREFERENCE = ("audit", "duplicates", "heuristic")
+
+
+def best_estimate(estimates: Mapping[str, NoiseRateEstimate]) -> NoiseRateEstimate | None:
+    """The most trustworthy estimate present: audit > duplicates > heuristic.
+
+    Estimates with a NaN point (e.g. an audit whose model is not above chance) are skipped.
+    Returns None when none is usable.
+    """
+    for key in ESTIMATE_PREFERENCE:
+        est = estimates.get(key)
+        if est is not None and math.isfinite(est.estimate):
+            return est
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Realized coverage
+# --------------------------------------------------------------------------------------------
+
+
+def _clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
+    a = 1.0 - confidence
+    lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a / 2, k + 1, n - k))
+    return lo, hi
+
+
+def realized_coverage(
+    frame: pd.DataFrame,
+    eps: float,
+    num_classes: int,
+    target: float,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Coverage of the served sets on feedback labels, raw and corrected for uniform label noise.
+
+    Items: in-distribution feedback, the first ordinary label per prediction (audited labels
+    are clean, so they are reported apart under ``"audited"`` and not mixed into the noisy
+    estimate, whose correction assumes every label went through the noise).
+
+    Correction. Under uniform noise at rate ``eps`` independent of the input (so of the set
+    ``C`` the model served for it), the given label is the true one with probability
+    ``1 - eps`` and a uniform draw over the ``K`` classes otherwise, which lands in ``C`` with
+    probability ``|C| / K``. Averaging over items,
+
+    ``c~ = P(y~ in C) = (1 - eps) P(y in C) + eps E[|C|] / K = (1 - eps) c + eps E[|C|] / K``,
+
+    hence ``c = (c~ - eps * mean(set_size) / K) / (1 - eps)``, with ``c~`` the raw coverage and
+    ``mean(set_size)`` over the same items. The corrected interval maps the Clopper-Pearson
+    interval of ``c~`` through this increasing affine map (``mean(set_size)`` treated as known:
+    its error enters scaled by ``eps / (K (1 - eps))`` and is negligible next to the binomial
+    one); it is clipped to ``[0, 1]``. ``below_target`` is True only when the whole corrected
+    interval lies below ``target`` (the upper bound is below it), so an alert means the data
+    show under-coverage, not that the point estimate dipped. Plug a noise-rate estimate's point
+    into ``eps`` for the estimate, its lower bound for a conservative view.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Feedback frame (uses ``in_set``, ``set_size``, ``is_ood``, ``audited``).
+    eps : float in [0, 1)
+        Uniform-convention noise rate of the ordinary labels.
+    num_classes : int >= 2
+    target : float in (0, 1)
+        Target coverage ``1 - alpha``.
+    confidence : float in (0, 1)
+
+    Returns
+    -------
+    dict
+        ``n, raw, raw_lower, raw_upper, corrected, corrected_lower, corrected_upper, eps,
+        mean_set_size, target, confidence, below_target`` and ``audited`` (``{n, coverage, lower,
+        upper}`` on audited labels, ``n = 0`` and None values when there are none). With no
+        ordinary item, ``n = 0``, the estimates are None and ``below_target`` is False.
+    """
+    _check_frame(frame, ("feedback_id", "prediction_id", "received_at", "audited", "in_set", "set_size", "is_ood"),
+                 "realized_coverage")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+    k = int(num_classes)
+    eps = _check_unit(eps, "eps", closed_low=True)
+    target = _check_unit(target, "target")
+    level = _check_unit(confidence, "confidence")
+    rows = frame[~frame["is_ood"].astype(bool)]
+    audited = rows["audited"].astype(bool)
+    items = _first_per_prediction(rows[~audited])
+    trusted = _first_per_prediction(rows[audited])
+
+    out: dict[str, Any] = {"n": len(items), "eps": eps, "target": target, "confidence": level}
+    m = len(trusted)
+    if m:
+        hits_a = int(trusted["in_set"].astype(bool).sum())
+        lo_a, hi_a = _clopper_pearson(hits_a, m, level)
+        out["audited"] = {"n": m, "coverage": hits_a / m, "lower": lo_a, "upper": hi_a}
+    else:
+        out["audited"] = {"n": 0, "coverage": None, "lower": None, "upper": None}
+    n = len(items)
+    if n == 0:
+        out.update(raw=None, raw_lower=None, raw_upper=None, corrected=None, corrected_lower=None,
+                   corrected_upper=None, mean_set_size=None, below_target=False)
+        return out
+    hits = int(items["in_set"].astype(bool).sum())
+    raw = hits / n
+    lo, hi = _clopper_pearson(hits, n, level)
+    size = float(items["set_size"].astype(float).mean())
+
+    def correct(c: float) -> float:
+        return float(np.clip((c - eps * size / k) / (1.0 - eps), 0.0, 1.0))
+
+    out.update(raw=raw, raw_lower=lo, raw_upper=hi, corrected=correct(raw), corrected_lower=correct(lo),
+               corrected_upper=correct(hi), mean_set_size=size)
+    out["below_target"] = bool(out["corrected_upper"] < target)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Recalibration
+# --------------------------------------------------------------------------------------------
+
+
+class RecalibrationRefused(ValueError):
+    """Recalibration declined; ``str(err)`` / ``err.reason`` is a one-line, actionable reason."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """A conformal threshold re-estimated on feedback.
+
+    Attributes
+    ----------
+    threshold : ConformalThreshold
+        The new threshold (same score and alpha as the calibration it replaces).
+    method : {"audit", "nacp"}
+    n : int
+        Predictions whose ordinary label entered the noisy-label CDF.
+    n_audited : int
+        Of those, how many also carry an audited label (used only by the audit method).
+    eps : float or None
+        Uniform noise rate given to NACP (None for the audit path, which assumes no noise model).
+    noise : dict
+        ``{"best": estimate dict or None, "estimates": {method: estimate dict}}`` on the same rows.
+    note : str
+        Human-readable summary of what was done and assumed.
+    weights : str
+        The model weights whose feedback was used.
+    n_feedback : int
+        Feedback items in the window (before one-label-per-prediction).
+    """
+
+    threshold: ConformalThreshold
+    method: str
+    n: int
+    n_audited: int
+    eps: float | None
+    noise: dict
+    note: str
+    weights: str = ""
+    n_feedback: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold.to_dict(), "method": self.method, "n": self.n,
+                "n_audited": self.n_audited, "eps": self.eps, "noise": self.noise, "note": self.note,
+                "weights": self.weights, "n_feedback": self.n_feedback}
+
+
+def required_items(alpha: float, eps: float = 0.0, min_items: int | None = None) -> int:
+    """Fewest recalibration items accepted: ``max(floor, ceil(((1 - alpha) / alpha) / h^2))``.
+
+    ``(1 - alpha) / alpha`` items is what a finite split-conformal quantile at level ``alpha``
+    needs (``ceil((n + 1)(1 - alpha)) <= n``). Under noise at rate ``eps`` the corrected CDF's
+    error grows by ``1 / h``, ``h = (1 - eps) / (1 + eps)`` (the factor in NACP's margin
+    ``Delta = sqrt(log(4/delta) / (2 n h^2))``), so the same precision takes ``1 / h^2`` times
+    as many items. ``floor`` is ``min_items`` when given, else :data:`MIN_RECALIBRATION_ITEMS`.
+    """
+    h = (1.0 - eps) / (1.0 + eps)
+    finite = math.ceil(((1.0 - alpha) / alpha) / (h * h) - 1e-9)
+    floor = MIN_RECALIBRATION_ITEMS if min_items is None else int(min_items)
+    return max(floor, finite)
+
+
+def _select_rows(frame: pd.DataFrame, window: int | None, weights: str | None) -> tuple[pd.DataFrame, str]:
+    rows = _ordered(frame[~frame["is_ood"].astype(bool)])
+    if len(rows) == 0:
+        raise RecalibrationRefused("no in-distribution feedback to recalibrate on; send labelled feedback first")
+    if weights is None:
+        weights = str(rows["weights"].iloc[-1])
+    rows = rows[rows["weights"].astype(str) == weights]
+    if len(rows) == 0:
+        raise RecalibrationRefused(f"no in-distribution feedback on predictions of weights {weights[:12]}")
+    if window is not None:
+        rows = rows.tail(int(window))
+    return rows, weights
+
+
+def recalibrated_threshold(
+    frame: pd.DataFrame,
+    calibration: Any,
+    window: int | None = None,
+    min_items: int | None = None,
+    *,
+    weights: str | None = None,
+    confidence: float = 0.95,
+) -> Recalibration:
+    """Re-estimate the conformal threshold on recent feedback, or refuse with a reason.
+
+    Rows. In-distribution feedback only (OOD inputs carry no usable conformity score), on
+    predictions made with one set of weights: ``weights`` when given, otherwise those of the
+    most recently received feedback item, so a recalibration never mixes scores of different
+    models. Of these, the last ``window`` feedback items by ``received_at`` (all when None).
+    Then one label per prediction: its first ordinary label is the noisy calibration label
+    (``n`` items); its first audited label, if any, makes it an audited item (``m`` of the
+    ``n``). An audited label on a prediction without an ordinary label counts in the audit
+    noise-rate estimate but not in the rectified threshold, whose audit must be a random
+    subset of the noisy-labelled items.
+
+    Scores. The stored probabilities (float64) scored with ``calibration.conformity_score`` and
+    ``MAPIE_CONVENTION[score]["calibration"]`` parameters, with a generator seeded by
+    ``calibration.settings["seed"]`` for randomized scores: exactly as
+    ``models.calibrate.fit_calibration`` does, so the new threshold plugs into the same served
+    sets. ``alpha`` is ``calibration.threshold.alpha``; ``calibration.settings["conformal"] ==
+    "finite-sample"`` selects the conditional / Delta forms as at calibration.
+
+    Method.
+    * ``"audit"`` when ``m >= MIN_AUDITED_FOR_RECTIFIED``: ``audit_rectified_threshold`` (no
+      noise model).
+    * ``"nacp"`` otherwise: ``nacp_threshold`` with ``eps`` = the lower confidence bound of
+      :func:`best_estimate` over :func:`noise_rate_estimates` of the same rows (uniform
+      convention; over-estimating eps makes NACP under-cover, so the lower bound is the safe
+      side). A heuristic estimate is used when nothing better exists, and the note says so.
+
+    Refusal (:class:`RecalibrationRefused`), by rule:
+    1. no in-distribution feedback for the chosen weights;
+    2. NACP path without any noise-rate estimate (too few duplicates, audits and labels);
+    3. ``n < required_items(alpha, eps, min_items)``: the finite-quantile count
+       ``(1 - alpha)/alpha`` inflated by ``1/h^2``, ``h = (1 - eps)/(1 + eps)`` (``eps = 0`` on
+       the audit path), never below ``min_items`` or, when that is None,
+       :data:`MIN_RECALIBRATION_ITEMS`;
+    4. the threshold comes out infinite (full sets), e.g. ``tau > 1`` with the Delta margin.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Feedback frame.
+    calibration : models.calibrate.Calibration
+        The calibration in service (uses ``class_names``, ``conformity_score``, ``threshold``
+        and ``settings``).
+    window : int >= 1, optional
+        Use only the last ``window`` feedback items.
+    min_items : int >= 1, optional
+        Floor on ``n`` (see rule 3).
+    weights : str, optional
+        Weights hash to recalibrate for (default: the most recent feedback's).
+    confidence : float
+        Level of the noise-rate intervals.
+
+    Returns
+    -------
+    Recalibration
+    """
+    _check_frame(frame, FEEDBACK_COLUMNS, "recalibrated_threshold")
+    for attr in ("class_names", "conformity_score", "threshold", "settings"):
+        if not hasattr(calibration, attr):
+            raise ValueError(f"`calibration` must be a models.calibrate.Calibration (missing .{attr}).")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1):
+        raise ValueError(f"`window` must be an integer >= 1 or None, got {window!r}.")
+    if min_items is not None and (isinstance(min_items, bool) or not isinstance(min_items, (int, np.integer)) or min_items < 1):
+        raise ValueError(f"`min_items` must be an integer >= 1 or None, got {min_items!r}.")
+    k = len(calibration.class_names)
+    alpha = float(calibration.threshold.alpha)
+    settings = dict(calibration.settings or {})
+    finite_sample = settings.get("conformal") == "finite-sample"
+
+    rows, used_weights = _select_rows(frame, window, weights)
+    audited_mask = rows["audited"].astype(bool)
+    items = _first_per_prediction(rows[~audited_mask]).reset_index(drop=True)
+    trusted = _first_per_prediction(rows[audited_mask])
+    n = len(items)
+    estimates = noise_rate_estimates(rows, k, confidence=confidence)
+    noise = {"best": None, "estimates": {key: est.to_dict() for key, est in estimates.items()}}
+    base = f"{len(rows)} feedback items (window {window or 'all'}) on weights {used_weights[:12]}"
+    if n == 0:
+        raise RecalibrationRefused(f"no ordinary (non-audited) labels among {base}; the conformal scores need them")
+
+    audit_pos = np.flatnonzero(items["prediction_id"].isin(trusted["prediction_id"]).to_numpy())
+    m = int(audit_pos.size)
+    use_audit = m >= MIN_AUDITED_FOR_RECTIFIED
+    eps: float | None = None
+    notes: list[str] = []
+    if not use_audit:
+        best = best_estimate(estimates)
+        if best is None:
+            raise RecalibrationRefused(
+                f"no noise-rate estimate from {base}: need {MIN_AUDITED_FOR_RECTIFIED} audited items, "
+                f"{MIN_DUPLICATE_ITEMS} predictions labelled by two annotators, or {MIN_HEURISTIC_ITEMS} labels "
+                "covering every class"
+            )
+        noise["best"] = best.to_dict()
+        eps = float(min(max(best.lower, 0.0), 0.99))
+        notes.append(f"NACP with eps={eps:.4f}, the lower {best.confidence:.0%} bound of the {best.method} "
+                     f"noise-rate estimate (n={best.n})")
+        if best.heuristic:
+            notes.append("the noise rate comes from the confident-learning HEURISTIC (no guarantee): "
+                         "audit some feedback or collect duplicate labels")
+        if 0 < m:
+            notes.append(f"only {m} audited items among them (< {MIN_AUDITED_FOR_RECTIFIED} for the rectified threshold)")
+    else:
+        audit_est = estimates.get("audit")
+        noise["best"] = None if audit_est is None else audit_est.to_dict()
+        notes.append(f"audit-rectified threshold from {m} audited of {n} items (no noise model assumed)")
+
+    needed = required_items(alpha, eps or 0.0, min_items)
+    if n < needed:
+        raise RecalibrationRefused(
+            f"too little feedback: {n} labelled predictions in {base}, {needed} needed at alpha={alpha:g}"
+            + (f" and eps={eps:.3f}" if eps else "") + "; collect more feedback or widen --window"
+        )
+
+    score = calibration.conformity_score
+    convention = MAPIE_CONVENTION[score]
+    probs = torch.from_numpy(_stack_probs(items, k))
+    params = dict(convention["calibration"])
+    if params:
+        params["generator"] = torch.Generator().manual_seed(int(settings.get("seed", 0)))
+    all_scores = CONFORMITY_SCORES[score](probs, **params).cpu().numpy()
+    labels = items["label"].to_numpy(np.int64)
+    if use_audit:
+        audit_labels = trusted.set_index("prediction_id").loc[items["prediction_id"].iloc[audit_pos], "label"]
+        threshold = audit_rectified_threshold(all_scores, labels, audit_pos, audit_labels.to_numpy(np.int64),
+                                              alpha, conditional=finite_sample)
+        method = "audit"
+    else:
+        delta = float(settings.get("delta", 0.001)) if finite_sample else None
+        threshold = nacp_threshold(all_scores, labels, alpha, eps, delta=delta)
+        method = "nacp"
+    if threshold.full_sets or not math.isfinite(threshold.q):
+        raise RecalibrationRefused(
+            f"the {method} threshold on {n} items gives full label sets ({threshold.note or 'no finite threshold'}); "
+            "collect more feedback"
+        )
+    notes.insert(0, f"{base}: {n} labelled predictions")
+    return Recalibration(
+        threshold=threshold, method=method, n=n, n_audited=m, eps=eps, noise=noise,
+        note="; ".join(notes), weights=used_weights, n_feedback=len(rows),
+    )
