@@ -150,10 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="send realistic traffic (ID test images and OOD images) to a running service and summarize it",
+        help="send traffic and feedback to a running service, then monitor and recalibrate: the whole loop",
         description="Send the served model's clean test images and OOD images (natural photo patches, another "
-        "digit source) to a running noisewise service in small batches, then summarize what came back: "
-        "decisions, abstention reasons, set sizes, coverage of the clean labels and OOD flag rates.",
+        "digit source) to a running noisewise service in small batches and summarize what came back "
+        "(decisions, abstention reasons, set sizes, coverage of the clean labels). Then the feedback loop: "
+        "annotators label the predictions (some wrong on purpose, some twice, some audited), the suspected "
+        "annotation errors are listed, `noisewise monitor` estimates the noise rate and runs the Evidently "
+        "reports, and `noisewise recalibrate` moves the model's alias to a recalibrated version that the "
+        "service switches to live. Run it on the machine that serves (it reads the same store and registry).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--url", default="http://127.0.0.1:3000", help="the running service")
@@ -161,8 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the served model (its dataset supplies the test images)")
     demo.add_argument("--n", type=_positive_int, default=300, help="ID test images to send (OOD: a third each)")
     demo.add_argument("--batch", type=_positive_int, default=8, help="inputs per request")
+    demo.add_argument("--feedback-noise", type=_unit_interval, default=0.2,
+                      help="share of annotator-a's feedback labels made wrong on purpose (to see them flagged)")
+    demo.add_argument("--no-feedback", action="store_true",
+                      help="only send predictions: no feedback, monitor or recalibration")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     demo.set_defaults(handler=cmd_demo)
+
+    from services import cli_feedback
+
+    cli_feedback.add_parsers(commands, sys.modules[__name__])
     return parser
 
 
@@ -505,7 +517,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for name in ("photos", "other-digits"):
             streams[name] = (load_ood(name, dataset.input_shape, n=max(1, args.n // 3), seed=1), None)
     summary: dict = {}
-    with httpx.Client(base_url=args.url, timeout=60) as client:
+    served_predictions: dict = {}
+    with httpx.Client(base_url=args.url, timeout=120) as client:
         try:
             served = client.post("/model").json()
         except httpx.HTTPError as err:
@@ -518,6 +531,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 if response.status_code != 200:
                     raise UsageError(f"/predict answered {response.status_code}: {response.text[:200]}")
                 predictions += response.json()["predictions"]
+            served_predictions[name] = predictions
             names = dataset.class_names
             stats = {
                 "sent": len(predictions),
@@ -533,19 +547,117 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 stats["accepted_error_rate"] = (float(np.mean([p["label"] != y for p, y in accepted]))
                                                 if accepted else None)
             summary[name] = stats
-    payload = {"url": args.url, "model": served.get("name"), "version": served.get("version"), "streams": summary,
-               "feedback": "not sent: the feedback endpoint comes with the monitoring work"}
-    lines = [f"demo traffic to {args.url} ({payload['model']} version {payload['version']}):"]
-    for name, st in summary.items():
-        line = (f"  {name:>12}: {st['sent']} sent, {st['accepted']} accepted, {st['abstained_ood']} abstained (ood), "
-                f"{st['abstained_low_confidence']} abstained (low confidence), mean set size {st['mean_set_size']:.2f}")
-        if "set_coverage_of_clean_labels" in st:
-            err = st["accepted_error_rate"]
-            line += (f", set coverage {st['set_coverage_of_clean_labels']:.3f}, error among accepted "
-                     f"{'n/a' if err is None else f'{err:.3f}'}")
-        lines.append(line)
+        payload = {"url": args.url, "model": served.get("name"), "version": served.get("version"), "streams": summary}
+        lines = [f"demo traffic to {args.url} ({payload['model']} version {payload['version']}):"]
+        for name, st in summary.items():
+            line = (f"  {name:>12}: {st['sent']} sent, {st['accepted']} accepted, {st['abstained_ood']} abstained "
+                    f"(ood), {st['abstained_low_confidence']} abstained (low confidence), mean set size "
+                    f"{st['mean_set_size']:.2f}")
+            if "set_coverage_of_clean_labels" in st:
+                err = st["accepted_error_rate"]
+                line += (f", set coverage {st['set_coverage_of_clean_labels']:.3f}, error among accepted "
+                         f"{'n/a' if err is None else f'{err:.3f}'}")
+            lines.append(line)
+        if not args.no_feedback and y_clean is not None:
+            feedback_payload, feedback_lines = _demo_feedback(args, client, loaded, served_predictions,
+                                                              streams["id"][1], dataset.class_names, rng)
+            payload["feedback"] = feedback_payload
+            lines += feedback_lines
     _emit(args, payload, "\n".join(lines))
     return 0
+
+
+def _demo_feedback(args, client, loaded, served_predictions: dict, y_clean, class_names, rng) -> tuple[dict, list]:
+    """The feedback loop of the demo: annotators label the in-distribution predictions (annotator-a all of
+    them, with ``--feedback-noise`` symmetric errors at known positions; annotator-b a third, independently
+    noisy; an auditor a fifth, correctly, marked audited) and the OOD ones (random labels); then the suspects,
+    the monitor (noise rate, coverage, Evidently reports) and a recalibration that the service picks up live."""
+    import numpy as np
+
+    from services import cli_feedback
+
+    k = len(class_names)
+    ids = [p["id"] for p in served_predictions["id"]]
+    n = len(ids)
+
+    def noisy(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        flip = rng.random(len(labels)) < args.feedback_noise
+        shifted = (labels + rng.integers(1, k, size=len(labels))) % k  # a different class, uniformly
+        return np.where(flip, shifted, labels), flip
+
+    labels_a, flipped_a = noisy(y_clean)
+    second = rng.choice(n, size=n // 3, replace=False)
+    labels_b, _ = noisy(y_clean[second])
+    audited = rng.choice(n, size=max(1, n // 5), replace=False)
+    items = [{"prediction_id": ids[i], "label": class_names[labels_a[i]], "annotator": "annotator-a"} for i in range(n)]
+    items += [{"prediction_id": ids[i], "label": class_names[lb], "annotator": "annotator-b"}
+              for i, lb in zip(second, labels_b)]
+    items += [{"prediction_id": ids[i], "label": class_names[y_clean[i]], "annotator": "auditor", "audited": True}
+              for i in audited]
+    ood_ids = [p["id"] for name, preds in served_predictions.items() if name != "id" for p in preds]
+    items += [{"prediction_id": pid, "label": class_names[int(rng.integers(k))], "annotator": "annotator-a"}
+              for pid in ood_ids[: max(1, len(ood_ids) // 4)]]
+    counts = {"stored": 0, "duplicates": 0, "rejected": 0}
+    for start in range(0, len(items), 200):
+        response = client.post("/feedback", json={"items": items[start:start + 200]})
+        if response.status_code not in (200, 207):
+            raise UsageError(f"/feedback answered {response.status_code}: {response.text[:300]}")
+        body = response.json()
+        for key in counts:
+            counts[key] += body[key]
+    flagged = client.post("/suspects", json={"limit": 10_000}).json()
+    flagged_a = {s["prediction_id"] for s in flagged["suspects"] if s["annotator"] == "annotator-a"}
+    true_flips = {ids[i] for i in np.flatnonzero(flipped_a)}
+    hits = len(flagged_a & true_flips)
+    quality = {"suspects_annotator_a": len(flagged_a), "injected_errors_annotator_a": len(true_flips),
+               "precision": hits / len(flagged_a) if flagged_a else None,
+               "recall": hits / len(true_flips) if true_flips else None}
+    lines = [f"feedback: {len(items)} labels sent ({n} by annotator-a with {len(true_flips)} injected errors, "
+             f"{len(second)} by annotator-b, {len(audited)} audited, {len(items) - n - len(second) - len(audited)} on "
+             f"OOD inputs): {counts['stored']} stored, {counts['duplicates']} duplicates, {counts['rejected']} rejected",
+             f"suspects (POST /suspects, `noisewise flags`): {flagged['n_suspects']} flagged; annotator-a: "
+             f"{len(flagged_a)} flagged, precision {_pct(quality['precision'])}, recall {_pct(quality['recall'])} "
+             "against the injected errors"]
+    for s in flagged["suspects"][:5]:
+        lines.append(f"    {s['prediction_id']}  label {s['label']!r} -> proposed {s['proposed']!r} "
+                     f"(quality {s['quality']:.3f}, {s['annotator'] or 'anonymous'})")
+
+    from models.registry import home_dir
+    from monitoring.monitor import run_monitor
+
+    store = cli_feedback._open_store()
+    workspace = home_dir() / "evidently"
+    report = run_monitor(store, loaded, workspace)
+    lines.append("monitor (`noisewise monitor`):")
+    lines += ["  " + line for line in cli_feedback._monitor_text(report, workspace).splitlines()[1:]]
+
+    recal_args = argparse.Namespace(model=args.model, window=None, min_items=None, no_promote=False, url=args.url,
+                                    json=True)
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli_feedback.cmd_recalibrate(recal_args)
+    if status == 0:
+        recal = json.loads(out.getvalue())
+        model = client.post("/model").json()
+        live = model["calibration"]["prediction_set"]
+        lines.append(f"recalibrate (`noisewise recalibrate --url {args.url}`): {recal['method']} threshold on "
+                     f"{recal['n']} feedback labels, q {recal['previous_threshold']['q']:.4f} -> "
+                     f"{recal['threshold']['q']:.4f}; version {recal['model_version']} registered; the service now "
+                     f"serves version {model['version']} (q {live['q']:.4f}, method {live['method']}) without a restart")
+    else:
+        recal = {"refused": err.getvalue().strip()}
+        lines.append(f"recalibrate: {err.getvalue().strip()}")
+    lines.append(f"dashboards: Prometheus metrics at {args.url}/metrics (monitoring/README.md sets up Prometheus and "
+                 "Grafana)")
+    return ({"counts": counts, "suspects": {"n": flagged["n_suspects"], **quality}, "monitor": report,
+             "recalibration": recal}, lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
