@@ -123,6 +123,11 @@ def _check_probs(probs: Any) -> np.ndarray:
     if p.size and (not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0):
         bad = np.flatnonzero(~np.all(np.isfinite(p) & (p >= 0) & (p <= 1), axis=1))
         raise ValueError(f"`probs` must be finite probabilities in [0, 1]; row {int(bad[0])} is not.")
+    # Loose tolerance, as in labelnoise: stored probabilities may be float32 or rounded.
+    sums = p.sum(axis=1, dtype=np.float64)
+    off = np.flatnonzero(np.abs(sums - 1.0) > 1e-2)
+    if off.size:
+        raise ValueError(f"rows of `probs` must sum to 1 (softmax outputs); row {int(off[0])} sums to {sums[off[0]]:.4g}.")
     return p
 
 
@@ -130,9 +135,10 @@ def _check_labels(labels: Any, n: int, k: int, name: str = "labels") -> np.ndarr
     y = _as_numpy(labels)
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"`{name}` must have shape [{n}] (one label per row of `probs`), got {y.shape}.")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
-            raise ValueError(f"`{name}` must hold integer class indices, got dtype {y.dtype}.")
+    if y.size and not np.issubdtype(y.dtype, np.integer) and not (
+        np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))
+    ):
+        raise ValueError(f"`{name}` must hold integer class indices, got dtype {y.dtype}.")
     y = y.astype(np.int64)
     bad = np.flatnonzero((y < 0) | (y >= k))
     if bad.size:

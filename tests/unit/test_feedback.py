@@ -419,18 +419,21 @@ def _recal_frame(rng, n=1000, eps=0.2, n_dup=300, n_audit=0, weights="w1", start
 def test_recalibrated_sets_cover_clean_labels(n_audit, method):
     rng = np.random.default_rng(9)
     cal = calibration(alpha=0.1)
-    splits, n_test, n = 40, 2000, 1000
+    splits, n_test, n = 100, 2000, 1000
     coverages = []
     for _ in range(splits):
         rec = recalibrated_threshold(_recal_frame(rng, n=n, eps=0.2, n_audit=n_audit), cal)
         assert isinstance(rec, Recalibration) and rec.method == method and rec.n == n
         p_test, y_test = model_probs(rng, n_test, mu=1.5)
         coverages.append(float(np.mean(1.0 - p_test[np.arange(n_test), y_test] <= rec.threshold.q)))
-    # Split-to-split sd of a split-conformal coverage ~ sqrt(alpha (1 - alpha) / n), plus the test
-    # sampling sqrt(alpha (1 - alpha) / n_test); the mean over splits must reach the target within
-    # 3 standard errors of that mean.
-    se = math.sqrt(0.09 / n + 0.09 / n_test) / math.sqrt(splits)
-    assert np.mean(coverages) >= 0.9 - 3 * se, (method, np.mean(coverages))
+    # Marginal validity: the mean coverage over splits must reach the target within 3 standard
+    # errors of that mean. The split-to-split sd is at least that of split CP on n clean labels
+    # plus the test sampling, sqrt(alpha (1 - alpha) (1/n + 1/n_test)); the audit term adds its own
+    # variance, so the larger of that floor and the observed sd is used.
+    sd = max(math.sqrt(0.09 / n + 0.09 / n_test), float(np.std(coverages, ddof=1)))
+    assert np.mean(coverages) >= 0.9 - 3 * sd / math.sqrt(splits), (method, np.mean(coverages))
+    # informative sets: NACP at the lower bound of eps over-covers somewhat, never up to full sets
+    assert np.mean(coverages) < 0.98
     # and the sets are not trivially large: a threshold below full sets
     assert rec.threshold.q < 1.0 and not rec.threshold.full_sets
     if method == "nacp":
