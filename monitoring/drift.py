@@ -59,8 +59,6 @@ __all__ = [
     "CATEGORICAL_STATTESTS",
     "DEFAULT_STATTEST",
     "DEFAULT_THRESHOLD",
-    "DRIFT_REPORTS",
-    "drift_gauge_values",
     "drift_report",
     "value_drift",
 ]
@@ -78,7 +76,6 @@ CATEGORICAL_STATTESTS: dict[str, str] = {
 }
 DEFAULT_STATTEST = "chisquare"
 DEFAULT_THRESHOLD = 0.05
-DRIFT_REPORTS = ("label", "prediction")
 
 # Columns of the report's tables. Each sample has its own columns (see the module docstring).
 _LABEL, _PREDICTED = "label", "predicted"          # labelled in-distribution feedback (one per input)
@@ -424,17 +421,3 @@ def _quality(values: list[dict], names: list[str], fb_label: pd.Series, ref_labe
     }
 
 
-def drift_gauge_values(result: Mapping[str, Any]) -> dict[str, tuple[float, bool]]:
-    """``{"label": (score, detected), "prediction": (...)}`` for ``noisewise_drift_score|detected{report}``.
-
-    A part without a test (no data, too few rows) gives ``(nan, False)`` so that the gauges do not keep
-    the value of an older report.
-    """
-    values: dict[str, tuple[float, bool]] = {}
-    for report in DRIFT_REPORTS:
-        part = result.get(f"{report}_drift") or {}
-        if "score" in part:
-            values[report] = (float(part["score"]), bool(part["detected"]))
-        else:
-            values[report] = (float("nan"), False)
-    return values

@@ -175,8 +175,27 @@ def set_feedback_gauges(state: Mapping) -> None:
         SUSPECT_SHARE.set(state["suspect_share"])
 
 
-def set_drift_gauges(values: Mapping[str, tuple[float, bool]]) -> None:
-    """``{"label": (p_value, detected), "prediction": (...)}`` from the latest monitor report."""
-    for report, (score, detected) in values.items():
+DRIFT_REPORTS = ("label", "prediction")
+
+
+def drift_gauge_values(result: Mapping) -> dict[str, tuple[float, bool]]:
+    """``{"label": (score, detected), "prediction": (...)}`` from a ``monitoring.drift.drift_report`` result.
+
+    A part without a test (no data, too few rows) gives ``(nan, False)`` so that the gauges do not keep
+    the value of an older report.
+    """
+    values: dict[str, tuple[float, bool]] = {}
+    for report in DRIFT_REPORTS:
+        part = result.get(f"{report}_drift") or {}
+        if part.get("score") is not None:
+            values[report] = (float(part["score"]), bool(part["detected"]))
+        else:
+            values[report] = (float("nan"), False)
+    return values
+
+
+def set_drift_gauges(result: Mapping) -> None:
+    """Drift gauges from a ``drift_report`` result (the latest `noisewise monitor` run)."""
+    for report, (score, detected) in drift_gauge_values(result).items():
         DRIFT_SCORE.labels(report).set(score)
         DRIFT_DETECTED.labels(report).set(1.0 if detected else 0.0)

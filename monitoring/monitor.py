@@ -8,7 +8,6 @@ report, from which the service exports the drift gauges.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +47,6 @@ def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
     state["coverage"] = realized_coverage(frame, float(min(max(eps, 0.0), 0.999)), k, target)
     state["suspect_share"] = float(ind["suspect"].mean())
     return state
-
-
-def drift_gauge_values(report: Mapping[str, Any]) -> dict[str, tuple[float, bool]]:
-    """``{"label": (p_value, detected), "prediction": (...)}`` from a stored monitor report (only the tests
-    that ran)."""
-    values = {}
-    for name in ("label", "prediction"):
-        result = (report.get("drift") or {}).get(f"{name}_drift") or {}
-        if result.get("score") is not None and result.get("detected") is not None:
-            values[name] = (float(result["score"]), bool(result["detected"]))
-    return values
 
 
 def reference_frame(loaded) -> pd.DataFrame:

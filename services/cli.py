@@ -632,7 +632,7 @@ def _demo_feedback(args, client, loaded, served_predictions: dict, y_clean, clas
     lines += ["  " + line for line in cli_feedback._monitor_text(report, workspace).splitlines()[1:]]
 
     recal_args = argparse.Namespace(model=args.model, window=None, min_items=None, no_promote=False, url=args.url,
-                                    json=True)
+                                    conformal="finite-sample", json=True)
     import contextlib
     import io
 

@@ -63,6 +63,10 @@ def add_parsers(commands, common) -> None:
     recal.add_argument("--min-items", type=common._positive_int, default=None,
                        help="refuse with fewer labelled predictions than this (default: the rule in "
                        "monitoring/feedback.py, at least enough for a finite quantile)")
+    recal.add_argument("--conformal", choices=("plugin", "finite-sample"), default="finite-sample",
+                       help="finite-sample: the audit-rectified threshold holds coverage with probability ~95%% "
+                       "(lower confidence bound), NACP adds its Delta margin; plugin: coverage in expectation only, "
+                       "which with a few dozen audited items can miss by several points on one draw")
     recal.add_argument("--no-promote", action="store_true", help="log the new version but leave the alias")
     recal.add_argument("--url", default=None,
                        help="a running service to tell at once (POST /reload), e.g. http://127.0.0.1:3000")
@@ -196,8 +200,10 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     loaded = _loaded(args.model)
     store = _open_store()
     frame = store.feedback_frame(model_name=loaded.name)
+    basis = dataclasses.replace(loaded.calibration, settings={**loaded.calibration.settings,
+                                                               "conformal": args.conformal})
     try:
-        recal = recalibrated_threshold(frame, loaded.calibration, window=args.window, min_items=args.min_items,
+        recal = recalibrated_threshold(frame, basis, window=args.window, min_items=args.min_items,
                                        weights=loaded.weights)
     except RecalibrationRefused as err:
         print(f"noisewise: recalibration refused: {err.reason}", file=sys.stderr)
@@ -206,14 +212,15 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     calibration = dataclasses.replace(
         old, threshold=recal.threshold,
         noise=_noise_record(recal, old.num_classes),
-        settings={**old.settings, "recalibrated_from": f"{loaded.name}/{loaded.version}",
+        settings={**old.settings, "conformal": args.conformal, "recalibrated_from": f"{loaded.name}/{loaded.version}",
                   "recalibration_window": args.window, "recalibration_n": recal.n,
                   "recalibration_n_audited": recal.n_audited, "recalibration_method": recal.method},
         assumptions=[a for a in old.assumptions if not a.startswith("prediction sets:")] + [f"prediction sets: {recal.note}"],
     )
     params = {"recalibrated_from": f"{loaded.name}/{loaded.version}", "recalibration.method": recal.method,
               "recalibration.n": recal.n, "recalibration.n_audited": recal.n_audited,
-              "recalibration.window": args.window or "all", "recalibration.eps": recal.eps}
+              "recalibration.window": args.window or "all", "recalibration.eps": recal.eps,
+              "recalibration.conformal": args.conformal}
     logged = registry.log_training_run(
         loaded.net.cpu(), loaded.spec, params, history=[],
         metrics={"recalibration_q": recal.threshold.q, "recalibration_n": recal.n}, register_as=loaded.name,
@@ -230,7 +237,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
                "alias": alias if moved else None, "service_reloaded": reloaded, **recal.to_dict(),
                "previous_threshold": old_t.to_dict()}
     where = (f"{loaded.name}@{alias} now points to version {logged.version}" if moved
-             else f"alias not moved (--no-promote)")
+             else "alias not moved (--no-promote)")
     text = (f"{loaded.name} version {logged.version}: threshold recalibrated on {recal.n} feedback labels "
             f"({recal.method}{f', {recal.n_audited} audited' if recal.n_audited else ''}"
             f"{'' if recal.eps is None else f', eps={recal.eps:.4f} (uniform)'}): q {old_t.q:.4f} -> {new_t.q:.4f}\n"

@@ -492,14 +492,14 @@ class Noisewise:
 
     def refresh_gauges(self) -> None:
         """Noise rate, realized coverage, suspect share and drift gauges from the store."""
-        from monitoring.monitor import drift_gauge_values, feedback_state
+        from monitoring.monitor import feedback_state
 
         served = self.served
         frame = self.store.feedback_frame(window=self.settings.monitor_window, model_name=served.name)
         metrics.set_feedback_gauges(feedback_state(frame, served.calibration))
         report = self.store.latest_report("monitor")
         if report is not None:
-            metrics.set_drift_gauges(drift_gauge_values(report))
+            metrics.set_drift_gauges(report.get("drift") or {})
 
     @bentoml.on_shutdown
     def close(self) -> None:

@@ -19,7 +19,8 @@ from evidently.ui.workspace import Workspace
 from scipy import stats
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from monitoring.drift import drift_gauge_values, drift_report, value_drift
+from monitoring.drift import drift_report, value_drift
+from monitoring.metrics import drift_gauge_values
 
 NAMES = ["cat", "dog", "bird", "fish"]
 K = len(NAMES)
