@@ -52,6 +52,12 @@ def test_serve_prints_a_working_curl_and_demo_reports(tmp_path):
         assert s["accepted"] + s["abstained_ood"] + s["abstained_low_confidence"] == 30
         # far-OOD photo patches are mostly flagged by the KNN gate
         assert streams["photos"]["abstained_ood"] >= 7
+        # the feedback loop ran: every label stored, suspects scored, a monitor report; 30 labels are too few
+        # for a recalibration, which is refused with the reason (and the alias stays where it was)
+        feedback = json.loads(demo.stdout)["feedback"]
+        assert feedback["counts"]["stored"] >= 30 + 10 and feedback["counts"]["rejected"] == 0
+        assert feedback["monitor"]["n_feedback"] >= feedback["counts"]["stored"]  # the session's store is shared
+        assert "refused" in feedback["recalibration"] and "items" in feedback["recalibration"]["refused"]
     finally:
         stop(proc)
     assert proc.poll() is not None
