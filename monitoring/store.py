@@ -19,6 +19,7 @@ committed, so every acknowledged item is on disk.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -102,7 +103,8 @@ def _now() -> datetime:
 
 
 def _utc(value: datetime) -> datetime:
-    # SQLite returns naive datetimes (stored as UTC): make them aware so both backends read back the same
+    """Aware UTC. Naive values are taken as UTC (SQLite returns what was stored, UTC, without its zone); aware
+    values in another zone are converted, because SQLite would store their wall time and drop the offset."""
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
@@ -127,7 +129,7 @@ class PredictionRow:
 
     def to_row(self) -> dict:
         return {
-            "id": self.id, "created_at": self.created_at or _now(), "model_name": self.model_name,
+            "id": self.id, "created_at": _utc(self.created_at) if self.created_at else _now(), "model_name": self.model_name,
             "model_version": str(self.model_version), "weights": self.weights, "predicted": int(self.predicted),
             "confidence": float(self.confidence), "prediction_set": [int(j) for j in self.prediction_set],
             "set_size": len(self.prediction_set), "is_ood": bool(self.is_ood), "ood_score": float(self.ood_score),
@@ -176,6 +178,10 @@ class Store:
         self.url = url or store_url()
         try:
             self.engine = _engine(self.url)
+            # SQLite: writes take the write lock when they begin (BEGIN IMMEDIATE), so two writers queue on
+            # the busy timeout instead of failing when a read-then-write transaction cannot upgrade its lock
+            self._writer = _engine(self.url, begin="BEGIN IMMEDIATE") if self.engine.dialect.name == "sqlite" \
+                else self.engine
             upgrade(self.engine)
         except StoreError:
             raise
@@ -186,12 +192,13 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        self._writer.dispose()
 
     # --- predictions ---------------------------------------------------------------------------------------
     def add_predictions(self, rows: Sequence[PredictionRow]) -> None:
         """Store served predictions (one transaction)."""
         if rows:
-            with self.engine.begin() as conn:
+            with self._writer.begin() as conn:
                 conn.execute(predictions.insert(), [r.to_row() for r in rows])
 
     def get_predictions(self, ids: Iterable[str]) -> dict[str, StoredPrediction]:
@@ -223,27 +230,24 @@ class Store:
             return []
         now = _now()
         keys = [(r.prediction_id, r.annotator) for r in rows]
-        with self.engine.begin() as conn:
-            existing = self._labels_for(conn, keys)
-            outcomes, new = [], {}
-            for r, key in zip(rows, keys):
-                if key in existing:
-                    outcomes.append("duplicate" if existing[key] == r.label else "conflict")
-                elif key in new:  # the same item twice in one batch
-                    outcomes.append("duplicate" if new[key]["label"] == r.label else "conflict")
-                else:
-                    new[key] = {"prediction_id": r.prediction_id, "annotator": r.annotator, "label": int(r.label),
-                                "audited": bool(r.audited), "received_at": now, "quality": float(r.quality),
-                                "suspect": bool(r.suspect), "proposed": int(r.proposed), "in_set": bool(r.in_set)}
-                    outcomes.append("stored")
-            if new:
-                # a concurrent writer may have stored the same key since the read: insert-or-ignore, then
-                # re-read, so that the outcome reported is what is in the table
-                conn.execute(self._upsert, list(new.values()))
-                after = self._labels_for(conn, list(new))
-                for i, (r, key) in enumerate(zip(rows, keys)):
-                    if outcomes[i] == "stored" and after.get(key) != r.label:
-                        outcomes[i] = "conflict"
+        new: dict[tuple[str, str], dict] = {}
+        for r, key in zip(rows, keys):
+            new.setdefault(key, {"prediction_id": r.prediction_id, "annotator": r.annotator, "label": int(r.label),
+                                 "audited": bool(r.audited), "received_at": now, "quality": float(r.quality),
+                                 "suspect": bool(r.suspect), "proposed": int(r.proposed), "in_set": bool(r.in_set)})
+        with self._writer.begin() as conn:
+            # insert-or-ignore with RETURNING: the rows returned are exactly the ones this call inserted, also
+            # when a concurrent caller sends the same items; everything else is read back to classify it
+            inserted = {(row.prediction_id, row.annotator) for row in conn.execute(
+                self._upsert.returning(feedback.c.prediction_id, feedback.c.annotator), list(new.values()))}
+            stored = self._labels_for(conn, keys)
+        outcomes, claimed = [], set()
+        for r, key in zip(rows, keys):
+            if key in inserted and key not in claimed and new[key]["label"] == r.label:
+                outcomes.append("stored")
+                claimed.add(key)
+            else:
+                outcomes.append("duplicate" if stored.get(key) == r.label else "conflict")
         return outcomes
 
     @staticmethod
@@ -270,7 +274,7 @@ class Store:
             f.c.suspect, f.c.proposed,
         ).join(p, p.c.id == f.c.prediction_id)
         if since is not None:
-            query = query.where(f.c.received_at >= since)
+            query = query.where(f.c.received_at >= _utc(since))
         if model_name is not None:
             query = query.where(p.c.model_name == model_name)
         query = query.order_by(f.c.id.desc())
@@ -289,7 +293,7 @@ class Store:
         p = predictions
         query = sa.select(p.c.id.label("prediction_id"), *(p.c[c] for c in PREDICTION_COLUMNS[1:]))
         if since is not None:
-            query = query.where(p.c.created_at >= since)
+            query = query.where(p.c.created_at >= _utc(since))
         if model_name is not None:
             query = query.where(p.c.model_name == model_name)
         query = query.order_by(p.c.created_at.desc())
@@ -301,7 +305,7 @@ class Store:
 
     # --- monitor reports -----------------------------------------------------------------------------------
     def add_report(self, kind: str, payload: Mapping) -> None:
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             conn.execute(reports.insert(), {"created_at": _now(), "kind": kind, "payload": dict(payload)})
 
     def latest_report(self, kind: str) -> dict | None:
@@ -330,7 +334,7 @@ def _safe(url: str) -> str:
         return "<unparsable URL>"
 
 
-def _engine(url: str) -> sa.Engine:
+def _engine(url: str, begin: str = "BEGIN") -> sa.Engine:
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -339,6 +343,9 @@ def _engine(url: str) -> sa.Engine:
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):
+            # pysqlite's own transaction handling commits before DDL; take control of BEGIN so that a
+            # migration is one transaction (SQLAlchemy's documented recipe)
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             # WAL: readers (monitor, CLI) never block the service's writes; FULL: a committed feedback item
             # survives a crash of the process and of the machine
@@ -346,6 +353,10 @@ def _engine(url: str) -> sa.Engine:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql(begin)
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
@@ -361,8 +372,16 @@ def _insert_ignore(dialect: str):
     return insert(feedback).on_conflict_do_nothing(index_elements=["prediction_id", "annotator"])
 
 
+_MIGRATION_LOCK = threading.Lock()  # alembic's `context` proxy is process-global: one migration at a time
+_PG_MIGRATION_LOCK_ID = 0x6E6F6973  # pg_advisory_xact_lock key ("nois")
+
+
 def upgrade(engine: sa.Engine) -> str:
-    """Migrate the database to the newest schema revision (Alembic); returns the revision."""
+    """Migrate the database to the newest schema revision (Alembic); returns the revision.
+
+    Safe when several processes open a new store at once (the service and a CLI): the revision check and the
+    migration run in one transaction that holds a database-wide lock (``BEGIN EXCLUSIVE`` on SQLite, an
+    advisory lock on PostgreSQL), so the second process waits and then finds the schema at head."""
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
@@ -374,13 +393,16 @@ def upgrade(engine: sa.Engine) -> str:
     with engine.connect() as conn:
         if MigrationContext.configure(conn).get_current_revision() == head:
             return head
+    sqlite = engine.dialect.name == "sqlite"
+    migrator = _engine(engine.url.render_as_string(hide_password=False), begin="BEGIN EXCLUSIVE") if sqlite else engine
     try:
-        with engine.begin() as conn:
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
-    except sa.exc.DBAPIError:
-        # another process (the service and a CLI starting together) migrated first: fine if it reached head
-        with engine.connect() as conn:
+        with _MIGRATION_LOCK, migrator.begin() as conn:
+            if not sqlite:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_ID})
             if MigrationContext.configure(conn).get_current_revision() != head:
-                raise
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+    finally:
+        if migrator is not engine:
+            migrator.dispose()
     return head
