@@ -6,13 +6,18 @@ Routes (JSON unless said otherwise; the OpenAPI document is at ``/docs.json``):
   ``{"images": ["<base64 PNG/JPEG>", ...]}`` -> ``{"predictions": [...], "guarantees": {...}}``.
 - ``POST /predict_image``: the same for ``multipart/form-data`` uploads, files in the field ``images``.
 - ``POST /model``: name, version, alias, classes, input spec, calibration summary, serving settings.
+- ``POST /feedback``: labels for served predictions (``services/feedback_api.py``), stored durably and
+  idempotently in the store (``monitoring/store.py``) and scored at once for label quality.
+- ``POST /suspects``: suspected annotation errors in the feedback, most suspicious first.
+- ``POST /reload``: serve the version the alias points to now (also checked every NOISEWISE_RELOAD_INTERVAL_S).
 - ``/healthz``, ``/livez``, ``/readyz`` (ready once the model is loaded and has run once), ``/metrics``:
   BentoML's own.
 
 Bad input is answered with 400 and :class:`services.schemas.ErrorResponse` (``{"error": "inputs[3]:
 expected ...", "detail": [...]}``), never a 500. Requests are merged across callers into one forward pass
-per batch (``services/batching.py``; ``NOISEWISE_BATCHING=0`` turns it off). Configuration:
-``services/settings.py``.
+per batch (``services/batching.py``; ``NOISEWISE_BATCHING=0`` turns it off). Every prediction is stored
+before its response is sent (``services/recording.py``), so feedback can name it at once. Metrics:
+``monitoring/metrics.py``. Configuration: ``services/settings.py``.
 
 Start-up: ``bentoml serve services.service:Noisewise`` first checks the model once, before any worker
 starts (``check_model``, which runs ``python -m services.service``): a missing, uncalibrated or broken model
@@ -83,9 +88,11 @@ class Served:
     weights: str
     calibration: Any  # models.calibrate.Calibration
     ref: ModelRef = dataclasses.field(init=False)
+    class_index: dict[str, int] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.ref = ModelRef(name=self.name, version=self.version)
+        self.class_index = {name: j for j, name in enumerate(self.calibration.class_names)}
 
 
 def load_served(settings: Settings) -> Served:
@@ -533,8 +540,7 @@ def _safe_url(url: str) -> str:
 def _stored_row(prediction: Prediction, served: Served, out):
     from monitoring.store import PredictionRow
 
-    names = served.calibration.class_names
-    index = {name: j for j, name in enumerate(names)}
+    index = served.class_index
     return PredictionRow(
         id=prediction.id, model_name=served.name, model_version=served.version, weights=served.weights,
         predicted=out.label, confidence=out.confidence, prediction_set=[index[n] for n in out.prediction_set],
