@@ -15,6 +15,7 @@ import io
 import itertools
 import math
 import pathlib
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -171,9 +172,18 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
                 pixels = np.asarray(image, dtype=np.float32)
     except PydanticCustomError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL refuses, from the header alone, images over its own limit (Image.MAX_IMAGE_PIXELS, ~89M pixels)
+        # before our check can run: the same answer as ours, with the smaller of the two limits
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise PydanticCustomError(
+            "image_too_large", "image has {got} pixels, at most {limit} are accepted (NOISEWISE_MAX_IMAGE_PIXELS)",
+            {"got": int(found.group(1)) if found else "too many",
+             "limit": min(spec.max_image_pixels, Image.MAX_IMAGE_PIXELS or spec.max_image_pixels)},
+        ) from None
     except UnidentifiedImageError:
         raise PydanticCustomError("image_decode", "cannot decode: not a PNG or JPEG image") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except (OSError, ValueError, SyntaxError) as err:
         raise PydanticCustomError(
             "image_decode", "cannot decode the image ({reason})", {"reason": str(err) or type(err).__name__}
         ) from None
@@ -332,6 +342,17 @@ def location(loc: tuple | list) -> str:
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "body"
+
+
+#: Validation errors that are a size limit being exceeded: answered with 413, not 400.
+SIZE_ERRORS = frozenset({"batch_too_large", "image_too_large"})
+
+
+def error_status(err: ValidationError) -> int:
+    """413 when every problem is a size limit (NOISEWISE_MAX_BATCH, NOISEWISE_MAX_IMAGE_PIXELS), else 400
+    (a request with other problems too is a bad request first; each problem keeps its ``type``)."""
+    types = {e["type"] for e in err.errors(include_url=False, include_context=False, include_input=False)}
+    return 413 if types and types <= SIZE_ERRORS else 400
 
 
 def error_response(err: ValidationError, limit: int = 5) -> ErrorResponse:

@@ -23,7 +23,17 @@ variable                           default                    meaning
                                                               (hot reload; ``0``: never, only ``POST /reload``)
 ``NOISEWISE_MONITOR_INTERVAL_S``   ``10``                     how often the feedback gauges are recomputed
 ``NOISEWISE_MONITOR_WINDOW``       ``5000``                   most recent feedback items behind those gauges
+``NOISEWISE_REQUEST_TIMEOUT_S``    ``30``                     longest wait for a prediction's forward pass (408
+                                                              beyond; ``0``: no limit but BentoML's 60 s).
+                                                              /feedback is never cut off mid-commit
+``NOISEWISE_API_KEYS``             (none)                     comma-separated API keys (``services/auth.py``)
+``NOISEWISE_API_KEYS_FILE``        (none)                     file of hashed keys, ``sha256:<hex>`` a line
+``NOISEWISE_AUTH_PREDICT``         ``0``                      ``1``: /predict, /predict_image, /model need a key
+``NOISEWISE_AUTH_METRICS``         ``0``                      ``1``: /metrics needs a key
 =================================  =========================  ===============================================
+
+With keys configured, /feedback, /suspects, /reload and every route not listed as open in
+``services/auth.py`` need ``Authorization: Bearer KEY``; without keys the service logs a warning.
 """
 
 from __future__ import annotations
@@ -31,9 +41,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from services.auth import AuthConfig, auth_from_env
 
 DEFAULT_MODEL = "noisewise-demo@champion"
+SERVER_TIMEOUT_S = 60  # BentoML's traffic timeout (services/service.py): it answers 504 past this
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -58,6 +71,8 @@ class Settings:
     reload_interval_s: float = 5.0
     monitor_interval_s: float = 10.0
     monitor_window: int = 5000
+    request_timeout_s: float = 30.0
+    auth: AuthConfig = field(default_factory=AuthConfig, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +111,13 @@ class Settings:
                 raise SettingsError(f"{name}: expected 1/0 (or true/false, yes/no, on/off), got {text!r}")
             return text in _TRUE
 
+        def request_timeout() -> float:
+            value = seconds("NOISEWISE_REQUEST_TIMEOUT_S", defaults.request_timeout_s)
+            if value >= SERVER_TIMEOUT_S:  # BentoML would answer 504 first, and the 408 would never be sent
+                raise SettingsError(f"NOISEWISE_REQUEST_TIMEOUT_S: expected less than the server's timeout of "
+                                    f"{SERVER_TIMEOUT_S} s, got {value:g}")
+            return value
+
         model = env.get("NOISEWISE_MODEL", "").strip() or defaults.model
         if any(c.isspace() for c in model) or model.startswith("@") or model.endswith(("@", "/")):
             raise SettingsError(f"NOISEWISE_MODEL: expected NAME@ALIAS or NAME/VERSION, got {model!r}")
@@ -118,6 +140,8 @@ class Settings:
             reload_interval_s=seconds("NOISEWISE_RELOAD_INTERVAL_S", defaults.reload_interval_s),
             monitor_interval_s=seconds("NOISEWISE_MONITOR_INTERVAL_S", defaults.monitor_interval_s),
             monitor_window=positive_int("NOISEWISE_MONITOR_WINDOW", defaults.monitor_window),
+            request_timeout_s=request_timeout(),
+            auth=auth_from_env(env),
         )
 
     @property
