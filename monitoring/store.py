@@ -19,7 +19,9 @@ committed, so every acknowledged item is on disk.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -349,7 +351,7 @@ def _engine(url: str, begin: str = "BEGIN") -> sa.Engine:
             cursor = dbapi_connection.cursor()
             # WAL: readers (monitor, CLI) never block the service's writes; FULL: a committed feedback item
             # survives a crash of the process and of the machine
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor)
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
@@ -360,6 +362,19 @@ def _engine(url: str, begin: str = "BEGIN") -> sa.Engine:
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _switch_to_wal(cursor, timeout_s: float = 30.0) -> None:
+    """``PRAGMA journal_mode=WAL``, retried: on a brand-new file SQLite refuses the switch at once ("database
+    is locked", no busy wait) while another connection opens the same file."""
+    deadline = time.monotonic() + timeout_s
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _insert_ignore(dialect: str):

@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from services.schemas import location
 
@@ -32,6 +33,15 @@ class FeedbackItem(BaseModel):
                                   description="who labelled it; several annotators per prediction are kept")
     audited: StrictBool = Field(False, description="a trusted (audited) label: used for the noise-rate estimate "
                                 "and the audit-rectified recalibration")
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def check_label_length(cls, value: Any) -> Any:
+        """A class name is short: a longer string is refused as too long, not looked up as an unknown label."""
+        if isinstance(value, str) and len(value) > MAX_LABEL_CHARS:
+            raise PydanticCustomError("string_too_long", "a label of {got} characters, at most {limit} are accepted",
+                                      {"got": len(value), "limit": MAX_LABEL_CHARS})
+        return value
 
 
 class FeedbackRequest(BaseModel):

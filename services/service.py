@@ -13,6 +13,11 @@ Routes (JSON unless said otherwise; the OpenAPI document is at ``/docs.json``):
 - ``/healthz``, ``/livez``, ``/readyz`` (ready once the model is loaded and has run once), ``/metrics``:
   BentoML's own.
 
+With API keys configured (``services/auth.py``), ``/feedback``, ``/suspects`` and ``/reload`` need
+``Authorization: Bearer KEY`` (``/predict``, ``/predict_image``, ``/model`` with ``NOISEWISE_AUTH_PREDICT=1``,
+``/metrics`` with ``NOISEWISE_AUTH_METRICS=1``); a missing or wrong key gets 401. Limits: body size, inputs
+per request and image pixels get 413, a prediction waiting past ``NOISEWISE_REQUEST_TIMEOUT_S`` 408.
+
 Bad input is answered with 400 and :class:`services.schemas.ErrorResponse` (``{"error": "inputs[3]:
 expected ...", "detail": [...]}``), never a 500. Requests are merged across callers into one forward pass
 per batch (``services/batching.py``; ``NOISEWISE_BATCHING=0`` turns it off). Every prediction is stored
@@ -45,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from starlette.responses import JSONResponse
 
 from monitoring import metrics
+from services.auth import ApiKeyAuth
 from services.batching import Batcher, Overloaded
 from services.recording import Recorder
 from services.schemas import (
@@ -60,6 +66,7 @@ from services.schemas import (
     PredictResponse,
     ServingInfo,
     error_response,
+    error_status,
     finite_or_none,
     guarantees_from,
     images_batch,
@@ -192,12 +199,16 @@ class NoisewiseService(bentoml.Service):
 
     ERRORS: ClassVar[dict[int, str]] = {
         400: "invalid input: every problem with its location and the expected form",
-        413: "request body over NOISEWISE_MAX_BODY_BYTES",
+        401: "missing or wrong API key (only with NOISEWISE_AUTH_PREDICT=1)",
+        408: "the prediction waited longer than NOISEWISE_REQUEST_TIMEOUT_S",
+        413: "request body over NOISEWISE_MAX_BODY_BYTES, more inputs than NOISEWISE_MAX_BATCH, or an image over "
+             "NOISEWISE_MAX_IMAGE_PIXELS",
         503: "overloaded: the request waited longer than NOISEWISE_BATCH_MAX_LATENCY_MS",
     }
     FEEDBACK_ERRORS: ClassVar[dict[int, str]] = {
         207: "some items were stored (or were duplicates) and some rejected: see each item's status",
         400: "malformed body, or every item rejected for different reasons",
+        401: "missing or wrong API key (when keys are configured)",
         404: "every item names an unknown prediction id",
         409: "every item conflicts with a label already given by the same annotator",
         413: "more items than NOISEWISE_MAX_FEEDBACK_ITEMS, or body over NOISEWISE_MAX_BODY_BYTES",
@@ -206,8 +217,10 @@ class NoisewiseService(bentoml.Service):
     }
     STORE_ERRORS: ClassVar[dict[int, str]] = {
         400: "malformed body",
+        401: "missing or wrong API key (when keys are configured)",
         503: "the store is off (NOISEWISE_STORE=0) or unavailable",
     }
+    MODEL_ERRORS: ClassVar[dict[int, str]] = {401: "missing or wrong API key (only with NOISEWISE_AUTH_PREDICT=1)"}
 
     @property
     def openapi_spec(self):
@@ -222,7 +235,7 @@ class NoisewiseService(bentoml.Service):
             components[name] = Schema(**definition)
         for route, errors in (("/predict", self.ERRORS), ("/predict_image", self.ERRORS),
                               ("/feedback", self.FEEDBACK_ERRORS), ("/suspects", self.STORE_ERRORS),
-                              ("/reload", self.STORE_ERRORS)):
+                              ("/reload", self.STORE_ERRORS), ("/model", self.MODEL_ERRORS)):
             if route not in spec.paths:
                 continue
             responses = spec.paths[route].post["responses"]
@@ -233,7 +246,8 @@ class NoisewiseService(bentoml.Service):
 
 
 class BodyLimit:
-    """ASGI middleware: a request whose Content-Length is over ``NOISEWISE_MAX_BODY_BYTES`` gets 413."""
+    """ASGI middleware: a request body over ``NOISEWISE_MAX_BODY_BYTES`` gets 413: at once from its
+    Content-Length, or, for a chunked body (no Content-Length), as soon as the bytes received pass the limit."""
 
     def __init__(self, app):
         self.app = app
@@ -250,12 +264,43 @@ class BodyLimit:
         if scope["type"] == "lifespan":  # the app can be started again (tests): follow the environment
             self.limit = self._read_limit()
         elif scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-            if length.isdigit() and int(length) > self.limit:
-                body = {"error": f"request body of {int(length)} bytes is over the limit of {self.limit} bytes "
-                        "(NOISEWISE_MAX_BODY_BYTES)", "detail": []}
-                return await JSONResponse(body, status_code=413)(scope, receive, send)
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is None:  # chunked: nothing bounds it but us (uvicorn checks a Content-Length is honest)
+                receive = await self._read_bounded(receive)
+                if receive is None:
+                    return await self._too_large("request body is", scope, send)
+            elif length.isdigit() and int(length) > self.limit:
+                return await self._too_large(f"request body of {int(length)} bytes is", scope, send)
         return await self.app(scope, receive, send)
+
+    async def _read_bounded(self, receive):
+        """Read the whole body, up to the limit: a ``receive`` that replays it, or None past the limit."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                return _replay([message], receive)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return None
+            more = message.get("more_body", False)
+        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+
+    async def _too_large(self, what: str, scope, send) -> None:
+        body = {"error": f"{what} over the limit of {self.limit} bytes (NOISEWISE_MAX_BODY_BYTES)", "detail": []}
+        await JSONResponse(body, status_code=413)(scope, _no_body, send)
+
+
+def _replay(messages: list[dict], receive):
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return replay
+
+
+async def _no_body():
+    return {"type": "http.disconnect"}
 
 
 class ServiceArgs(BaseModel):
@@ -372,9 +417,12 @@ class Noisewise:
 
     async def _answer(self, batch: np.ndarray) -> PredictResponse | JSONResponse:
         try:
-            outputs = await self.batcher(batch)
+            outputs = await self._forward(batch)
         except Overloaded as err:
             return JSONResponse({"error": str(err), "detail": []}, status_code=503)
+        except TimeoutError:
+            return _error(408, f"no prediction within {self.settings.request_timeout_s:g} s "
+                               "(NOISEWISE_REQUEST_TIMEOUT_S); nothing was recorded, retry later")
         predictions = [Prediction(id=str(uuid.uuid4()), model=served.ref, **out.to_dict()) for served, out in outputs]
         records = [p.model_dump() for p in predictions]
         metrics.observe_predictions(records)
@@ -384,6 +432,21 @@ class Noisewise:
             except Exception:  # logged and counted by the recorder: the predictions are still right, serve them
                 pass
         return PredictResponse(predictions=predictions, guarantees=outputs[0][0].guarantees)
+
+    async def _forward(self, batch: np.ndarray) -> list:
+        """The batcher's outputs, or TimeoutError past NOISEWISE_REQUEST_TIMEOUT_S. Not asyncio.wait_for:
+        BentoML's dispatcher turns a cancelled wait into its overload fallback (a 503, not the 408). A forward
+        pass the request already joined still runs; its outputs for this request are dropped, never recorded."""
+        task = asyncio.ensure_future(self.batcher(batch))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.settings.request_timeout_s or None)
+        finally:
+            if not task.done():  # timed out, or the client went away
+                task.cancel()
+                task.add_done_callback(_quiet)
+        if not done:
+            raise TimeoutError
+        return task.result()
 
     @bentoml.api(route="/feedback")
     async def feedback(self, body: FeedbackBody, /) -> FeedbackResponse:
@@ -520,11 +583,18 @@ class Noisewise:
             self.store.close()
 
 
+Noisewise.add_asgi_middleware(ApiKeyAuth)  # added first, so it runs first: no other answer before the key check
 Noisewise.add_asgi_middleware(BodyLimit)
 
 
+def _quiet(task: asyncio.Future) -> None:
+    """Retrieve an abandoned task's outcome, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _bad_request(err: ValidationError) -> JSONResponse:
-    return JSONResponse(error_response(err).model_dump(), status_code=400)
+    return JSONResponse(error_response(err).model_dump(), status_code=error_status(err))
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -222,7 +222,6 @@ BAD_JSON = [
     ("float32 overflow", {"inputs": [[1e39] + ROW[1:]]}, "inputs[0]: expected finite numbers, found inf"),
     ("empty batch", {"inputs": []}, "inputs: empty batch"),
     ("empty input", {"inputs": [[]]}, "inputs[0]: expected numbers, got an empty array"),
-    ("batch over the maximum", {"inputs": [ROW] * 257}, "inputs: 257 items, at most 256", "NOISEWISE_MAX_BATCH"),
     ("no inputs", {}, "body: expected 'inputs' (arrays of numbers) or 'images'"),
     ("inputs and images", {"inputs": [ROW], "images": [png_b64()]}, "either 'inputs' or 'images'"),
     ("unknown field", {"inputs": [ROW], "threshold": 0.1}, "threshold: unknown field"),
@@ -232,7 +231,6 @@ BAD_JSON = [
     ("not an image", {"images": [png_b64(), b64(b"GIF89a but not really")]}, "images[1]: cannot decode"),
     ("GIF", {"images": [png_b64(fmt="GIF")]}, "images[0]: expected a PNG or JPEG image, got GIF"),
     ("truncated PNG", {"images": [b64(base64.b64decode(png_b64((64, 64)))[:60])]}, "images[0]: cannot decode"),
-    ("image too large", {"images": [png_b64((400, 400))]}, "images[0]: image has 160000 pixels, at most 100000"),
     ("image not a string", {"images": [7]}, "images[0]: expected a base64-encoded PNG or JPEG string, got a number"),
     ("empty image", {"images": [""]}, "images[0]: empty image"),
     ("empty images", {"images": []}, "images: empty batch"),
@@ -252,6 +250,17 @@ def test_bad_json_input_is_a_400_naming_the_field(client, case):
     for text in expected:
         assert text in answer["error"], answer["error"]
     assert all({"loc", "msg", "type"} <= set(d) for d in answer["detail"])
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"inputs": [ROW] * 257}, ["inputs: 257 items, at most 256", "NOISEWISE_MAX_BATCH"]),
+    ({"images": [png_b64((400, 400))]}, ["images[0]: image has 160000 pixels, at most 100000"]),
+], ids=["batch over the maximum", "image too large"])
+def test_input_over_a_size_limit_is_a_413_naming_the_limit(client, body, expected):
+    response = client.post("/predict", json=body)  # more in tests/integration/test_limits.py
+    assert response.status_code == 413, response.text
+    for text in expected:
+        assert text in response.json()["error"]
 
 
 def test_several_problems_are_all_reported(client):

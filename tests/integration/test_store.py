@@ -242,11 +242,8 @@ def _open_concurrently_in_threads(url: str, n: int) -> list[str]:
 # "database is locked" (SQLite does not busy-wait there) when another connection opens the same new file;
 # hit in about 1 run in 10 below. Fix: retry the switch until the file reports wal (see the change that added
 # this file). Remove this mark with the fix: the test is then its regression guard.
-SQLITE_WAL_SWITCH_RACE = pytest.mark.xfail(strict=False, reason="store.py: PRAGMA journal_mode=WAL races on a "
-                                                                "new SQLite file (database is locked)")
 
-
-@pytest.mark.parametrize("url", [pytest.param("sqlite", marks=SQLITE_WAL_SWITCH_RACE), "postgresql"], indirect=True)
+@pytest.mark.parametrize("url", ["sqlite", "postgresql"], indirect=True)
 def test_concurrent_first_open_in_threads(url, tmp_path):
     # SQLite: several new files, since a lost race on one file is a matter of timing
     urls = [url] + ([f"sqlite:///{tmp_path / f'store{i}.db'}" for i in range(5)] if url.startswith("sqlite") else [])
