@@ -163,6 +163,7 @@ class Calibration:
             certified = CertifiedThreshold.from_dict(doc["certified"])
         except (KeyError, TypeError, ValueError) as err:
             raise CalibrationError(f"calibration artifacts are inconsistent: {err}") from None
+        _check_document(doc, threshold, certified)
         return cls(
             class_names=list(doc["class_names"]), ood_scorer=scorer.to(device), ood_gate=gate.to(device),
             conformity_score=doc["conformity_score"], conformity_params=dict(doc.get("conformity_params") or {}),
@@ -171,6 +172,49 @@ class Calibration:
             cl_thresholds=[float(t) for t in doc["cl_thresholds"]], settings=dict(doc.get("settings") or {}),
             assumptions=list(doc.get("assumptions") or []),
         )
+
+
+def _check_document(doc: dict, threshold: ConformalThreshold, certified: CertifiedThreshold) -> None:
+    """Field types and ranges of a loaded calibration.json: a tampered value is refused here, not served as
+    empty or full sets (a NaN threshold, alpha outside (0, 1), thresholds outside [0, 1], ...)."""
+    import inspect
+
+    from models.uncertainty.selective import CONFIDENCE_FUNCTIONS
+
+    def fail(message: str):
+        raise CalibrationError(f"calibration.json: {message}")
+
+    def real(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(doc["class_names"], list) or not all(isinstance(c, str) for c in doc["class_names"]):
+        fail("class_names must be a list of strings")
+    if not (0 < threshold.alpha < 1):
+        fail(f"threshold.alpha must be in (0, 1), got {threshold.alpha}")
+    if math.isnan(threshold.q) or threshold.q < 0:
+        fail(f"threshold.q must be a number >= 0 (or null for full sets), got {threshold.q}")
+    raw = doc["certified"].get("certified") if isinstance(doc["certified"], dict) else None
+    if not isinstance(raw, bool):  # from_dict would coerce "yes" to True
+        fail(f"certified.certified must be true or false, got {raw!r}")
+    for name in ("threshold", "risk", "delta"):
+        value = getattr(certified, name)
+        if not real(value) or math.isnan(value):
+            fail(f"certified.{name} must be a number, got {value!r}")
+    if not (0 < certified.risk < 1 and 0 < certified.delta < 1):
+        fail(f"certified.risk and certified.delta must be in (0, 1), got {certified.risk}, {certified.delta}")
+    cl = doc["cl_thresholds"]
+    if not isinstance(cl, list) or not all(real(t) and 0 <= t <= 1 for t in cl):
+        fail("cl_thresholds must be a list of numbers in [0, 1]")
+    name, params = doc["confidence_name"], doc.get("confidence_params") or {}
+    if name not in CONFIDENCE_FUNCTIONS:
+        fail(f"unknown confidence function {name!r}; expected one of {sorted(CONFIDENCE_FUNCTIONS)}")
+    if not isinstance(params, dict) or not set(params) <= set(inspect.signature(CONFIDENCE_FUNCTIONS[name]).parameters):
+        fail(f"confidence_params {params!r} do not fit {name!r}")
+    for key, kind in (("conformity_params", dict), ("noise", dict), ("settings", dict), ("assumptions", list)):
+        if doc.get(key) is not None and not isinstance(doc[key], kind):
+            fail(f"{key} must be a JSON {'object' if kind is dict else 'array'}")
+    if not all(isinstance(a, str) for a in doc.get("assumptions") or []):
+        fail("assumptions must be strings")
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -148,6 +148,37 @@ CALIBRATION_DAMAGE = {
 }
 
 
+def _top(key: str, value):
+    def change(text: str) -> str:
+        doc = json.loads(text)
+        doc[key] = value
+        return json.dumps(doc)
+    return change
+
+
+def _nested(path: tuple, value):
+    return lambda text: json.dumps(_set(json.loads(text), path, value))
+
+
+# values of the right JSON type that would still serve nonsense (empty or full sets, never-accepting
+# abstention): refused by the range checks of Calibration.load
+CALIBRATION_DAMAGE.update({
+    "q NaN": (_nested(("threshold", "q"), float("nan")), "threshold.q"),
+    "q negative": (_nested(("threshold", "q"), -1.0), "threshold.q"),
+    "alpha above 1": (_nested(("threshold", "alpha"), 2.0), "threshold.alpha"),
+    "alpha negative": (_nested(("threshold", "alpha"), -1.0), "threshold.alpha"),
+    "certified not a bool": (_nested(("certified", "certified"), "yes"), "certified.certified"),
+    "risk above 1": (_nested(("certified", "risk"), 5.0), "certified.risk"),
+    "cl thresholds above 1": (lambda text: json.dumps({**json.loads(text), "cl_thresholds":
+                                                       [2.0] * len(json.loads(text)["cl_thresholds"])}), "cl_thresholds"),
+    "cl thresholds a dict": (_top("cl_thresholds", {"a": 1}), "cl_thresholds"),
+    "unknown confidence function": (_top("confidence_name", "os.system"), "confidence function"),
+    "confidence params": (_top("confidence_params", {"__class__": 1}), "confidence_params"),
+    "noise a string": (_top("noise", "lots"), "noise"),
+    "assumptions a number": (_top("assumptions", 3), "assumptions"),
+})
+
+
 def _set(doc: dict, path: tuple, value) -> dict:
     doc[path[0]][path[1]] = value
     return doc
