@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 EXPERIMENT = "noisewise"
 CHAMPION = "champion"
 MODEL_FORMAT = "noisewise-model/1"
+DIGEST_TAG = "noisewise.sha256."
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
@@ -182,8 +183,7 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Loade
             raise RegistryError(str(err)) from None
         if calibration.class_names != spec.class_names:
             raise RegistryError("calibration.json: class_names differ from model.json")
-    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()
-    return LoadedModel(net.to(device).eval(), spec, calibration, weights=digest)
+    return LoadedModel(net.to(device).eval(), spec, calibration, weights=_sha256(weights_file))
 
 
 def log_training_run(
@@ -221,6 +221,9 @@ def log_training_run(
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if v is not None})
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = save_model_dir(net, spec, Path(tmp), calibration)
+            # digests of the tensor files, checked at load: safetensors cannot tell a flipped byte in tensor data
+            mlflow.set_tags({f"{DIGEST_TAG}{Path(path).name}": _sha256(Path(path)) for path in artifacts.values()
+                             if path.endswith(".safetensors")})
             from mlflow.models.signature import ModelSignature
             from mlflow.types.schema import Schema, TensorSpec
             import numpy as np
@@ -291,16 +294,29 @@ def has_alias(name: str, alias: str = CHAMPION) -> bool:
         return False
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_model(ref: str, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a registered version (``NAME@ALIAS`` or ``NAME/VERSION``) onto ``device``."""
+    """Load a registered version (``NAME@ALIAS`` or ``NAME/VERSION``) onto ``device``; tensor files whose
+    sha256 differs from the one recorded when the version was logged are refused."""
     mlflow = _mlflow()
     name, version, run_id = resolve_version(ref)
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
         except Exception as err:
             raise RegistryError(f"cannot download artifacts of {name}/{version}: {_first_line(err)}") from None
-        loaded = load_model_dir(Path(local) / "artifacts", device=device)
+        directory = Path(local) / "artifacts"
+        for tag, expected in tags.items():
+            if tag.startswith(DIGEST_TAG):
+                path = directory / tag[len(DIGEST_TAG):]
+                if path.is_file() and _sha256(path) != expected:
+                    raise RegistryError(f"{name}/{version}: {path.name} does not match the sha256 recorded when it "
+                                        "was registered (tampered or corrupted artifact)")
+        loaded = load_model_dir(directory, device=device)
     loaded.name, loaded.version, loaded.run_id, loaded.uri = name, version, run_id, f"models:/{name}/{version}"
     return loaded
 

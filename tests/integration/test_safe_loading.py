@@ -238,3 +238,30 @@ def test_no_code_path_unpickles():
                     problems.append(f"{path.relative_to(ROOT)}: {call}")
             problems += [f"{path.relative_to(ROOT)}: {what}" for pattern, what in UNSAFE if pattern.search(text)]
     assert problems == []
+
+
+@pytest.mark.parametrize("name", TENSOR_FILES)
+def test_a_flipped_byte_in_registered_tensor_data_is_refused(name):
+    """safetensors cannot see a changed byte inside tensor data; the sha256 recorded at registration can."""
+    import contextlib
+    import io
+
+    from models import registry
+    from services.cli import main
+
+    model = f"tamper-test-{name.split('.')[0]}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--dataset", "digits", "--recipe", "ce", "--epochs", "2", "--risk", "0.3",
+                     "--register", model, "--promote", "--quiet"]) == 0
+    loaded = registry.load_model(f"{model}@champion")  # intact: loads
+    _, _, run_id = registry.resolve_version(f"{model}@champion")
+    expected = registry._mlflow().MlflowClient().get_run(run_id).data.tags[f"{registry.DIGEST_TAG}{name}"]
+    stored = [p for p in registry.home_dir().rglob(name) if registry._sha256(p) == expected]
+    assert stored, "the registered artifact was not found in the store"
+    for path in stored:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01  # last byte of the last tensor: still a valid safetensors file
+        path.write_bytes(bytes(data))
+    with pytest.raises(registry.RegistryError, match="sha256"):
+        registry.load_model(f"{model}@champion")
+    assert loaded.weights
