@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from models.uncertainty.conformal import (
     CONFORMITY_SCORES,
@@ -50,6 +49,7 @@ from models.uncertainty.conformal import (
 from models.uncertainty.labelnoise import (
     LABEL_QUALITY_SCORES,
     NoiseRateEstimate,
+    clopper_pearson,
     label_quality,
     noise_rate_confident_learning,
     noise_rate_from_audit,
@@ -546,13 +546,6 @@ def best_estimate(estimates: Mapping[str, NoiseRateEstimate]) -> NoiseRateEstima
 # --------------------------------------------------------------------------------------------
 
 
-def _clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
-    a = 1.0 - confidence
-    lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a / 2, k + 1, n - k))
-    return lo, hi
-
-
 def realized_coverage(
     frame: pd.DataFrame,
     eps: float,
@@ -618,7 +611,7 @@ def realized_coverage(
     m = len(trusted)
     if m:
         hits_a = int(trusted["in_set"].astype(bool).sum())
-        lo_a, hi_a = _clopper_pearson(hits_a, m, level)
+        lo_a, hi_a = clopper_pearson(hits_a, m, level)
         out["audited"] = {"n": m, "coverage": hits_a / m, "lower": lo_a, "upper": hi_a}
     else:
         out["audited"] = {"n": 0, "coverage": None, "lower": None, "upper": None}
@@ -629,7 +622,7 @@ def realized_coverage(
         return out
     hits = int(items["in_set"].astype(bool).sum())
     raw = hits / n
-    lo, hi = _clopper_pearson(hits, n, level)
+    lo, hi = clopper_pearson(hits, n, level)
     size = float(items["set_size"].astype(float).mean())
 
     def correct(c: float) -> float:

@@ -32,6 +32,7 @@ __all__ = [
     "NoiseRateEstimate",
     "Suspects",
     "THRESHOLD_SLACK",
+    "clopper_pearson",
     "confident_joint",
     "flip_rate_to_uniform",
     "label_quality",
@@ -218,7 +219,7 @@ def _check_probs(probs: Any, name: str = "probs") -> np.ndarray:
     return arr
 
 
-def _clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
+def clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
     """Two-sided exact binomial interval for a proportion."""
     a = 1.0 - confidence
     lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
@@ -266,7 +267,7 @@ def noise_rate_from_duplicates(
     level = _check_confidence_level(confidence)
     m = a.shape[0]
     agree = int(np.sum(a == b))
-    lo, hi = _clopper_pearson(agree, m, level)
+    lo, hi = clopper_pearson(agree, m, level)
     return NoiseRateEstimate(
         estimate=_eps_from_agreement(agree / m, k),
         lower=_eps_from_agreement(hi, k),
@@ -335,8 +336,8 @@ def noise_rate_from_audit(
     a, o = pa.shape[0], po.shape[0]
     k0, k1 = int(np.sum(pa == ya)), int(np.sum(po == yo))
     psi0, psi1 = k0 / a, k1 / o
-    psi0_lo, psi0_hi = _clopper_pearson(k0, a, each)
-    psi1_lo, psi1_hi = _clopper_pearson(k1, o, each)
+    psi0_lo, psi0_hi = clopper_pearson(k0, a, each)
+    psi1_lo, psi1_hi = clopper_pearson(k1, o, each)
     chance = 1.0 / k
     note = (
         f"psi0 (model vs audited) {k0}/{a}, psi1 (model vs ordinary) {k1}/{o}; assumes uniform "
@@ -508,7 +509,7 @@ def noise_rate_confident_learning(
     k = joint.shape[0]
     n = int(joint.sum())
     off = n - int(np.trace(joint))
-    lo, hi = _clopper_pearson(off, n, level)
+    lo, hi = clopper_pearson(off, n, level)
     scale = k / (k - 1)
     return NoiseRateEstimate(
         estimate=min(off / n * scale, 1.0),
