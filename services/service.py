@@ -220,7 +220,10 @@ class NoisewiseService(bentoml.Service):
         401: "missing or wrong API key (when keys are configured)",
         503: "the store is off (NOISEWISE_STORE=0) or unavailable",
     }
-    MODEL_ERRORS: ClassVar[dict[int, str]] = {401: "missing or wrong API key (only with NOISEWISE_AUTH_PREDICT=1)"}
+    MODEL_ERRORS: ClassVar[dict[int, str]] = {400: "malformed body",
+                                              401: "missing or wrong API key (only with NOISEWISE_AUTH_PREDICT=1)"}
+    # /feedback answers these with the per-item FeedbackResponse body, not an ErrorResponse
+    FEEDBACK_PER_ITEM: ClassVar[tuple[int, ...]] = (207, 404, 409, 422)
 
     @property
     def openapi_spec(self):
@@ -240,8 +243,14 @@ class NoisewiseService(bentoml.Service):
                 continue
             responses = spec.paths[route].post["responses"]
             for status, description in errors.items():
-                responses[status] = Response(description=description, content={
-                    "application/json": MediaType(schema=Reference(ref.format(model="ErrorResponse")))})
+                target = Reference(ref.format(model="ErrorResponse"))
+                per_item = Reference(ref.format(model="FeedbackResponseIODescriptor"))
+                if route == "/feedback" and status in self.FEEDBACK_PER_ITEM:
+                    target = per_item
+                elif route == "/feedback" and status == 400:  # malformed body, or items rejected for mixed reasons
+                    target = Schema(oneOf=[target, per_item])
+                responses[status] = Response(description=description,
+                                             content={"application/json": MediaType(schema=target)})
         return spec
 
 
@@ -583,6 +592,38 @@ class Noisewise:
             self.store.close()
 
 
+def _uploads_only() -> None:
+    """BentoML's multipart parser downloads a text part as a URL (server-side request forgery; a non-URL is a
+    500), and answers a body that is not valid multipart with a 500: only uploaded files are images, and bad
+    multipart is a 400 like any bad input."""
+    from _bentoml_impl.serde import MultipartSerde
+    from pydantic_core import PydanticCustomError
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+
+    parse_request = MultipartSerde.parse_request
+
+    async def parse_multipart(self, request, cls):
+        try:
+            return await parse_request(self, request, cls)
+        except HTTPException as err:
+            raise ValidationError.from_exception_data("ImageUpload", [{
+                "type": PydanticCustomError("multipart", "expected multipart/form-data with PNG/JPEG files in the "
+                                            "field 'images': {problem}", {"problem": str(err.detail)}),
+                "loc": ("body",), "input": "<body>"}]) from None
+
+    async def ensure_file(obj):
+        if isinstance(obj, UploadFile):
+            return obj
+        raise ValidationError.from_exception_data("ImageUpload", [{
+            "type": PydanticCustomError("not_a_file", "expected an uploaded PNG/JPEG file, got a text field "
+                                        "(URLs are not fetched)"), "loc": ("images",), "input": "<text>"}])
+
+    MultipartSerde.ensure_file = staticmethod(ensure_file)
+    MultipartSerde.parse_request = parse_multipart
+
+
+_uploads_only()
 Noisewise.add_asgi_middleware(ApiKeyAuth)  # added first, so it runs first: no other answer before the key check
 Noisewise.add_asgi_middleware(BodyLimit)
 

@@ -35,17 +35,7 @@ EXAMPLES_PER_MODE = 150  # per route and generation mode: 6 routes x 2 modes x 1
 CHECKS = [not_a_server_error, response_schema_conformance]
 
 # (route, check) -> what is wrong. Each was reproduced by hand against a real server; see docs/reliability.md.
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("/feedback", "response_schema_conformance"):
-        "207 and the all-rejected 400/404/409/422 answers carry a FeedbackResponse body (per-item statuses) but "
-        "are documented as ErrorResponse (NoisewiseService.FEEDBACK_ERRORS)",
-    ("/model", "response_schema_conformance"):
-        "a body that is not JSON gets BentoML's own 400 with detail = [pydantic errors], documented by BentoML as "
-        "InvalidArgument with detail: string (/model is not in NoisewiseService.openapi_spec's route list)",
-    ("/predict_image", "not_a_server_error"):
-        "a multipart part 'images' sent as a text field (not a file) is taken by BentoML's MultipartSerde as a "
-        "URL to download: not a URL -> 500 (httpx.UnsupportedProtocol); a public URL would be fetched",
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")
