@@ -489,6 +489,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  try it:   curl -s -X POST {base}/predict -H 'Content-Type: application/json' -d @{example}\n"
               f"  model:    curl -s -X POST {base}/model\n"
               f"  metrics:  {base}/metrics (Prometheus format; noisewise_* and bentoml_service_* series)\n"
+              f"  feedback loop: `noisewise demo --url {base}` in a second shell (traffic, feedback, suspects, "
+              "monitor, live recalibration)\n"
               f"  API docs: {base}/docs.json\n\nCtrl-C stops the server.\n", flush=True)
         return server.wait()
     except KeyboardInterrupt:
