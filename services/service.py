@@ -623,7 +623,42 @@ def _uploads_only() -> None:
     MultipartSerde.parse_request = parse_multipart
 
 
+def _cancel_request_timers() -> None:
+    """BentoML 1.4's TimeoutMiddleware (``traffic.timeout``) schedules a timer per request and never cancels
+    it: each finished request's context (its tracing span, ~5 KiB) stays alive until the timer fires, 60 s
+    later, so memory under load climbs for a minute before it levels off (docs/reliability.md). Same logic,
+    with the timer cancelled when the request ends."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    async def call(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+        async def _send(message) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+        try:
+            await waiter
+        except asyncio.TimeoutError:
+            if fut.cancel():
+                await JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"},
+                                   status_code=504)(scope, receive, send)
+        else:
+            await fut
+        finally:
+            timer.cancel()
+
+    TimeoutMiddleware.__call__ = call
+
+
 _uploads_only()
+_cancel_request_timers()
 Noisewise.add_asgi_middleware(ApiKeyAuth)  # added first, so it runs first: no other answer before the key check
 Noisewise.add_asgi_middleware(BodyLimit)
 
