@@ -50,7 +50,9 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from starlette.responses import JSONResponse
 
 from monitoring import metrics
+from services import bentoml_patches
 from services.auth import ApiKeyAuth
+from services.body_limit import BodyLimit
 from services.batching import Batcher, Overloaded
 from services.recording import Recorder
 from services.schemas import (
@@ -252,64 +254,6 @@ class NoisewiseService(bentoml.Service):
                 responses[status] = Response(description=description,
                                              content={"application/json": MediaType(schema=target)})
         return spec
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``NOISEWISE_MAX_BODY_BYTES`` gets 413: at once from its
-    Content-Length, or, for a chunked body (no Content-Length), as soon as the bytes received pass the limit."""
-
-    def __init__(self, app):
-        self.app = app
-        self.limit = self._read_limit()
-
-    @staticmethod
-    def _read_limit() -> int:
-        try:
-            return Settings.from_env().max_body_bytes
-        except SettingsError:  # reported by the service itself, in one line
-            return Settings().max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":  # the app can be started again (tests): follow the environment
-            self.limit = self._read_limit()
-        elif scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is None:  # chunked: nothing bounds it but us (uvicorn checks a Content-Length is honest)
-                receive = await self._read_bounded(receive)
-                if receive is None:
-                    return await self._too_large("request body is", scope, send)
-            elif length.isdigit() and int(length) > self.limit:
-                return await self._too_large(f"request body of {int(length)} bytes is", scope, send)
-        return await self.app(scope, receive, send)
-
-    async def _read_bounded(self, receive):
-        """Read the whole body, up to the limit: a ``receive`` that replays it, or None past the limit."""
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away: let the app see it
-                return _replay([message], receive)
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return None
-            more = message.get("more_body", False)
-        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
-
-    async def _too_large(self, what: str, scope, send) -> None:
-        body = {"error": f"{what} over the limit of {self.limit} bytes (NOISEWISE_MAX_BODY_BYTES)", "detail": []}
-        await JSONResponse(body, status_code=413)(scope, _no_body, send)
-
-
-def _replay(messages: list[dict], receive):
-    async def replay():
-        return messages.pop(0) if messages else await receive()
-
-    return replay
-
-
-async def _no_body():
-    return {"type": "http.disconnect"}
 
 
 class ServiceArgs(BaseModel):
@@ -592,73 +536,7 @@ class Noisewise:
             self.store.close()
 
 
-def _uploads_only() -> None:
-    """BentoML's multipart parser downloads a text part as a URL (server-side request forgery; a non-URL is a
-    500), and answers a body that is not valid multipart with a 500: only uploaded files are images, and bad
-    multipart is a 400 like any bad input."""
-    from _bentoml_impl.serde import MultipartSerde
-    from pydantic_core import PydanticCustomError
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException
-
-    parse_request = MultipartSerde.parse_request
-
-    async def parse_multipart(self, request, cls):
-        try:
-            return await parse_request(self, request, cls)
-        except HTTPException as err:
-            raise ValidationError.from_exception_data("ImageUpload", [{
-                "type": PydanticCustomError("multipart", "expected multipart/form-data with PNG/JPEG files in the "
-                                            "field 'images': {problem}", {"problem": str(err.detail)}),
-                "loc": ("body",), "input": "<body>"}]) from None
-
-    async def ensure_file(obj):
-        if isinstance(obj, UploadFile):
-            return obj
-        raise ValidationError.from_exception_data("ImageUpload", [{
-            "type": PydanticCustomError("not_a_file", "expected an uploaded PNG/JPEG file, got a text field "
-                                        "(URLs are not fetched)"), "loc": ("images",), "input": "<text>"}])
-
-    MultipartSerde.ensure_file = staticmethod(ensure_file)
-    MultipartSerde.parse_request = parse_multipart
-
-
-def _cancel_request_timers() -> None:
-    """BentoML 1.4's TimeoutMiddleware (``traffic.timeout``) schedules a timer per request and never cancels
-    it: each finished request's context (its tracing span, ~5 KiB) stays alive until the timer fires, 60 s
-    later, so memory under load climbs for a minute before it levels off (docs/reliability.md). Same logic,
-    with the timer cancelled when the request ends."""
-    from bentoml._internal.server.http.traffic import TimeoutMiddleware
-
-    async def call(self, scope, receive, send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
-
-        async def _send(message) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-            await send(message)
-
-        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
-        try:
-            await waiter
-        except asyncio.TimeoutError:
-            if fut.cancel():
-                await JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"},
-                                   status_code=504)(scope, receive, send)
-        else:
-            await fut
-        finally:
-            timer.cancel()
-
-    TimeoutMiddleware.__call__ = call
-
-
-_uploads_only()
-_cancel_request_timers()
+bentoml_patches.apply()
 Noisewise.add_asgi_middleware(ApiKeyAuth)  # added first, so it runs first: no other answer before the key check
 Noisewise.add_asgi_middleware(BodyLimit)
 

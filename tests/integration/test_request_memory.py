@@ -1,6 +1,6 @@
 """Finished requests release their memory: BentoML 1.4's TimeoutMiddleware kept each request's context
 (tracing span and all) alive for traffic.timeout (60 s) through a timer it never cancelled; the service
-cancels it (services/service.py, _cancel_request_timers)."""
+cancels it (services/bentoml_patches.py, _cancel_request_timers)."""
 
 from __future__ import annotations
 
