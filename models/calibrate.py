@@ -38,7 +38,6 @@ from models.uncertainty.conformal import (
     nacp_threshold,
 )
 from models.uncertainty.labelnoise import (
-    NoiseRateEstimate,
     flip_rate_to_uniform,
     noise_rate_confident_learning,
     noise_rate_from_audit,
@@ -396,7 +395,7 @@ def _noise_rate(settings, dataset, pred_cal, y_cal, audit_index, audit_labels, p
     if len(audit_index):
         ordinary = np.setdiff1d(np.arange(len(y_cal)), audit_index)
         est = noise_rate_from_audit(pred_cal[audit_index], audit_labels, pred_cal[ordinary], y_cal[ordinary], k)
-        return _estimate_record(est), est.flip_interval[0], [f"calibration labels: noise rate estimated from "
+        return est.flip_record(), est.flip_interval[0], [f"calibration labels: noise rate estimated from "
                                                              f"{len(audit_index)} audited items"]
     spec = dataset.lineage.get("noise", "none")
     kind, _, rate_text = spec.partition(":")
@@ -408,10 +407,5 @@ def _noise_rate(settings, dataset, pred_cal, y_cal, audit_index, audit_labels, p
         return ({"method": "known", "kind": kind, "flip_rate": rate, "lower": rate, "upper": rate,
                  "convention": "flip"}, rate, note)
     est = noise_rate_confident_learning(y_cal, probs_np)
-    return (_estimate_record(est), est.flip_interval[0],
+    return (est.flip_record(), est.flip_interval[0],
             ["calibration labels: noise rate from the confident-learning heuristic (no audit, not known)"])
-
-
-def _estimate_record(est: NoiseRateEstimate) -> dict:
-    lower, upper = est.flip_interval
-    return {**est.to_dict(), "flip_rate": est.flip_rate, "lower": lower, "upper": upper, "convention_reported": "flip"}

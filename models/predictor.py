@@ -53,7 +53,8 @@ class Prediction:
     is_ood: bool
     decision: str
     reason: str | None
-    probs: list[float] = field(repr=False, default_factory=list)
+    probs: np.ndarray = field(repr=False, default=None)  # float32 [K], a row of the batch's host copy
+    set_indices: list[int] = field(repr=False, default_factory=list)  # prediction_set as class indices
 
     def to_dict(self) -> dict:
         return {
@@ -111,16 +112,17 @@ class Predictor:
             "ood_score": out.ood_score, "p": out.ood_p_value, "is_ood": out.is_ood, "reason": out.reason,
             "top_p": top_p, "top_i": top_i}.items()}
         names = self.class_names
+        members = [np.flatnonzero(row) for row in host["sets"]]
         return [
             Prediction(
                 label=int(host["label"][i]), class_name=names[host["label"][i]],
                 confidence=float(host["confidence"][i]),
                 top_k=[{"label": int(j), "class_name": names[j], "probability": float(p)}
                        for j, p in zip(host["top_i"][i], host["top_p"][i])],
-                prediction_set=[names[j] for j in np.flatnonzero(host["sets"][i])],
+                prediction_set=[names[j] for j in members[i]],
                 ood_score=float(host["ood_score"][i]), ood_p_value=float(host["p"][i]),
                 is_ood=bool(host["is_ood"][i]), decision="accept" if host["reason"][i] == REASON_NONE else "abstain",
-                reason=REASONS[int(host["reason"][i])], probs=host["probs"][i].tolist(),
+                reason=REASONS[int(host["reason"][i])], probs=host["probs"][i], set_indices=members[i].tolist(),
             )
             for i in range(len(host["label"]))
         ]

@@ -48,7 +48,8 @@ metric                                                  type       labels / mean
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import collections
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -132,16 +133,20 @@ def set_model(name: str, version: str, alias: str | None, summary: Mapping) -> N
     CALIBRATION_NOISE.set(float(noise.get("lower", noise.get("flip_rate", 0.0)) or 0.0))
 
 
-def observe_predictions(records: Iterable[Mapping]) -> None:
-    """Count a batch of served predictions (dicts with the response fields)."""
-    for r in records:
-        PREDICTIONS.labels(r["decision"], r["reason"] or "none").inc()
-        PREDICTED_CLASS.labels(r["class_name"]).inc()
-        SET_SIZE.observe(len(r["prediction_set"]))
-        CONFIDENCE.observe(r["confidence"])
-        OOD_P_VALUE.observe(r["ood"]["p_value"])
-        if r["ood"]["is_ood"]:
-            OOD_FLAGS.inc()
+def observe_predictions(predictions: Sequence) -> None:
+    """Count a batch of served predictions (``services.schemas.Prediction``): one increment per label set and
+    batch for the counters; histograms take every value."""
+    for (decision, reason), n in collections.Counter((p.decision, p.reason or "none") for p in predictions).items():
+        PREDICTIONS.labels(decision, reason).inc(n)
+    for class_name, n in collections.Counter(p.class_name for p in predictions).items():
+        PREDICTED_CLASS.labels(class_name).inc(n)
+    flagged = sum(p.ood.is_ood for p in predictions)
+    if flagged:
+        OOD_FLAGS.inc(flagged)
+    for p in predictions:
+        SET_SIZE.observe(len(p.prediction_set))
+        CONFIDENCE.observe(p.confidence)
+        OOD_P_VALUE.observe(p.ood.p_value)
 
 
 def observe_feedback(outcomes: Mapping[str, int], stored: Iterable[Mapping], class_names: list[str]) -> None:

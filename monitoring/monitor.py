@@ -14,21 +14,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.uncertainty.labelnoise import NoiseRateEstimate, flip_rate_to_uniform
+from models.uncertainty.labelnoise import flip_rate_to_uniform
 from monitoring.feedback import best_estimate, noise_rate_estimates, realized_coverage, suspects
-
-
-def _estimate_dict(est: NoiseRateEstimate) -> dict[str, Any]:
-    lower, upper = est.flip_interval
-    return {"flip_rate": est.flip_rate, "lower": lower, "upper": upper, "method": est.method, "n": est.n,
-            "uniform": {"eps": est.estimate, "lower": est.lower, "upper": est.upper}}
 
 
 def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
     """Noise-rate estimates (flip convention, with intervals), realized coverage of the served sets (raw and
     corrected with the best estimate), suspect share, on a feedback frame of one model.
 
-    Returns ``{"n", "n_ood", "noise": {method: {flip_rate, lower, upper, method, n, uniform}}, "best": method or
+    Returns ``{"n", "n_ood", "noise": {method: NoiseRateEstimate.flip_record()}, "best": method or
     None, "coverage": realized_coverage(...) or {}, "suspect_share": float or None, "target": 1 - alpha}``.
     """
     k = calibration.num_classes
@@ -39,7 +33,7 @@ def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
     if not len(ind):
         return state
     estimates = noise_rate_estimates(frame, k)
-    state["noise"] = {name: _estimate_dict(est) for name, est in estimates.items()}
+    state["noise"] = {name: est.flip_record() for name, est in estimates.items()}
     best = best_estimate(estimates)
     best_name = next((name for name, est in estimates.items() if est is best), None)
     state["best"] = best_name

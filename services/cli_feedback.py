@@ -253,12 +253,9 @@ def _noise_record(recal, num_classes: int) -> dict:
     from models.uncertainty.labelnoise import NoiseRateEstimate, uniform_to_flip_rate
 
     best = recal.noise.get("best")
-    record = {"source": "feedback", "method": recal.method, "estimates": recal.noise.get("estimates", {}),
-              "convention": "flip"}
-    if best is not None:
-        est = NoiseRateEstimate.from_dict(best)
-        lower, upper = est.flip_interval
-        record.update(flip_rate=est.flip_rate, lower=lower, upper=upper, estimator=est.method)
+    record = {**(NoiseRateEstimate.from_dict(best).flip_record() if best is not None else {}), "source": "feedback",
+              "method": recal.method, "estimator": best and best.get("method"),
+              "estimates": recal.noise.get("estimates", {})}
     if recal.eps is not None:  # what NACP assumed: the lower bound
         record["lower"] = uniform_to_flip_rate(recal.eps, num_classes)
     return record

@@ -97,11 +97,9 @@ class Served:
     weights: str
     calibration: Any  # models.calibrate.Calibration
     ref: ModelRef = dataclasses.field(init=False)
-    class_index: dict[str, int] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.ref = ModelRef(name=self.name, version=self.version)
-        self.class_index = {name: j for j, name in enumerate(self.calibration.class_names)}
 
 
 def load_served(settings: Settings) -> Served:
@@ -377,8 +375,7 @@ class Noisewise:
             return _error(408, f"no prediction within {self.settings.request_timeout_s:g} s "
                                "(NOISEWISE_REQUEST_TIMEOUT_S); nothing was recorded, retry later")
         predictions = [Prediction(id=str(uuid.uuid4()), model=served.ref, **out.to_dict()) for served, out in outputs]
-        records = [p.model_dump() for p in predictions]
-        metrics.observe_predictions(records)
+        metrics.observe_predictions(predictions)
         if self.recorder is not None:
             try:
                 await self.recorder.record([_stored_row(p, served, out) for p, (served, out) in zip(predictions, outputs)])
@@ -564,12 +561,11 @@ def _safe_url(url: str) -> str:
 def _stored_row(prediction: Prediction, served: Served, out):
     from monitoring.store import PredictionRow
 
-    index = served.class_index
     return PredictionRow(
         id=prediction.id, model_name=served.name, model_version=served.version, weights=served.weights,
-        predicted=out.label, confidence=out.confidence, prediction_set=[index[n] for n in out.prediction_set],
+        predicted=out.label, confidence=out.confidence, prediction_set=out.set_indices,
         is_ood=out.is_ood, ood_score=out.ood_score, ood_p_value=out.ood_p_value, decision=out.decision,
-        reason=out.reason, probs=np.asarray(out.probs, dtype=np.float32))
+        reason=out.reason, probs=out.probs)
 
 
 def _fail(message: str):

@@ -162,6 +162,13 @@ class NoiseRateEstimate:
 
         return {k: encode(v) for k, v in asdict(self).items()}
 
+    def flip_record(self) -> dict[str, Any]:
+        """:meth:`to_dict` with ``flip_rate``, ``lower`` and ``upper`` as flip rates: the form reports,
+        calibrations and gauges use (``estimate`` stays in the uniform convention)."""
+        lower, upper = self.flip_interval
+        return {**self.to_dict(), "flip_rate": self.flip_rate, "lower": lower, "upper": upper,
+                "convention_reported": "flip"}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "NoiseRateEstimate":
         """Inverse of :meth:`to_dict`."""

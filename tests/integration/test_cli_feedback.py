@@ -59,7 +59,7 @@ def store_env(model, tmp_path_factory):
     store.add_predictions([
         PredictionRow(id=i, model_name=model.name, model_version=model.version, weights=model.weights,
                       predicted=o.label, confidence=o.confidence,
-                      prediction_set=[int(c) for c in o.prediction_set], is_ood=o.is_ood, ood_score=o.ood_score,
+                      prediction_set=o.set_indices, is_ood=o.is_ood, ood_score=o.ood_score,
                       ood_p_value=o.ood_p_value, decision=o.decision, reason=o.reason,
                       probs=np.asarray(o.probs, dtype=np.float32))
         for i, o in zip(ids, outputs)])
@@ -74,13 +74,13 @@ def store_env(model, tmp_path_factory):
         scores = score_feedback(probs, labels, thresholds)
         store.add_feedback([
             FeedbackRow(prediction_id=i, label=int(lb), annotator=annotator, audited=False, quality=float(q),
-                        suspect=bool(s), proposed=int(p), in_set=int(lb) in [int(c) for c in o.prediction_set])
+                        suspect=bool(s), proposed=int(p), in_set=int(lb) in o.set_indices)
             for i, lb, q, s, p, o in zip(ids, labels, scores.quality, scores.suspect, scores.proposed, outputs)])
     audited = rng.choice(len(y), 150, replace=False)
     scores = score_feedback(probs[audited], y[audited], thresholds)
     store.add_feedback([
         FeedbackRow(prediction_id=ids[j], label=int(y[j]), annotator="auditor", audited=True, quality=float(q),
-                    suspect=bool(s), proposed=int(p), in_set=int(y[j]) in [int(c) for c in outputs[j].prediction_set])
+                    suspect=bool(s), proposed=int(p), in_set=int(y[j]) in outputs[j].set_indices)
         for j, q, s, p in zip(audited, scores.quality, scores.suspect, scores.proposed)])
     store.close()
     with pytest.MonkeyPatch.context() as mp:
