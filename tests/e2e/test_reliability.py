@@ -32,7 +32,7 @@ import psutil
 import pytest
 
 from tests.e2e.test_server import ROOT, START_TIMEOUT_S, free_port, server_env, stop
-from tests.integration.serving_model import digits
+from tests.integration.serving_model import digits, ensure_model
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +41,8 @@ REF = f"{NAME}@champion"
 
 
 def ensure_reliability_model() -> str:
-    """The dedicated model: trained and promoted once per test session (as serving_model.ensure_model)."""
-    from models.registry import has_alias
-    from services.cli import main
-
-    if not has_alias(NAME):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            status = main(["train", "--dataset", "digits", "--noise", "symmetric:0.2", "--recipe", "ce", "--epochs",
-                           "4", "--risk", "0.25", "--seed", "0", "--register", NAME, "--promote", "--json",
-                           "--quiet"])
-        assert status == 0, out.getvalue()
-    return REF
+    """The dedicated model (a copy of the serving-test recipe): this module moves its alias."""
+    return ensure_model(NAME)
 
 
 class Server:

@@ -17,20 +17,22 @@ NAME = "serving-test"
 REF = f"{NAME}@champion"
 
 
-def ensure_model() -> str:
+def ensure_model(name: str = NAME) -> str:
+    """``NAME@champion`` of the small digits test model, trained and promoted once per test session; another
+    ``name`` gives a copy of it that a test may move aliases on without touching the shared one."""
     from models.registry import has_alias
 
-    if not has_alias(NAME):
+    if not has_alias(name):
         from services.cli import main
 
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             status = main(["train", "--dataset", "digits", "--noise", "symmetric:0.2", "--recipe", "ce", "--epochs",
-                           "4", "--risk", "0.25", "--seed", "0", "--register", NAME, "--promote", "--json",
+                           "4", "--risk", "0.25", "--seed", "0", "--register", name, "--promote", "--json",
                            "--quiet"])
         assert status == 0, out.getvalue()
         assert json.loads(out.getvalue())["calibration"]["abstention"]["certified"], "test model did not certify"
-    return REF
+    return f"{name}@champion"
 
 
 def digits(n: int, start: int = 0):
@@ -59,3 +61,16 @@ def asgi_app():
     from services.service import Noisewise
 
     return Noisewise.to_asgi()
+
+
+@contextlib.contextmanager
+def serve(env: dict):
+    """``TestClient(asgi_app())`` with ``env`` set for the service's lifespan."""
+    import pytest
+    from starlette.testclient import TestClient
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        with TestClient(asgi_app()) as client:
+            yield client

@@ -9,23 +9,13 @@ import time
 
 import numpy as np
 import pytest
-from starlette.testclient import TestClient
 
 from monitoring.store import Store
-from tests.integration.serving_model import asgi_app, digits, ensure_model
+from tests.integration.serving_model import serve, digits, ensure_model
 
 pytestmark = pytest.mark.slow
 
 MAX_ITEMS = 50
-
-
-@contextlib.contextmanager
-def serve(env: dict):
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        with TestClient(asgi_app()) as client:
-            yield client
 
 
 @pytest.fixture(scope="module")

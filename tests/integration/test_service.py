@@ -4,7 +4,6 @@ registered, calibrated model: every field of a prediction, every input form, eve
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import uuid
@@ -12,11 +11,10 @@ import uuid
 import numpy as np
 import pytest
 from PIL import Image
-from starlette.testclient import TestClient
 
 from services.schemas import InputSpec, PredictRequest
 from services.settings import Settings, SettingsError
-from tests.integration.serving_model import asgi_app, digits, direct_predictions, ensure_model
+from tests.integration.serving_model import serve, digits, direct_predictions, ensure_model
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +24,6 @@ MAX_BODY, MAX_PIXELS = 2_000_000, 100_000
 @pytest.fixture(scope="module")
 def ref():
     return ensure_model()
-
-
-@contextlib.contextmanager
-def serve(env: dict):
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        with TestClient(asgi_app()) as client:
-            yield client
 
 
 @pytest.fixture(scope="module")
