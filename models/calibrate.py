@@ -1,19 +1,31 @@
 """Fit everything a served prediction needs besides the weights: the :class:`Calibration`.
 
 One calibration = an OOD scorer fitted on the training features with a conformal gate over held-out
-calibration scores, a conformal threshold that accounts for noisy calibration labels (NACP, or the
-audit-rectified threshold when audited labels exist), a certified abstention threshold, and the
-per-class confident-learning thresholds used to flag suspicious feedback. It is stored as
-``calibration.json`` (validated fields) + ``calibration.safetensors`` (tensors) beside the weights.
+calibration scores, a conformal threshold, a certified abstention threshold with its certified
+risk-coverage frontier, and the per-class confident-learning thresholds used to flag suspicious feedback.
+It is stored as ``calibration.json`` (validated fields) + ``calibration.safetensors`` (tensors) beside the
+weights.
 
-Which labels are used where (DESIGN.md 4.3-4.7):
+A guarantee is stated only when its assumption is checked, and each one says its kind
+(:data:`GUARANTEE_KINDS`): ``valid`` (the assumption is removed by trusted labels or known by construction),
+``conservative`` (valid under a stated noise condition that nothing checked) or ``none``.
+
+Which labels are used where:
 
 - OOD bank: features of the train split (no labels). OOD gate: scores of the calibration split.
 - Confidence function (MSP or MaxLogit-pNorm): chosen on the validation split (noisy labels; tuning
   needs no guarantee and keeps the calibration split whole for certification).
-- Conformal threshold and certified abstention: the calibration split, whose observed labels may be
-  noisy. ``noise_rate`` is a **flip rate** (fraction of wrong labels), converted to the uniform
-  convention for NACP.
+- Conformal threshold, in order of trust: the audit-rectified threshold when some calibration items carry
+  trusted labels (valid); NACP where its uniform noise model holds by construction (symmetric injection) or
+  the user asserts it with a rate (``--noise-model uniform``); otherwise plain split conformal on the
+  observed labels, conservative when label errors are dispersive. NACP with an estimated or wrong noise model
+  under-covers badly on human annotation noise, so it is never the default for labels of unknown origin.
+- Certified abstention: on audited labels when they exist (valid); with the symmetric-noise correction when
+  the noise is symmetric by construction; with the worst-case bound (every wrong label a hidden error) when
+  only the rate is known; otherwise on the observed labels, stated as valid only when label errors do not
+  agree with the model's mistakes.
+- Noise rates are flip rates (share of wrong labels), one convention per record; a heuristic estimate is
+  shown but never feeds a guarantee.
 """
 
 from __future__ import annotations
@@ -36,20 +48,34 @@ from models.uncertainty.conformal import (
     ConformalThreshold,
     audit_rectified_threshold,
     nacp_threshold,
+    split_threshold,
 )
 from models.uncertainty.labelnoise import (
     flip_rate_to_uniform,
     noise_rate_confident_learning,
-    noise_rate_from_audit,
+    noise_rate_direct,
     per_class_thresholds,
 )
 from models.uncertainty.ood import OODGate, OODScorer, build_ood_scorer
-from models.uncertainty.selective import CertifiedThreshold, certify_threshold, select_pnorm
+from models.uncertainty.selective import (
+    CertifiedThreshold,
+    FrontierPoint,
+    certified_frontier,
+    certify_threshold,
+    frontier_sentence,
+    select_pnorm,
+    wrong_label_bound,
+)
 from models.uncertainty.selective import confidence as confidence_fn
 
 CALIBRATION_FORMAT = "noisewise-calibration/1"
 CONFORMAL_MODES = ("plugin", "finite-sample")
-RISK_CORRECTIONS = ("auto", "none", "symmetric")
+RISK_CORRECTIONS = ("auto", "none", "symmetric", "worst-case")
+NOISE_MODELS = ("auto", "uniform")
+#: Kinds of guarantee, from strongest to weakest: ``valid`` (its assumption is removed by trusted labels or
+#: known by construction), ``conservative`` (valid under the stated noise condition, which nothing checked),
+#: ``none`` (nothing is promised).
+GUARANTEE_KINDS = ("valid", "conservative", "none")
 
 
 class CalibrationError(ValueError):
@@ -73,6 +99,10 @@ class Calibration:
     cl_thresholds: list[float]
     settings: dict = field(default_factory=dict)
     assumptions: list[str] = field(default_factory=list)
+    #: part (prediction_set, abstention, ood) -> {"kind": one of GUARANTEE_KINDS, "condition": plain words}
+    guarantees: dict = field(default_factory=dict)
+    #: the certified risk-coverage frontier (FrontierPoint dicts), every row valid at once
+    frontier: list = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -86,18 +116,24 @@ class Calibration:
     def summary(self) -> dict[str, Any]:
         """What the guarantees are and what they assume: for responses, /model and `evaluate`."""
         t, c = self.threshold, self.certified
+        kinds = {part: self.guarantees.get(part) or _UNRECORDED for part in ("prediction_set", "abstention", "ood")}
         return {
             "prediction_set": {
+                "kind": kinds["prediction_set"]["kind"], "condition": kinds["prediction_set"]["condition"],
                 "target_coverage": 1 - t.alpha, "alpha": t.alpha, "method": t.method, "score": self.conformity_score,
                 "q": t.q, "tau": t.tau, "n": t.n, "eps": t.eps, "delta": t.delta, "Delta": t.Delta,
                 "full_sets": t.full_sets, "note": t.note,
             },
             "abstention": {
+                "kind": kinds["abstention"]["kind"], "condition": kinds["abstention"]["condition"],
                 "risk_target": c.risk, "delta": c.delta, "certified": c.certified, "threshold": c.threshold,
                 "risk_ucb": c.risk_ucb, "coverage": c.coverage, "confidence": self.confidence_name,
                 "confidence_params": self.confidence_params, "noise_correction_eps": c.noise_eps, "reason": c.reason,
+                "frontier": self.frontier,
+                "can_certify": frontier_sentence([FrontierPoint.from_dict(p) for p in self.frontier], c.risk)
+                if self.frontier else None,
             },
-            "ood": {"scorer": self.ood_scorer.name, "alpha_ood": self.ood_gate.alpha_ood, "n_calibration": self.ood_gate.n},
+            "ood": {"kind": kinds["ood"]["kind"], "condition": kinds["ood"]["condition"], "scorer": self.ood_scorer.name, "alpha_ood": self.ood_gate.alpha_ood, "n_calibration": self.ood_gate.n},
             "noise": self.noise,
             "assumptions": self.assumptions,
         }
@@ -124,6 +160,8 @@ class Calibration:
             "cl_thresholds": self.cl_thresholds,
             "settings": self.settings,
             "assumptions": self.assumptions,
+            "guarantees": self.guarantees,
+            "frontier": self.frontier,
         }
         json_path, tensor_path = directory / "calibration.json", directory / "calibration.safetensors"
         json_path.write_text(json.dumps(document, indent=2, default=_json_default))
@@ -169,8 +207,12 @@ class Calibration:
             threshold=threshold, noise=dict(doc.get("noise") or {}), confidence_name=doc["confidence_name"],
             confidence_params=dict(doc.get("confidence_params") or {}), certified=certified,
             cl_thresholds=[float(t) for t in doc["cl_thresholds"]], settings=dict(doc.get("settings") or {}),
-            assumptions=list(doc.get("assumptions") or []),
+            assumptions=list(doc.get("assumptions") or []), guarantees=dict(doc.get("guarantees") or {}),
+            frontier=list(doc.get("frontier") or []),
         )
+
+
+_UNRECORDED = {"kind": "none", "condition": "calibrated before guarantee kinds were recorded: recalibrate to state one"}
 
 
 def _check_document(doc: dict, threshold: ConformalThreshold, certified: CertifiedThreshold) -> None:
@@ -214,6 +256,22 @@ def _check_document(doc: dict, threshold: ConformalThreshold, certified: Certifi
             fail(f"{key} must be a JSON {'object' if kind is dict else 'array'}")
     if not all(isinstance(a, str) for a in doc.get("assumptions") or []):
         fail("assumptions must be strings")
+    guarantees = doc.get("guarantees") or {}
+    if not isinstance(guarantees, dict):
+        fail("guarantees must be a JSON object")
+    for part, g in guarantees.items():
+        if (part not in ("prediction_set", "abstention", "ood") or not isinstance(g, dict)
+                or g.get("kind") not in GUARANTEE_KINDS or not isinstance(g.get("condition"), str)):
+            fail(f"guarantees.{part} must be {{kind: one of {GUARANTEE_KINDS}, condition: text}}")
+    frontier = doc.get("frontier") or []
+    if not isinstance(frontier, list):
+        fail("frontier must be a JSON array")
+    try:
+        points = [FrontierPoint.from_dict(p) for p in frontier]
+    except (KeyError, TypeError, ValueError) as err:
+        fail(f"frontier: {err}")
+    if any(not (0 < p.risk < 1 and 0 <= p.coverage <= 1) for p in points):
+        fail("frontier rows need risk in (0, 1) and coverage in [0, 1]")
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -228,9 +286,15 @@ def _json_default(value):
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """User-facing knobs of `noisewise calibrate` (flip-rate convention for ``noise_rate``)."""
+    """User-facing knobs of `noisewise calibrate` (flip-rate convention for ``noise_rate``).
+
+    ``noise_model``: ``auto`` uses NACP's uniform noise model only where it holds by construction
+    (synthetic symmetric injection); ``uniform`` asserts it for the user's labels (needs a rate that
+    is not a heuristic). ``noise_rate``: a flip rate the user vouches for, or ``auto``.
+    """
 
     noise_rate: float | str = "auto"
+    noise_model: str = "auto"
     audit: int = 0
     alpha: float = 0.1
     delta: float = 0.001
@@ -256,6 +320,8 @@ class CalibrationSettings:
             in_open_unit(name.replace("_", "-"), getattr(self, name))
         if self.noise_rate != "auto" and not (isinstance(self.noise_rate, float) and 0.0 <= self.noise_rate < 1.0):
             raise CalibrationError(f"--noise-rate: expected 'auto' or a flip rate in [0, 1), got {self.noise_rate!r}")
+        if self.noise_model not in NOISE_MODELS:
+            raise CalibrationError(f"--noise-model: expected one of {NOISE_MODELS}, got {self.noise_model!r}")
         if self.audit < 0:
             raise CalibrationError(f"--audit: must be >= 0, got {self.audit}")
         if self.conformal not in CONFORMAL_MODES:
@@ -281,39 +347,39 @@ def features_and_logits(net: Classifier, x: np.ndarray | torch.Tensor, device: t
 
 
 def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSettings,
-                    device: torch.device | str = "cpu") -> Calibration:
-    """Fit a :class:`Calibration` for ``net`` on ``dataset``'s train/val/cal splits (see module docstring)."""
+                    device: torch.device | str = "cpu", base: Calibration | None = None) -> Calibration:
+    """Fit a :class:`Calibration` for ``net`` on ``dataset`` (see the module docstring).
+
+    With ``base`` (an existing calibration of the same network), its OOD bank and confidence function are
+    kept and only the ``cal`` split is used: this is how a version is calibrated on other labelled data.
+    """
     settings.check()
     device = torch.device(device)
     net = net.to(device).eval()
     k = dataset.num_classes
-    x_tr, y_tr, _ = dataset.split("train")
-    x_val, y_val, _ = dataset.split("val")
-    x_cal, y_cal, y_cal_clean = dataset.split("cal")
+    x_cal, y_cal, _ = dataset.split("cal")
     n_cal = len(y_cal)
-
-    audit_index = np.empty(0, dtype=np.int64)
-    if settings.audit:
-        if y_cal_clean is None:
-            raise CalibrationError("--audit needs trusted labels: the dataset has no y_clean")
-        if settings.audit >= n_cal:
-            raise CalibrationError(f"--audit: {settings.audit} audited items need a larger calibration split (n={n_cal})")
-        audit_index = np.sort(np.random.default_rng(settings.seed).choice(n_cal, settings.audit, replace=False))
-    audit_labels = None if y_cal_clean is None else y_cal_clean[audit_index]
+    if n_cal == 0:
+        raise CalibrationError("the calibration split is empty")
+    audit_index, audit_labels, audit_note = _audit(settings, dataset)
+    knowledge = _noise_knowledge(settings, dataset)
 
     # OOD: bank on the training features, gate on the held-out calibration scores (no labels involved)
-    f_tr, z_tr = features_and_logits(net, x_tr, device)
-    scorer = build_ood_scorer(settings.ood_scorer, **settings.ood_params).fit(
-        f_tr, z_tr, torch.as_tensor(y_tr, device=device), head=(net.head.weight.detach(), net.head.bias.detach()))
+    if base is None:
+        x_tr, y_tr, _ = dataset.split("train")
+        f_tr, z_tr = features_and_logits(net, x_tr, device)
+        scorer = build_ood_scorer(settings.ood_scorer, **settings.ood_params).fit(
+            f_tr, z_tr, torch.as_tensor(y_tr, device=device), head=(net.head.weight.detach(), net.head.bias.detach()))
+    else:
+        scorer = base.ood_scorer.to(device)
     f_cal, z_cal = features_and_logits(net, x_cal, device)
     gate = OODGate(scorer.score(f_cal, z_cal), alpha_ood=settings.ood_alpha)
 
     probs_cal = torch.softmax(z_cal, dim=1)
     probs_np = probs_cal.double().cpu().numpy()
     pred_cal = probs_np.argmax(1)
-
-    noise, eps_lower, assumptions = _noise_rate(settings, dataset, pred_cal, y_cal, audit_index, audit_labels, probs_np)
-    eps_uniform = flip_rate_to_uniform(eps_lower, k)
+    noise, assumptions = _noise_record(settings, knowledge, y_cal, audit_index, audit_labels, probs_np, k)
+    assumptions = audit_note + assumptions
 
     # MAPIE's convention: randomized scores at calibration, include-last-label sets at serving, so that
     # at eps = 0 our sets are exactly MAPIE's SplitConformalClassifier sets.
@@ -321,42 +387,30 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     calibration_params = {**convention["calibration"], **({"generator": generator} if convention["calibration"] else {})}
     scores = CONFORMITY_SCORES[settings.score](probs_cal.double(), **calibration_params).cpu().numpy()
-    if len(audit_index):
-        threshold = audit_rectified_threshold(scores, y_cal, audit_index, audit_labels, settings.alpha,
-                                              conditional=settings.conformal == "finite-sample")
-        assumptions.append(f"prediction sets: audit-rectified threshold from {len(audit_index)} audited items "
-                           "(no noise model assumed)")
-    else:
-        threshold = nacp_threshold(scores, y_cal, settings.alpha, eps_uniform,
-                                   delta=settings.delta if settings.conformal == "finite-sample" else None)
-        assumptions.append(f"prediction sets: NACP assumes uniform label noise at rate eps={eps_uniform:.4f} "
-                           "(uniform convention) on the calibration labels; non-uniform (instance-dependent) noise "
-                           "can make the sets under-cover: audit some labels (--audit) to remove the assumption")
+    threshold, set_guarantee = _fit_sets(settings, knowledge, scores, y_cal, audit_index, audit_labels, k)
 
-    # Confidence function tuned on the validation split; certification on the calibration split.
-    f_val, z_val = features_and_logits(net, x_val, device)
-    p = select_pnorm(z_val, (z_val.argmax(1).cpu().numpy() == y_val))
-    confidence_name, confidence_params = ("msp", {}) if p is None else ("maxlogit_pnorm", {"p": int(p)})
+    if base is None:
+        # Confidence function tuned on the validation split; certification on the calibration split.
+        x_val, y_val, _ = dataset.split("val")
+        _, z_val = features_and_logits(net, x_val, device)
+        p = select_pnorm(z_val, (z_val.argmax(1).cpu().numpy() == y_val))
+        confidence_name, confidence_params = ("msp", {}) if p is None else ("maxlogit_pnorm", {"p": int(p)})
+    else:
+        confidence_name, confidence_params = base.confidence_name, dict(base.confidence_params)
     conf_cal = confidence_fn(z_cal, confidence_name, **confidence_params).double().cpu().numpy()
-    if len(audit_index):
-        errors = pred_cal[audit_index] != audit_labels
-        cert_conf, noise_eps = conf_cal[audit_index], None
-        assumptions.append(f"abstention: certified on {len(audit_index)} audited (trusted) labels")
-    else:
-        errors = pred_cal != y_cal
-        cert_conf = conf_cal
-        correction = settings.risk_correction
-        if correction == "auto":
-            correction = "symmetric" if noise.get("method") == "known" and noise.get("kind") == "symmetric" else "none"
-        noise_eps = eps_uniform if correction == "symmetric" and eps_lower > 0 else None
-        assumptions.append(
-            "abstention: certified on noisy labels with the symmetric-noise correction at "
-            f"eps={eps_uniform:.4f} (valid only if the noise is symmetric)" if noise_eps is not None else
-            "abstention: certified on noisy labels without correction (conservative: noisy labels over-estimate risk)")
-    min_accepted = min_accepted_for(len(cert_conf), settings.risk, settings.risk_delta)
-    certified = certify_threshold(cert_conf, errors, settings.risk, settings.risk_delta, min_accepted=min_accepted,
-                                  noise_eps=noise_eps, num_classes=k if noise_eps is not None else None)
+    certified, frontier, abstention_guarantee, min_accepted = _fit_abstention(
+        settings, knowledge, conf_cal, pred_cal, y_cal, audit_index, audit_labels, k)
 
+    guarantees = {
+        "prediction_set": set_guarantee,
+        "abstention": abstention_guarantee,
+        "ood": {"kind": "valid", "condition": "served in-distribution inputs are exchangeable with the calibration "
+                "inputs (no labels involved, so label noise cannot bias it)"},
+    }
+    assumptions += [f"{part.replace('_', ' ')}: {g['kind']}: {g['condition']}" for part, g in guarantees.items()
+                    if part != "ood"]
+    if not certified.certified:
+        assumptions.append("abstention: " + frontier_sentence(frontier, settings.risk))
     return Calibration(
         class_names=list(dataset.class_names), ood_scorer=scorer, ood_gate=gate,
         conformity_score=settings.score, conformity_params=dict(convention["serving"]), threshold=threshold,
@@ -365,7 +419,7 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
         cl_thresholds=[float(t) for t in per_class_thresholds(probs_np, y_cal, k)],
         settings={**settings.__dict__, "n_calibration": n_cal, "n_audited": int(len(audit_index)),
                   "min_accepted": min_accepted},
-        assumptions=assumptions,
+        assumptions=assumptions, guarantees=guarantees, frontier=[point.to_dict() for point in frontier],
     )
 
 
@@ -385,27 +439,179 @@ def min_accepted_for(n: int, risk: float, delta: float) -> int:
     return max(zero_error_n, n // 2)
 
 
-def _noise_rate(settings, dataset, pred_cal, y_cal, audit_index, audit_labels, probs_np):
-    """The calibration labels' noise rate: ``(record, flip-rate lower bound, assumptions)``."""
-    k = dataset.num_classes
-    if settings.noise_rate != "auto":
-        rate = float(settings.noise_rate)
-        return ({"method": "given", "flip_rate": rate, "lower": rate, "upper": rate, "convention": "flip"},
-                rate, [f"calibration labels: flip noise rate {rate} given by the user"])
-    if len(audit_index):
-        ordinary = np.setdiff1d(np.arange(len(y_cal)), audit_index)
-        est = noise_rate_from_audit(pred_cal[audit_index], audit_labels, pred_cal[ordinary], y_cal[ordinary], k)
-        return est.flip_record(), est.flip_interval[0], [f"calibration labels: noise rate estimated from "
-                                                             f"{len(audit_index)} audited items"]
+@dataclass(frozen=True)
+class NoiseKnowledge:
+    """What is known about the calibration labels' noise before looking at them.
+
+    ``source``: ``known`` (injected by noisewise, or clean built-in data), ``given`` (``--noise-rate``) or
+    ``unknown``. ``kind``: the injected kind (``none``, ``symmetric``, ``pair``, ``instance``, ``confusion``),
+    ``uniform`` when the user asserted it, else ``unknown``. ``flip_rate``: None when unknown.
+    """
+
+    source: str
+    kind: str
+    flip_rate: float | None
+
+    @property
+    def clean(self) -> bool:
+        return self.source == "known" and self.flip_rate == 0.0
+
+    @property
+    def uniform(self) -> bool:
+        """NACP's noise model holds: symmetric injection, or the user said so."""
+        return self.kind in ("symmetric", "uniform") and bool(self.flip_rate)
+
+
+def _noise_knowledge(settings: CalibrationSettings, dataset: Dataset) -> NoiseKnowledge:
     spec = dataset.lineage.get("noise", "none")
     kind, _, rate_text = spec.partition(":")
-    if kind != "none" or dataset.name in BUILTIN_DATASETS:  # user labels without injection: rate unknown
-        rate = float(rate_text or 0.0)
-        note = [f"calibration labels: noise {spec} known by construction (synthetic injection)"]
-        if kind in ("pair", "instance"):
-            note.append(f"calibration labels: {kind} noise is not uniform, so NACP's noise model is wrong here")
-        return ({"method": "known", "kind": kind, "flip_rate": rate, "lower": rate, "upper": rate,
-                 "convention": "flip"}, rate, note)
+    rate = float(rate_text or 0.0)
+    if settings.noise_rate != "auto":
+        return NoiseKnowledge("given", "uniform" if settings.noise_model == "uniform" else "unknown",
+                              float(settings.noise_rate))
+    if kind != "none" and rate > 0:
+        return NoiseKnowledge("known", kind, rate)
+    if dataset.name in BUILTIN_DATASETS:  # labels that ship with the package, no injection: clean
+        return NoiseKnowledge("known", "none", 0.0)
+    return NoiseKnowledge("unknown", "uniform" if settings.noise_model == "uniform" else "unknown", None)
+
+
+def _audit(settings: CalibrationSettings, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Audited calibration items: ``(positions in the cal split, trusted labels, assumption lines)``.
+
+    ``--audit N`` draws N items whose reference label (``y_clean``) is known; otherwise the trusted labels the
+    dataset carries for part of its items (a partial ``y_clean`` or a trusted-labels file) are the audit.
+    """
+    _, _, y_cal_clean = dataset.split("cal")
+    if settings.audit:
+        if y_cal_clean is None:
+            raise CalibrationError("--audit needs trusted labels: the dataset has no y_clean")
+        known = np.flatnonzero(y_cal_clean >= 0)
+        if settings.audit > len(known) or settings.audit >= len(y_cal_clean):
+            raise CalibrationError(f"--audit: {settings.audit} audited items need a larger calibration split "
+                                   f"({len(known)} of {len(y_cal_clean)} calibration items have a trusted label)")
+        index = np.sort(np.random.default_rng(settings.seed).choice(known, settings.audit, replace=False))
+        return index, y_cal_clean[index], [f"audit: {settings.audit} calibration items drawn at random and "
+                                           "given their trusted labels (--audit)"]
+    trusted_split = getattr(dataset, "trusted_split", None)
+    if trusted_split is not None and getattr(dataset, "trusted", None) is not None:
+        index, labels = trusted_split("cal")
+        if len(index):
+            return (np.asarray(index, dtype=np.int64), np.asarray(labels, dtype=np.int64),
+                    [f"audit: {len(index)} calibration items carry trusted labels from the data; they are assumed "
+                     "to be a random sample of the calibration items"])
+    return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), []
+
+
+def _noise_record(settings, knowledge: NoiseKnowledge, y_cal, audit_index, audit_labels, probs_np, k):
+    """The calibration labels' noise rate as one flip-convention record, and what it rests on."""
+    if knowledge.source == "given":
+        r = knowledge.flip_rate
+        return ({"method": "given", "flip_rate": r, "lower": r, "upper": r, "convention": "flip",
+                 "heuristic": False}, [f"calibration labels: flip rate {r} given by the user (--noise-rate)"])
+    if len(audit_index):
+        est = noise_rate_direct(y_cal[audit_index], audit_labels, k)
+        return est.to_dict(), [f"calibration labels: flip rate {est.flip_rate:.3f} [{est.lower:.3f}, {est.upper:.3f}] "
+                               f"counted on {len(audit_index)} audited items (share of observed labels that differ "
+                               "from the trusted ones, Clopper-Pearson interval)"]
+    if knowledge.source == "known":
+        r = knowledge.flip_rate
+        notes = [f"calibration labels: noise {knowledge.kind}:{r:g} known by construction (synthetic injection)"
+                 if r else "calibration labels: clean (built-in data, no noise injected)"]
+        return ({"method": "known", "kind": knowledge.kind, "flip_rate": r, "lower": r, "upper": r,
+                 "convention": "flip", "heuristic": False}, notes)
     est = noise_rate_confident_learning(y_cal, probs_np)
-    return (est.flip_record(), est.flip_interval[0],
-            ["calibration labels: noise rate from the confident-learning heuristic (no audit, not known)"])
+    return ({**est.to_dict(), "used_for_guarantees": False},
+            [f"calibration labels: noise rate unknown; the confident-learning heuristic says {est.flip_rate:.3f} "
+             "(it counts the model's own mistakes as label noise, so it is shown, never used in a guarantee)"])
+
+
+_DISPERSIVE = ("the sets cover the observed labels; they cover the true label at least as often if label errors are "
+               "dispersive (spread over classes that score no better than the true one). Where annotators err "
+               "towards the classes the model confuses they can fall short by about a point: audit some labels "
+               "(noisewise audit) to make the guarantee valid")
+_AGREEING = ("certified on observed labels: valid only if label errors do not agree with the model's mistakes (for "
+             "example uniform noise). Where annotators err on the items the model also finds ambiguous, the model "
+             "agrees with the wrong labels and the certified risk is too low: audit some labels (noisewise audit) "
+             "to make it valid")
+
+
+def _fit_sets(settings, knowledge: NoiseKnowledge, scores, y_cal, audit_index, audit_labels, k):
+    """The conformal threshold and the kind of its guarantee (see :data:`GUARANTEE_KINDS`)."""
+    finite = settings.conformal == "finite-sample"
+    form = "with probability >= 1 - delta over the calibration draw" if finite else "on average over calibration draws"
+    if len(audit_index):
+        threshold = audit_rectified_threshold(scores, y_cal, audit_index, audit_labels, settings.alpha,
+                                              conditional=finite)
+        return threshold, {"kind": "valid", "condition": f"coverage of the true label {form}, corrected by "
+                           f"{len(audit_index)} audited items (a random sample of the calibration items); no noise "
+                           "model assumed"}
+    if settings.noise_model == "uniform" and knowledge.flip_rate is None:
+        raise CalibrationError("--noise-model uniform needs a noise rate that is not a heuristic: give --noise-rate R "
+                               "or audited labels (the confident-learning estimate never feeds a guarantee)")
+    if knowledge.uniform:
+        eps = flip_rate_to_uniform(knowledge.flip_rate, k)
+        threshold = nacp_threshold(scores, y_cal, settings.alpha, eps, delta=settings.delta if finite else None)
+        if knowledge.source == "known":
+            return threshold, {"kind": "valid", "condition": f"coverage of the true label {form}; NACP with the "
+                               f"uniform noise rate eps={eps:.4f}, known by construction (symmetric injection)"}
+        return threshold, {"kind": "conservative", "condition": f"coverage of the true label {form} if the label "
+                           f"noise is uniform (independent of the input) with a flip rate of at least "
+                           f"{knowledge.flip_rate:g}; over-stating the rate or non-uniform noise makes NACP under-cover"}
+    threshold = split_threshold(scores, y_cal, settings.alpha, delta=settings.delta if finite else None)
+    if knowledge.clean:
+        return threshold, {"kind": "valid", "condition": f"coverage of the true label {form} (clean labels)"}
+    return threshold, {"kind": "conservative", "condition": f"split conformal on the observed labels, {form}: "
+                       + _DISPERSIVE}
+
+
+def _fit_abstention(settings, knowledge: NoiseKnowledge, conf_cal, pred_cal, y_cal, audit_index, audit_labels, k):
+    """Certified threshold, certified frontier and guarantee kind of the accept/abstain decision."""
+    if len(audit_index):
+        conf, errors = conf_cal[audit_index], pred_cal[audit_index] != audit_labels
+        correction, guarantee = "none", {"kind": "valid", "condition": f"certified on {len(audit_index)} audited "
+                                         "(trusted) labels, a random sample of the calibration items"}
+    else:
+        conf, errors = conf_cal, pred_cal != y_cal
+        correction = settings.risk_correction
+        if correction == "auto":
+            if knowledge.clean:
+                correction = "none"
+            elif knowledge.uniform:
+                correction = "symmetric"
+            elif knowledge.flip_rate is not None:
+                correction = "worst-case"
+            else:
+                correction = "none"
+        if correction in ("symmetric", "worst-case") and not knowledge.flip_rate:
+            raise CalibrationError(f"--risk-correction {correction} needs a known or given noise rate (--noise-rate R)")
+        by_construction = knowledge.source == "known"
+        if correction == "symmetric":
+            guarantee = ({"kind": "valid", "condition": "symmetric-noise correction at the rate known by construction"}
+                         if by_construction and knowledge.kind == "symmetric" else
+                         {"kind": "conservative", "condition": "symmetric-noise correction: valid if the label noise is "
+                          f"uniform over the other classes, independent of the input, with flip rate >= "
+                          f"{knowledge.flip_rate:g}"})
+        elif correction == "worst-case":
+            guarantee = {"kind": "valid" if by_construction else "conservative",
+                         "condition": "worst case over where the wrong labels fall: every wrong calibration label is "
+                         f"counted as a hidden error among accepted items (flip rate {knowledge.flip_rate:g} "
+                         + ("known by construction)" if by_construction else "given; valid if the true rate is at most "
+                            "that)")}
+        elif knowledge.clean:
+            guarantee = {"kind": "valid", "condition": "certified on clean labels"}
+        else:
+            guarantee = {"kind": "conservative", "condition": _AGREEING}
+    n = len(conf)
+    delta = settings.risk_delta
+    kwargs: dict[str, Any] = {}
+    if correction == "symmetric":
+        kwargs = {"noise_eps": flip_rate_to_uniform(knowledge.flip_rate, k), "num_classes": k}
+    elif correction == "worst-case":
+        # half of delta bounds the number of wrong labels, half goes to the test (union bound)
+        delta = delta / 2
+        kwargs = {"max_wrong_labels": wrong_label_bound(n, knowledge.flip_rate, delta)}
+    min_accepted = min_accepted_for(n, settings.risk, delta)
+    certified = certify_threshold(conf, errors, settings.risk, delta, min_accepted=min_accepted, **kwargs)
+    frontier = certified_frontier(conf, errors, delta=delta, min_accepted=min_accepted, **kwargs)
+    return certified, frontier, guarantee, min_accepted

@@ -1,5 +1,5 @@
 """What the guarantees mean on data: coverage, set size, selective risk and OOD detection of a
-:class:`~models.predictor.Predictor` on a dataset's clean test split and on OOD sets."""
+:class:`~models.predictor.Predictor` on a dataset's test split and on OOD sets."""
 
 from __future__ import annotations
 
@@ -43,27 +43,47 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict:
     return {"auroc": float(roc_auc_score(y, np.r_[id_scores, ood_scores])), "fpr95": fpr_at_95_tpr(id_scores, ood_scores)}
 
 
+def reference_labels(y_observed: np.ndarray, y_clean: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The labels to score against: ``(row mask, labels, description)``.
+
+    Reference labels (``y_clean``, -1 where unknown) wherever they exist; otherwise every observed label, said
+    plainly, since coverage and risk measured on noisy labels are not those of the true labels.
+    """
+    if y_clean is not None and (y_clean >= 0).any():
+        known = y_clean >= 0
+        what = "reference (y_clean)" if known.all() else f"reference (y_clean) on the {int(known.sum())} items that have one"
+        return known, y_clean[known], what
+    return (np.ones(len(y_observed), dtype=bool), y_observed,
+            "observed (no reference labels: coverage and risk are measured against possibly noisy labels)")
+
+
 def evaluate(predictor: Predictor, dataset: Dataset, ood_sets: tuple[str, ...] = OOD_DATASETS,
              n_ood: int = 500, seed: int = 0) -> dict:
-    """Metrics on the clean test labels (observed labels when no clean ones exist, said in ``labels``)."""
+    """Metrics on the test split against the reference labels where known (see :func:`reference_labels`)."""
     x, y_observed, y_clean = dataset.split("test")
-    labels = y_clean if y_clean is not None else y_observed
+    rows, labels, what = reference_labels(y_observed, y_clean)
     out = forward_all(predictor, x)
-    probs = out.probs.numpy()
-    pred = out.label.numpy()
+    probs = out.probs.numpy()[rows]
+    pred = out.label.numpy()[rows]
     correct = pred == labels
-    sets = out.sets.numpy()
-    accept = out.accept.numpy()
+    sets = out.sets.numpy()[rows]
+    accept = out.accept.numpy()[rows]
+    confidence = out.confidence.numpy()[rows]
     summary = predictor.calibration.summary()
+    realized = None
+    if y_clean is not None and rows.any() and what.startswith("reference"):
+        realized = float((y_observed[rows] != labels).mean())
     result = {
-        "labels": "clean" if y_clean is not None else "observed (no clean labels known)",
+        "labels": what,
         "n_test": int(len(labels)),
+        "realized_noise_rate": realized,
         "accuracy": float(correct.mean()),
         "ece": expected_calibration_error(probs, labels),
-        "aurc": aurc(out.confidence.numpy(), correct),
-        "eaurc": eaurc(out.confidence.numpy(), correct),
+        "aurc": aurc(confidence, correct),
+        "eaurc": eaurc(confidence, correct),
         "coverage": float(sets[np.arange(len(labels)), labels].mean()),
         "mean_set_size": float(sets.sum(1).mean()),
+        "empty_set_rate": float((sets.sum(1) == 0).mean()),
         "target_coverage": summary["prediction_set"]["target_coverage"],
         "selective_coverage": float(accept.mean()),
         "selective_risk": float((~correct[accept]).mean()) if accept.any() else None,
@@ -73,6 +93,9 @@ def evaluate(predictor: Predictor, dataset: Dataset, ood_sets: tuple[str, ...] =
         "ood_auroc": {},
         "ood_fpr95": {},
         "ood_flag_rate": {},
+        "guarantees": {part: {"kind": summary[part]["kind"], "condition": summary[part]["condition"]}
+                       for part in ("prediction_set", "abstention", "ood")},
+        "can_certify": summary["abstention"]["can_certify"],
         "assumptions": {"eps": summary["prediction_set"]["eps"], "delta": summary["prediction_set"]["delta"],
                         "risk_delta": summary["abstention"]["delta"], "noise": summary["noise"],
                         "statements": summary["assumptions"]},

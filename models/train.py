@@ -174,6 +174,9 @@ def train(
     x_train, y_train, _ = tensors("train")
     x_val, y_val, _ = tensors("val")
     x_test, _, y_test_clean = tensors("test")
+    if y_test_clean is not None:  # a partial reference (-1 = unknown): score the items that have one
+        known = y_test_clean >= 0
+        x_test, y_test_clean = (x_test[known], y_test_clean[known]) if bool(known.any()) else (x_test, None)
     k, n_train = dataset.num_classes, len(x_train)
 
     n_nets = 2 if recipe.strategy == "coteaching" else 1

@@ -1,12 +1,13 @@
-"""Evidently reports on returned labels and served predictions (DESIGN.md 5); the only Evidently import.
+"""Evidently reports on returned labels and served predictions; the only Evidently import.
 
 One :func:`drift_report` call runs one Evidently ``Report`` and stores its snapshot in a local Evidently
 workspace (``evidently ui --workspace DIR`` serves it), next to HTML and JSON copies. The report holds:
 
 * label drift: the feedback labels against the calibration labels, Evidently's ``ValueDrift`` with the
-  stat test set explicitly (chi-square by default). Left to itself Evidently picks chi-square below 1000
-  reference rows and Jensen-Shannon distance above, which turns a p-value (drift when small) into a
-  distance (drift when large): the score would change meaning as the calibration set grows;
+  stat test set explicitly (:func:`chi2_two_sample` by default). Left to itself Evidently picks its
+  chi-square below 1000 reference rows and Jensen-Shannon distance above, which turns a p-value (drift
+  when small) into a distance (drift when large): the score would change meaning as the calibration set
+  grows;
 * prediction drift: the served predicted class against the model's predictions on the calibration
   inputs, the same test;
 * classification quality on labelled in-distribution feedback (Evidently's ``ClassificationPreset``:
@@ -15,25 +16,35 @@ workspace (``evidently ui --workspace DIR`` serves it), next to HTML and JSON co
 * suspected annotation errors: their share overall, per given label and per annotator (``MeanValue`` of
   the 0/1 suspect flag, per group).
 
+The drift test is a two-sample test. Both samples are noisy: the calibration counts are a sample too,
+not the true class proportions. Evidently's own ``"chisquare"`` is a goodness-of-fit test of the current
+counts against the reference proportions taken as exact; it ignores the reference sample's noise and
+explodes on a class the model almost never predicts (a handful of reference counts, or none), and on
+same-distribution traffic it fired far above its nominal 5%. :func:`chi2_two_sample` tests homogeneity
+of the 2 x K table of reference and current counts instead (Pearson's chi-square with the chi-square
+approximation when every expected count is at least 5, else a Monte Carlo permutation p-value, exact
+in level). It is registered in Evidently's stat-test registry under the name ``"chi2_two_sample"``
+(``evidently.legacy.calculations.stattests.register_stattest``, the documented way to add a test), so
+Evidently runs this very function: the report, its JSON, the workspace snapshot, the returned numbers
+and the gauges all show one p-value. Evidently's ``"chisquare"``, ``"g_test"`` (goodness of fit too, and
+it fails when the samples differ in size) and ``"TVD"`` (a permutation p-value that can be 0 and reseeds
+numpy's global generator) are not offered; the distances (Jensen-Shannon, PSI, Hellinger, KL) stay as
+explicit opt-ins, with a user-chosen threshold and no level.
+
 Which rows enter which part (the choices behind the numbers):
 
 * labels come back for the inputs the model saw; feedback on inputs flagged OOD is not from the
-  reference distribution, and the model cannot judge those labels (DESIGN.md 4.7), so label drift,
-  quality and suspect shares use in-distribution feedback only and the OOD feedback is counted apart;
+  reference distribution, and the model cannot judge those labels, so label drift, quality and suspect
+  shares use in-distribution feedback only and the OOD feedback is counted apart;
 * an input labelled by several annotators counts once in label drift and quality (the audited label
-  if there is one, else the earliest): the chi-square test assumes independent rows, and duplicate
+  if there is one, else the earliest): the two-sample test assumes independent rows, and duplicate
   labels of one input are not independent. Suspect shares count every label (they judge annotators).
 
 Evidently's ``Report`` takes one current table, while the samples here differ in size (feedback,
 served predictions). Each sample gets its own columns, padded with missing values to the longest;
 ``ValueDrift`` and the classification metrics drop missing values before computing (Evidently 0.7's
 ``get_one_column_drift`` and ``ClassificationQuality`` do so explicitly), and the tests check every
-number against pandas/scipy.
-
-The chi-square test is Evidently's: a goodness-of-fit test of the current counts against the reference
-proportions, which treats the reference as exact. With ``n_current`` rows against ``n_reference``, the
-statistic's variance under no drift is inflated by about ``1 + n_current / n_reference``: keep the
-calibration set larger than the feedback window, or read small p-values with that in mind.
+number against scipy, pandas and scikit-learn.
 """
 
 from __future__ import annotations
@@ -48,34 +59,58 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+from evidently.legacy.calculations.stattests import StatTest, register_stattest
+from evidently.legacy.core import ColumnType
 from evidently.metrics import MeanValue, ValueDrift
 from evidently.metrics.group_by import GroupByMetric
 from evidently.presets import ClassificationPreset
 from evidently.ui.workspace import Workspace
+from scipy import stats
 
 __all__ = [
     "CATEGORICAL_STATTESTS",
+    "CHI2_TWO_SAMPLE",
     "DEFAULT_STATTEST",
     "DEFAULT_THRESHOLD",
+    "MIN_EXPECTED",
+    "N_RESAMPLES",
+    "chi2_two_sample",
     "drift_report",
     "value_drift",
 ]
 
-# Evidently's stat tests that accept a categorical column, and what their score is. A p-value means
-# drift when score < threshold; a distance means drift when score >= threshold (Evidently's own rules).
+CHI2_TWO_SAMPLE = "chi2_two_sample"
+# The tests a categorical column may use, and what their score is. A p-value means drift when
+# score < threshold; a distance means drift when score >= threshold (Evidently's own rules). Only the
+# two-sample test has a level; the distances are Evidently's, with no calibrated threshold.
 CATEGORICAL_STATTESTS: dict[str, str] = {
-    "chisquare": "p_value",
-    "g_test": "p_value",
-    "TVD": "p_value",
+    CHI2_TWO_SAMPLE: "p_value",
     "jensenshannon": "distance",
     "psi": "distance",
     "hellinger": "distance",
     "kl_div": "distance",
 }
-DEFAULT_STATTEST = "chisquare"
+# Evidently tests left out on purpose, with the reason given to whoever asks for them.
+_REJECTED_STATTESTS = {
+    "chisquare": "a goodness-of-fit test against the reference proportions taken as exact: it ignores the "
+                 "reference sample's noise and fires far above its level on a rarely seen class",
+    "g_test": "a goodness-of-fit test against the reference counts, which fails when the samples differ "
+              "in size",
+    "TVD": "a permutation p-value without the +1 correction (it can be 0) that reseeds numpy's global "
+           "generator",
+}
+DEFAULT_STATTEST = CHI2_TWO_SAMPLE
 DEFAULT_THRESHOLD = 0.05
+# Cochran's rule: the chi-square approximation wants every expected count >= 5; below, the Monte Carlo
+# p-value. 9999 resamples put its Monte Carlo standard error at 0.05 near 0.002.
+MIN_EXPECTED = 5.0
+N_RESAMPLES = 9999
+_RANDOM_STATE = 0
+# Simulated statistics equal to the observed one up to rounding count as >= (R's chisq.test does the same).
+_TIE_TOLERANCE = 64 * np.finfo(float).eps
 
 # Columns of the report's tables. Each sample has its own columns (see the module docstring).
 _LABEL, _PREDICTED = "label", "predicted"          # labelled in-distribution feedback (one per input)
@@ -86,6 +121,131 @@ _SUSPECT_CLASS, _SUSPECT_ANNOTATOR = "suspect_given_label", "suspect_annotator"
 _REFERENCE_COLUMNS = ("label", "predicted")
 _PREDICTION_COLUMNS = ("predicted",)
 _FEEDBACK_COLUMNS = ("label", "predicted", "suspect", "annotator", "is_ood")
+
+
+# --------------------------------------------------------------------------------- two-sample test
+
+
+def _check_counts(counts: npt.ArrayLike, argument: str) -> np.ndarray:
+    array = np.asarray(counts)
+    if array.ndim != 1:
+        raise ValueError(f"{argument} must be a 1-D array of class counts, shape (K,), got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)) or (
+            array.size and not np.all(np.isfinite(array))):
+        raise ValueError(f"{argument} must hold finite counts, got dtype {array.dtype}")
+    if array.size and (np.any(array < 0) or np.any(np.mod(array, 1) != 0)):
+        raise ValueError(f"{argument} must hold non-negative integer counts, got {array.tolist()[:10]}")
+    if array.sum() <= 0:
+        raise ValueError(f"{argument} must count at least one item, got {array.tolist()[:10]}")
+    return array.astype(np.int64)
+
+
+def _pearson(current: np.ndarray, totals: np.ndarray, n_current: int, n_reference: int) -> np.ndarray:
+    """Pearson's X^2 of 2 x K tables given by their current row, shape (..., K) -> (...,).
+
+    With column totals T_k, N = n_c + n_r and expected current counts E_k = T_k n_c / N, the reference
+    deviations are the current ones negated, so
+    X^2 = sum_k (c_k - E_k)^2 (1/E_k + 1/E'_k) = N^2 / (n_c n_r) * sum_k (c_k - E_k)^2 / T_k.
+    """
+    n = n_current + n_reference
+    expected = totals * (n_current / n)
+    return (n * n / (n_current * n_reference)) * np.sum((current - expected) ** 2 / totals, axis=-1)
+
+
+def chi2_two_sample(reference_counts: npt.ArrayLike, current_counts: npt.ArrayLike, *,
+                    min_expected: float = MIN_EXPECTED, n_resamples: int = N_RESAMPLES,
+                    random_state: int | None = _RANDOM_STATE) -> dict[str, Any]:
+    """Two-sample chi-square test that the reference and current samples share their class proportions.
+
+    Pearson's test of homogeneity of the 2 x K contingency table (reference and current counts as rows),
+    both samples random (Pearson 1900; Agresti, *Categorical Data Analysis*, 3rd ed., 3.2). Classes with
+    no count in either sample are dropped; they carry no information and would make 0/0 terms.
+
+    ``X^2 = sum_{s, k} (O_sk - E_sk)^2 / E_sk`` with ``E_sk = n_s T_k / N`` (``n_s`` the sample sizes,
+    ``T_k`` the class totals, ``N`` all items). When every expected count is at least ``min_expected``
+    the p-value is the chi-square tail with ``K' - 1`` degrees of freedom (``K'`` the classes kept), as
+    ``scipy.stats.chi2_contingency(table, correction=False)`` gives it. Otherwise (a class the model
+    almost never predicts, small samples) the approximation can be off and the p-value is Monte Carlo:
+    under no drift the N items are exchangeable, so given the class totals the current row is
+    multivariate hypergeometric; ``n_resamples`` tables are drawn from it and
+    ``p = (1 + #{X^2_b >= X^2}) / (n_resamples + 1)`` (Hope 1968, "A simplified Monte Carlo significance
+    test procedure", JRSS B 30; R's ``chisq.test(simulate.p.value = TRUE)``), which satisfies
+    ``P(p <= alpha) <= alpha`` for every sample size. The classes are put in a canonical order first, so
+    the p-value does not depend on how the classes are numbered, and with a fixed ``random_state`` it
+    is a deterministic function of the counts (the Evidently report shows the same number).
+
+    Parameters
+    ----------
+    reference_counts, current_counts : array-like of int, shape (K,)
+        Items per class in the reference (e.g. calibration) and current (e.g. served) samples; each
+        sample counts at least one item.
+    min_expected : float, default 5
+        Smallest expected count for the chi-square approximation (Cochran's rule); ``0`` always uses
+        it, ``inf`` always the Monte Carlo p-value.
+    n_resamples : int, default 9999
+        Monte Carlo tables (the smallest p-value is ``1 / (n_resamples + 1)``).
+    random_state : int or None, default 0
+        Seed of the Monte Carlo draws; ``None`` draws fresh entropy (p-values then vary between calls).
+
+    Returns
+    -------
+    dict
+        ``statistic`` (X^2), ``p_value``, ``dof`` (``K' - 1``), ``method`` (``"chi2"``, ``"monte_carlo"``,
+        or ``"single_class"`` when both samples fall in one class: ``p = 1``), ``min_expected_count``
+        (smallest expected count of the table) and ``n_classes`` (``K'``).
+    """
+    reference = _check_counts(reference_counts, "reference_counts")
+    current = _check_counts(current_counts, "current_counts")
+    if reference.shape != current.shape:
+        raise ValueError(f"reference_counts and current_counts must count the same K classes, got shapes "
+                         f"{reference.shape} and {current.shape}")
+    if not (isinstance(min_expected, (int, float)) and min_expected >= 0):
+        raise ValueError(f"min_expected must be a number >= 0 (inf: always Monte Carlo), got {min_expected!r}")
+    if not isinstance(n_resamples, (int, np.integer)) or isinstance(n_resamples, bool) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+
+    totals = reference + current
+    kept = totals > 0
+    reference, current, totals = reference[kept], current[kept], totals[kept]
+    # Canonical class order (by total, then current count): the Monte Carlo draws depend on the order of
+    # the totals, and the p-value should not depend on how the classes are numbered.
+    order = np.lexsort((current, totals))
+    reference, current, totals = reference[order], current[order], totals[order]
+    n_reference, n_current = int(reference.sum()), int(current.sum())
+    n = n_reference + n_current
+    min_expected_count = float(totals.min() * min(n_reference, n_current) / n)
+    result: dict[str, Any] = {"dof": int(totals.size - 1), "min_expected_count": min_expected_count,
+                              "n_classes": int(totals.size)}
+    if totals.size == 1:
+        return {"statistic": 0.0, "p_value": 1.0, "method": "single_class", **result}
+
+    statistic = float(_pearson(current.astype(float), totals, n_current, n_reference))
+    if min_expected_count >= min_expected:
+        p_value = float(stats.chi2.sf(statistic, totals.size - 1))
+        return {"statistic": statistic, "p_value": p_value, "method": "chi2", **result}
+    rng = np.random.default_rng(random_state)
+    simulated = rng.multivariate_hypergeometric(totals, n_current, size=int(n_resamples))
+    simulated_statistics = _pearson(simulated.astype(float), totals, n_current, n_reference)
+    exceed = int(np.count_nonzero(simulated_statistics >= statistic * (1 - _TIE_TOLERANCE)))
+    return {"statistic": statistic, "p_value": (1 + exceed) / (int(n_resamples) + 1), "method": "monte_carlo",
+            **result}
+
+
+def _evidently_chi2_two_sample(reference_data: pd.Series, current_data: pd.Series, feature_type: ColumnType,
+                               threshold: float) -> tuple[float, bool]:
+    """:func:`chi2_two_sample` as an Evidently stat test (class values -> counts -> p-value)."""
+    keys = sorted(set(reference_data.dropna().unique()) | set(current_data.dropna().unique()), key=str)
+    reference = reference_data.value_counts().reindex(keys, fill_value=0).to_numpy()
+    current = current_data.value_counts().reindex(keys, fill_value=0).to_numpy()
+    p_value = chi2_two_sample(reference, current)["p_value"]
+    return p_value, p_value < threshold
+
+
+CHI2_TWO_SAMPLE_STATTEST = StatTest(name=CHI2_TWO_SAMPLE, display_name="chi-square two-sample p_value",
+                                    allowed_feature_types=[ColumnType.Categorical],
+                                    default_threshold=DEFAULT_THRESHOLD)
+register_stattest(CHI2_TWO_SAMPLE_STATTEST, default_impl=_evidently_chi2_two_sample)
+
 
 
 # ----------------------------------------------------------------------------------------------- input
@@ -128,9 +288,12 @@ def _one_label_per_input(feedback: pd.DataFrame) -> pd.DataFrame:
 
 
 def _validate_test(stattest: str, threshold: float) -> str:
+    if stattest in _REJECTED_STATTESTS:
+        raise ValueError(f"stattest must be one of {sorted(CATEGORICAL_STATTESTS)}; Evidently's {stattest!r} is "
+                         f"{_REJECTED_STATTESTS[stattest]}. Use {CHI2_TWO_SAMPLE!r}, the two-sample test")
     if stattest not in CATEGORICAL_STATTESTS:
-        raise ValueError(f"stattest must be one of {sorted(CATEGORICAL_STATTESTS)} (Evidently's tests for "
-                         f"categorical columns), got {stattest!r}")
+        raise ValueError(f"stattest must be one of {sorted(CATEGORICAL_STATTESTS)} (tests for categorical "
+                         f"columns), got {stattest!r}")
     kind = CATEGORICAL_STATTESTS[stattest]
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0 or (
             kind == "p_value" and threshold >= 1):
@@ -140,7 +303,8 @@ def _validate_test(stattest: str, threshold: float) -> str:
 
 
 def _min_rows(min_rows: int | None, n_classes: int) -> int:
-    # Chi-square's approximation wants expected counts of about 5 per class (Cochran): 5 K rows on average.
+    # The test stays valid on fewer rows (Monte Carlo p-value), but below about 5 rows per class it has
+    # almost no power: the report says "too few rows" rather than a reassuring "no drift".
     if min_rows is None:
         return 5 * n_classes
     if not isinstance(min_rows, (int, np.integer)) or min_rows < 1:
@@ -152,7 +316,8 @@ def _min_rows(min_rows: int | None, n_classes: int) -> int:
 
 
 def _drift_metric(column: str, stattest: str, threshold: float) -> ValueDrift:
-    # method and threshold set explicitly: Evidently never auto-selects the test (module docstring).
+    # method and threshold set explicitly: Evidently never auto-selects the test (module docstring). The
+    # method is a name in Evidently's registry; "chi2_two_sample" is registered at import.
     return ValueDrift(column=column, method=stattest, threshold=float(threshold))
 
 
@@ -193,15 +358,18 @@ def _drift_result(score: float, stattest: str, threshold: float, n_reference: in
 def value_drift(reference: Sequence[int] | np.ndarray | pd.Series, current: Sequence[int] | np.ndarray | pd.Series,
                 class_names: Sequence[str], stattest: str = DEFAULT_STATTEST,
                 threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """Evidently's drift test of one class column (the test behind both drift parts of :func:`drift_report`).
+    """Drift test of one class column, run by Evidently (the test behind both drift parts of :func:`drift_report`).
+
+    With the default ``stattest`` the score is :func:`chi2_two_sample`'s p-value on the class counts of
+    the two samples (Evidently runs that function; see the module docstring).
 
     Parameters
     ----------
     reference, current : array-like of int, shape (n_reference,) and (n_current,)
         Class indices in ``[0, K)``.
     class_names : sequence of str, length K
-    stattest : str
-        One of :data:`CATEGORICAL_STATTESTS`.
+    stattest : str, default "chi2_two_sample"
+        One of :data:`CATEGORICAL_STATTESTS`: the two-sample chi-square test (a p-value), or a distance.
     threshold : float
         Drift when a p-value is below it (or a distance at or above it).
 
@@ -268,12 +436,12 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
         What is being monitored (e.g. ``"mnist5k v3"``), stored in the snapshot's metadata and tags.
     stattest : str
         Drift test for both drift parts, one of :data:`CATEGORICAL_STATTESTS` (set explicitly, never chosen
-        by Evidently).
+        by Evidently); default the two-sample chi-square test :func:`chi2_two_sample`.
     threshold : float
         Drift when the test's p-value is below it (or its distance at or above it).
     min_rows : int, optional
-        Fewest current rows for a drift test (default ``5 K``: chi-square wants about 5 expected counts per
-        class). Fewer give ``{"status": "too few rows"}``.
+        Fewest current rows for a drift test (default ``5 K``: below about 5 rows per class the test has
+        almost no power). Fewer give ``{"status": "too few rows"}``.
     timestamp : datetime, optional
         Time of the report (default: now, UTC).
 

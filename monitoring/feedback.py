@@ -4,26 +4,31 @@ Pure functions on numpy arrays and pandas frames: no I/O, no HTTP, no SQL. The s
 a *feedback frame* (one row per stored feedback item joined with the prediction it labels; the
 columns are listed in :data:`FEEDBACK_COLUMNS`), the service and the CLI call these functions.
 
-* :func:`score_feedback`: the O(K) per-item rule applied at ingestion (DESIGN.md 4.7), a thin
+* :func:`score_feedback`: the O(K) per-item rule applied at ingestion, a thin
   numpy wrapper of ``models.uncertainty.labelnoise.suspect_mask`` and ``label_quality``.
 * :func:`batch_label_issues`: cleanlab's ``find_label_issues`` over accumulated feedback.
 * :func:`suspects`: suspected annotation errors ranked for re-annotation; feedback on OOD
   inputs listed apart (the model cannot judge those labels).
-* :func:`noise_rate_estimates` / :func:`best_estimate`: DESIGN.md 4.5 from the feedback.
-* :func:`realized_coverage`: coverage of the served sets on feedback labels, raw and corrected
-  for uniform label noise.
-* :func:`recalibrated_threshold`: a new conformal threshold from recent feedback (audit-rectified
-  or NACP), or :class:`RecalibrationRefused` with a one-line reason.
+* :func:`noise_rate_estimates` / :func:`best_estimate`: flip-rate estimates of the feedback labels;
+  the direct audit count whenever audited items also carry an ordinary label.
+* :func:`realized_coverage`: coverage of the served sets on feedback labels, raw, on audited
+  labels, and corrected for label noise with a non-heuristic estimate only.
+* :func:`recalibrated_threshold`: a new conformal threshold from recent feedback (audit-rectified,
+  split conformal on the observed labels, or NACP when the caller asserts uniform noise at a given
+  rate), with the kind of guarantee it gives, or :class:`RecalibrationRefused` with a one-line
+  reason.
 
 Which rows feed what
 --------------------
 * OOD rows (``is_ood``) are left out of every estimate: the model's probabilities say nothing
   about inputs it flagged as out of distribution. :func:`suspects` lists them apart.
 * *Ordinary* labels (``audited == False``) are the possibly-noisy annotations; *audited* labels
-  are trusted. Where one label per prediction is needed, it is the earliest by ``received_at``
-  (ties broken by ``feedback_id``), so the choice does not depend on later annotators.
-* Noise rates are in the uniform convention of ``models.uncertainty.labelnoise``:
-  ``P(y~ = j | y = i) = (1 - eps) 1[i = j] + eps / K``.
+  are trusted, stored as separate feedback rows on the same ``prediction_id``. Where one label
+  per prediction is needed, it is the earliest by ``received_at`` (ties broken by
+  ``feedback_id``), so the choice does not depend on later annotators.
+* Noise rates are flip rates (share of ordinary labels that differ from the true one), one
+  convention for points and intervals (``models.uncertainty.labelnoise.NoiseRateEstimate``).
+  A heuristic estimate is shown, never used in a guarantee or a correction.
 """
 
 from __future__ import annotations
@@ -45,20 +50,24 @@ from models.uncertainty.conformal import (
     ConformalThreshold,
     audit_rectified_threshold,
     nacp_threshold,
+    split_threshold,
 )
 from models.uncertainty.labelnoise import (
     LABEL_QUALITY_SCORES,
     NoiseRateEstimate,
     clopper_pearson,
+    flip_rate_to_uniform,
     label_quality,
     noise_rate_confident_learning,
-    noise_rate_from_audit,
+    noise_rate_direct,
     noise_rate_from_duplicates,
     suspect_mask,
 )
 
 __all__ = [
+    "ESTIMATE_PREFERENCE",
     "FEEDBACK_COLUMNS",
+    "GUARANTEE_KINDS",
     "MIN_AUDITED_FOR_RECTIFIED",
     "MIN_AUDIT_ITEMS",
     "MIN_BATCH_ITEMS",
@@ -93,16 +102,22 @@ MIN_BATCH_ITEMS = 20
 #: estimate. At 30 pairs the 95% Clopper-Pearson interval on the agreement is still ~0.3 wide,
 #: below that the estimate is not worth showing.
 MIN_DUPLICATE_ITEMS = 30
-#: Minimum audited items *and* minimum ordinary items for the audit estimate (same reasoning).
+#: Minimum predictions carrying both an audited and an ordinary label for the direct audit estimate
+#: (same reasoning: at 30 items the 95% Clopper-Pearson interval of a 0.2 rate is [0.08, 0.39]).
 MIN_AUDIT_ITEMS = 30
 #: Minimum ordinary labels for the confident-learning heuristic (and every class must occur).
 MIN_HEURISTIC_ITEMS = 50
 #: Minimum audited items among the recalibration items for the audit-rectified threshold; with
 #: fewer, the audit term's standard error (~ sqrt(flip rate / m)) is comparable to alpha and the
-#: recalibration falls back to NACP (the audit still feeds the noise-rate estimate).
+#: recalibration falls back to split conformal on the observed labels (the audit still feeds the
+#: noise-rate estimate).
 MIN_AUDITED_FOR_RECTIFIED = 50
 #: Floor on the number of recalibration items (predictions) when ``min_items`` is not given.
 MIN_RECALIBRATION_ITEMS = 100
+#: Kinds of guarantee a recalibrated threshold states: ``valid`` (no assumption left: trusted labels
+#: correct the noisy ones), ``conservative`` (valid under the stated noise condition, unchecked) or
+#: ``none``.
+GUARANTEE_KINDS = ("valid", "conservative", "none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +222,7 @@ def score_feedback(
     thresholds: np.ndarray,
     method: str = "self_confidence",
 ) -> FeedbackScores:
-    """Score feedback labels one by one with the confident-learning rule (DESIGN.md 4.7).
+    """Score feedback labels one by one with the confident-learning rule.
 
     ``suspect = exists j != y~ with p_j >= t_j - 1e-6 and p_j > p_{y~}`` with the per-class
     thresholds ``t`` of the Calibration (``Calibration.cl_thresholds``, mean ``p_j`` over
@@ -267,7 +282,7 @@ def batch_label_issues(
     filter_by: str = "prune_by_noise_rate",
     min_items: int = MIN_BATCH_ITEMS,
 ) -> np.ndarray:
-    """``cleanlab.filter.find_label_issues`` over accumulated feedback (DESIGN.md 4.7).
+    """``cleanlab.filter.find_label_issues`` over accumulated feedback.
 
     Unlike :func:`score_feedback`, cleanlab looks at the whole batch: it estimates the joint
     distribution of given and true labels and, with ``filter_by="prune_by_noise_rate"`` (its
@@ -360,7 +375,7 @@ def suspects(
     class_name: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    """Suspected annotation errors for re-annotation, most suspicious first (DESIGN.md 4.7).
+    """Suspected annotation errors for re-annotation, most suspicious first.
 
     Uses the ``suspect``, ``quality`` and ``proposed`` columns written at ingestion by
     :func:`score_feedback`. Feedback on inputs the model flagged OOD goes to the separate
@@ -435,7 +450,7 @@ def suspects(
 
 
 # --------------------------------------------------------------------------------------------
-# Noise-rate estimates (DESIGN.md 4.5)
+# Noise-rate estimates
 # --------------------------------------------------------------------------------------------
 
 
@@ -461,26 +476,27 @@ def noise_rate_estimates(
     num_classes: int,
     confidence: float = 0.95,
 ) -> dict[str, NoiseRateEstimate]:
-    """Noise-rate estimates of the *ordinary* feedback labels, each with interval, method and n.
+    """Flip-rate estimates of the *ordinary* feedback labels, each with interval, method and n.
 
-    OOD rows are left out first. Keys present only when their data suffice:
+    OOD rows are left out first. Keys (the estimator's ``method``), present only when their data
+    suffice:
 
+    * ``"audit"``: predictions that carry both an ordinary and an audited label; the first of each
+      (by arrival) are the observed and the trusted label -> ``noise_rate_direct``: the share that
+      disagree, with an exact Clopper-Pearson interval, per-class rates and the confusion matrix.
+      No model and no noise model. Needs :data:`MIN_AUDIT_ITEMS` such predictions. The audited
+      predictions must be a random sample of the labelled traffic: auditing the *suspects*
+      over-states the rate. An audited label on a prediction without an ordinary label has
+      nothing to compare with and is not counted.
     * ``"duplicates"``: predictions with ordinary labels from >= 2 different annotators (an
       anonymous label counts as its own annotator); the first two (by arrival) are the pair ->
-      ``noise_rate_from_duplicates``. Needs :data:`MIN_DUPLICATE_ITEMS` pairs.
-    * ``"audit"``: ``psi0`` = agreement of the model's prediction with audited labels (first
-      audited label per prediction), ``psi1`` = with ordinary labels (first ordinary label per
-      prediction, one per item so that the binomial interval is not fooled by correlated
-      labels of the same input) -> ``noise_rate_from_audit``. A prediction with both an audited
-      and an ordinary label is used in both groups: each is a fair draw of its own population,
-      and the Bonferroni intervals of ``noise_rate_from_audit`` need no independence between the
-      groups. Needs :data:`MIN_AUDIT_ITEMS` audited and as many ordinary items. The audited items
-      must be a random sample of the traffic: auditing the *suspects* biases ``psi0`` upwards
-      (the model tends to be right where it contradicts the label) and ``eps`` with it.
-    * ``"heuristic"``: confident learning on the first ordinary label per prediction and the
-      stored probabilities (``noise_rate_confident_learning``, ``heuristic=True``: its band has
-      no coverage guarantee). Needs :data:`MIN_HEURISTIC_ITEMS` items and every class present
-      (the per-class thresholds need one item per class).
+      ``noise_rate_from_duplicates`` (assumes independent annotators erring uniformly, stated in
+      its note). Needs :data:`MIN_DUPLICATE_ITEMS` pairs.
+    * ``"confident_learning"``: the first ordinary label per prediction and the stored
+      probabilities -> ``noise_rate_confident_learning``, ``heuristic=True``: it reads the model's
+      mistakes as label noise and its band has no coverage guarantee; shown, never used in a
+      guarantee. Needs :data:`MIN_HEURISTIC_ITEMS` items and every class present (the per-class
+      thresholds need one item per class).
 
     Parameters
     ----------
@@ -492,7 +508,7 @@ def noise_rate_estimates(
     Returns
     -------
     dict of str -> NoiseRateEstimate
-        Uniform convention (``.flip_rate`` / ``.flip_interval`` give the flip-rate view).
+        Flip rates (``.to_dict()`` gives the strict-JSON record).
     """
     _check_frame(frame, ("feedback_id", "prediction_id", "annotator", "label", "audited", "received_at",
                          "predicted", "probs", "is_ood"), "noise_rate_estimates")
@@ -505,38 +521,40 @@ def noise_rate_estimates(
     ordinary, trusted = rows[~audited], rows[audited]
     out: dict[str, NoiseRateEstimate] = {}
 
+    first_ordinary = _first_per_prediction(ordinary)
+    first_audited = _first_per_prediction(trusted)
+    pairs = first_ordinary[["prediction_id", "label"]].merge(
+        first_audited[["prediction_id", "label"]], on="prediction_id", suffixes=("_observed", "_trusted"))
+    if len(pairs) >= MIN_AUDIT_ITEMS:
+        out["audit"] = noise_rate_direct(pairs["label_observed"].to_numpy(np.int64),
+                                         pairs["label_trusted"].to_numpy(np.int64), k, confidence=level)
+
     a, b = _duplicate_pairs(ordinary)
     if a.size >= MIN_DUPLICATE_ITEMS:
         out["duplicates"] = noise_rate_from_duplicates(a, b, k, confidence=level)
 
-    first_ordinary = _first_per_prediction(ordinary)
-    first_audited = _first_per_prediction(trusted)
-    if len(first_audited) >= MIN_AUDIT_ITEMS and len(first_ordinary) >= MIN_AUDIT_ITEMS:
-        out["audit"] = noise_rate_from_audit(
-            first_audited["predicted"].to_numpy(np.int64), first_audited["label"].to_numpy(np.int64),
-            first_ordinary["predicted"].to_numpy(np.int64), first_ordinary["label"].to_numpy(np.int64),
-            k, confidence=level,
-        )
-
     labels = first_ordinary["label"].to_numpy(np.int64)
     if len(labels) >= MIN_HEURISTIC_ITEMS and np.unique(labels).size == k:
-        out["heuristic"] = noise_rate_confident_learning(labels, _stack_probs(first_ordinary, k), confidence=level)
+        out["confident_learning"] = noise_rate_confident_learning(labels, _stack_probs(first_ordinary, k),
+                                                                  confidence=level)
     return out
 
 
-#: Preference order of :func:`best_estimate`: trusted labels first, then the annotator model, then the heuristic.
-ESTIMATE_PREFERENCE = ("audit", "duplicates", "heuristic")
+#: Preference order of :func:`best_estimate`: the direct audit count (no assumption), then the
+#: duplicates estimate (assumes uniform, independent annotator errors). Heuristics never appear.
+ESTIMATE_PREFERENCE = ("audit", "duplicates")
 
 
 def best_estimate(estimates: Mapping[str, NoiseRateEstimate]) -> NoiseRateEstimate | None:
-    """The most trustworthy estimate present: audit > duplicates > heuristic.
+    """The estimate to use where a guarantee or a correction needs a noise rate: never a heuristic.
 
-    Estimates with a NaN point (e.g. an audit whose model is not above chance) are skipped.
-    Returns None when none is usable.
+    The first of :data:`ESTIMATE_PREFERENCE` present, not heuristic and with a finite point.
+    Returns None when there is none (only the confident-learning heuristic, or nothing): callers
+    then refuse to correct for noise rather than plug in a heuristic.
     """
     for key in ESTIMATE_PREFERENCE:
         est = estimates.get(key)
-        if est is not None and math.isfinite(est.estimate):
+        if est is not None and not est.heuristic and math.isfinite(est.flip_rate):
             return est
     return None
 
@@ -546,41 +564,68 @@ def best_estimate(estimates: Mapping[str, NoiseRateEstimate]) -> NoiseRateEstima
 # --------------------------------------------------------------------------------------------
 
 
+def _correction_rate(noise: Any, k: int) -> tuple[float | None, str | None]:
+    """``(flip rate, source)`` for the coverage correction; refuses heuristics."""
+    if noise is None:
+        return None, None
+    if isinstance(noise, NoiseRateEstimate):
+        if noise.heuristic:
+            raise ValueError(
+                f"`noise`: the {noise.method} estimate is a heuristic; it never feeds a correction. Pass "
+                "best_estimate(...) (None when only a heuristic exists) or an explicit flip rate."
+            )
+        if not math.isfinite(noise.flip_rate):
+            raise ValueError(f"`noise`: the {noise.method} estimate has no point estimate ({noise.note}).")
+        if noise.flip_rate >= (k - 1) / k:
+            # At r >= (K-1)/K the labels carry no information about the true class: nothing to correct.
+            return None, noise.method
+        return float(noise.flip_rate), noise.method
+    ok = isinstance(noise, (int, float, np.integer, np.floating)) and not isinstance(noise, bool)
+    if not (ok and 0.0 <= noise < (k - 1) / k):
+        raise ValueError(
+            f"`noise` must be a NoiseRateEstimate, None, or a flip rate in [0, (K-1)/K) = [0, {(k - 1) / k:.4f}), "
+            f"got {noise!r}."
+        )
+    return float(noise), "given"
+
+
 def realized_coverage(
     frame: pd.DataFrame,
-    eps: float,
+    noise: NoiseRateEstimate | float | None,
     num_classes: int,
     target: float,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
-    """Coverage of the served sets on feedback labels, raw and corrected for uniform label noise.
+    """Coverage of the served sets on feedback labels: raw, on audited labels, and noise-corrected.
 
-    Items: in-distribution feedback, the first ordinary label per prediction (audited labels
-    are clean, so they are reported apart under ``"audited"`` and not mixed into the noisy
-    estimate, whose correction assumes every label went through the noise).
+    Items: in-distribution feedback, the first ordinary label per prediction. Audited labels are
+    trusted, so their coverage (under ``"audited"``) needs no correction and no assumption: it is
+    the direct check, with its own ``below_target``.
 
-    Correction. Under uniform noise at rate ``eps`` independent of the input (so of the set
-    ``C`` the model served for it), the given label is the true one with probability
-    ``1 - eps`` and a uniform draw over the ``K`` classes otherwise, which lands in ``C`` with
-    probability ``|C| / K``. Averaging over items,
+    Correction (only with a non-heuristic noise rate). If each ordinary label is wrong with flip
+    rate ``r``, uniformly over the other ``K - 1`` classes and independently of the input (so of
+    the served set ``C``), a wrong label lands in ``C`` with probability ``(|C| - 1[y in C]) /
+    (K - 1)``; averaging over items,
 
-    ``c~ = P(y~ in C) = (1 - eps) P(y in C) + eps E[|C|] / K = (1 - eps) c + eps E[|C|] / K``,
+    ``c~ = (1 - r) c + r (E|C| - c) / (K - 1)``, hence
+    ``c = (c~ - r mean(set_size) / (K - 1)) / (1 - r K / (K - 1))``,
 
-    hence ``c = (c~ - eps * mean(set_size) / K) / (1 - eps)``, with ``c~`` the raw coverage and
-    ``mean(set_size)`` over the same items. The corrected interval maps the Clopper-Pearson
-    interval of ``c~`` through this increasing affine map (``mean(set_size)`` treated as known:
-    its error enters scaled by ``eps / (K (1 - eps))`` and is negligible next to the binomial
-    one); it is clipped to ``[0, 1]``. ``below_target`` is True only when the whole corrected
-    interval lies below ``target`` (the upper bound is below it), so an alert means the data
-    show under-coverage, not that the point estimate dipped. Plug a noise-rate estimate's point
-    into ``eps`` for the estimate, its lower bound for a conservative view.
+    with ``c~`` the raw coverage and ``mean(set_size)`` over the same items (the uniform-convention
+    form ``(c~ - eps E|C|/K) / (1 - eps)`` with ``eps = r K / (K - 1)``). The corrected interval
+    maps the Clopper-Pearson interval of ``c~`` through this increasing affine map
+    (``mean(set_size)`` treated as known), clipped to ``[0, 1]``. ``below_target`` is True only
+    when the whole corrected interval lies below ``target``. When wrong labels concentrate on the
+    classes the model confuses (human annotation noise) the uniform correction is itself off;
+    the audited coverage is the check that assumes nothing.
 
     Parameters
     ----------
     frame : pandas.DataFrame
         Feedback frame (uses ``in_set``, ``set_size``, ``is_ood``, ``audited``).
-    eps : float in [0, 1)
-        Uniform-convention noise rate of the ordinary labels.
+    noise : NoiseRateEstimate, float or None
+        The flip rate to correct with: a non-heuristic estimate (a heuristic one is refused with
+        ``ValueError``), a flip rate in ``[0, (K - 1)/K)`` the caller vouches for, or None for no
+        correction (the corrected fields are then None).
     num_classes : int >= 2
     target : float in (0, 1)
         Target coverage ``1 - alpha``.
@@ -589,32 +634,44 @@ def realized_coverage(
     Returns
     -------
     dict
-        ``n, raw, raw_lower, raw_upper, corrected, corrected_lower, corrected_upper, eps,
-        mean_set_size, target, confidence, below_target`` and ``audited`` (``{n, coverage, lower,
-        upper}`` on audited labels, ``n = 0`` and None values when there are none). With no
-        ordinary item, ``n = 0``, the estimates are None and ``below_target`` is False.
+        ``n, raw, raw_lower, raw_upper, corrected, corrected_lower, corrected_upper, flip_rate,
+        noise_method, correction, mean_set_size, target, confidence, below_target`` and
+        ``audited`` (``{n, coverage, lower, upper, below_target}``, None values when ``n = 0``).
+        ``flip_rate`` / ``noise_method`` say which rate corrected (``"given"`` for a float; None
+        without correction) and ``correction`` says it in words. With no ordinary item, ``n = 0``
+        and the estimates are None.
     """
     _check_frame(frame, ("feedback_id", "prediction_id", "received_at", "audited", "in_set", "set_size", "is_ood"),
                  "realized_coverage")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
     k = int(num_classes)
-    eps = _check_unit(eps, "eps", closed_low=True)
+    flip, source = _correction_rate(noise, k)
     target = _check_unit(target, "target")
     level = _check_unit(confidence, "confidence")
+    if flip is None and source is not None:
+        correction = (f"none: the {source} flip rate is at least (K-1)/K, the labels carry no information to "
+                      "correct; audited is the coverage of trusted labels")
+    elif flip is None:
+        correction = ("none: no non-heuristic noise-rate estimate (heuristics are never used); raw is the coverage "
+                      "of the possibly-wrong labels, audited the coverage of trusted ones")
+    else:
+        correction = (f"flip rate {flip:.4f} ({'given by the caller' if source == 'given' else source + ' estimate'}, "
+                      "not a heuristic), assuming wrong labels fall uniformly on the other classes")
     rows = frame[~frame["is_ood"].astype(bool)]
     audited = rows["audited"].astype(bool)
     items = _first_per_prediction(rows[~audited])
     trusted = _first_per_prediction(rows[audited])
 
-    out: dict[str, Any] = {"n": len(items), "eps": eps, "target": target, "confidence": level}
+    out: dict[str, Any] = {"n": len(items), "flip_rate": flip, "noise_method": source, "correction": correction,
+                           "target": target, "confidence": level}
     m = len(trusted)
     if m:
         hits_a = int(trusted["in_set"].astype(bool).sum())
         lo_a, hi_a = clopper_pearson(hits_a, m, level)
-        out["audited"] = {"n": m, "coverage": hits_a / m, "lower": lo_a, "upper": hi_a}
+        out["audited"] = {"n": m, "coverage": hits_a / m, "lower": lo_a, "upper": hi_a, "below_target": hi_a < target}
     else:
-        out["audited"] = {"n": 0, "coverage": None, "lower": None, "upper": None}
+        out["audited"] = {"n": 0, "coverage": None, "lower": None, "upper": None, "below_target": False}
     n = len(items)
     if n == 0:
         out.update(raw=None, raw_lower=None, raw_upper=None, corrected=None, corrected_lower=None,
@@ -624,12 +681,15 @@ def realized_coverage(
     raw = hits / n
     lo, hi = clopper_pearson(hits, n, level)
     size = float(items["set_size"].astype(float).mean())
+    out.update(raw=raw, raw_lower=lo, raw_upper=hi, mean_set_size=size)
+    if flip is None:
+        out.update(corrected=None, corrected_lower=None, corrected_upper=None, below_target=False)
+        return out
 
     def correct(c: float) -> float:
-        return float(np.clip((c - eps * size / k) / (1.0 - eps), 0.0, 1.0))
+        return float(np.clip((c - flip * size / (k - 1)) / (1.0 - flip * k / (k - 1)), 0.0, 1.0))
 
-    out.update(raw=raw, raw_lower=lo, raw_upper=hi, corrected=correct(raw), corrected_lower=correct(lo),
-               corrected_upper=correct(hi), mean_set_size=size)
+    out.update(corrected=correct(raw), corrected_lower=correct(lo), corrected_upper=correct(hi))
     out["below_target"] = bool(out["corrected_upper"] < target)
     return out
 
@@ -649,23 +709,32 @@ class RecalibrationRefused(ValueError):
 
 @dataclass(frozen=True)
 class Recalibration:
-    """A conformal threshold re-estimated on feedback.
+    """A conformal threshold re-estimated on feedback, and the kind of guarantee it gives.
 
     Attributes
     ----------
     threshold : ConformalThreshold
         The new threshold (same score and alpha as the calibration it replaces).
-    method : {"audit", "nacp"}
+    method : {"audit", "split", "nacp"}
+        Audit-rectified, split conformal on the observed labels, or NACP at a caller-given rate.
     n : int
-        Predictions whose ordinary label entered the noisy-label CDF.
+        Predictions whose ordinary label entered the threshold.
     n_audited : int
         Of those, how many also carry an audited label (used only by the audit method).
     eps : float or None
-        Uniform noise rate given to NACP (None for the audit path, which assumes no noise model).
+        Uniform-convention rate NACP was run with (None on the other paths, which assume no rate).
     noise : dict
-        ``{"best": estimate dict or None, "estimates": {method: estimate dict}}`` on the same rows.
+        ``{"best": non-heuristic estimate record or None, "estimates": {method: record}}`` on the
+        same rows (flip-rate records of ``NoiseRateEstimate.to_dict``); informative only, except
+        that nothing heuristic is ever in ``best``.
     note : str
         Human-readable summary of what was done and assumed.
+    guarantee_kind : {"valid", "conservative", "none"}
+        ``valid`` for the audit-rectified threshold (trusted labels remove the noise assumption);
+        ``conservative`` for split conformal on observed labels and for NACP (valid under the
+        stated, unchecked ``condition``).
+    condition : str
+        What the coverage guarantee holds for, and under which condition, in plain words.
     weights : str
         The model weights whose feedback was used.
     n_feedback : int
@@ -679,12 +748,15 @@ class Recalibration:
     eps: float | None
     noise: dict
     note: str
+    guarantee_kind: str
+    condition: str
     weights: str = ""
     n_feedback: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold.to_dict(), "method": self.method, "n": self.n,
                 "n_audited": self.n_audited, "eps": self.eps, "noise": self.noise, "note": self.note,
+                "guarantee_kind": self.guarantee_kind, "condition": self.condition,
                 "weights": self.weights, "n_feedback": self.n_feedback}
 
 
@@ -717,6 +789,34 @@ def _select_rows(frame: pd.DataFrame, window: int | None, weights: str | None) -
     return rows, weights
 
 
+def _check_explicit_noise(noise_flip_rate: Any, assume_uniform_noise: Any, k: int) -> float | None:
+    if not isinstance(assume_uniform_noise, (bool, np.bool_)):
+        raise ValueError(f"`assume_uniform_noise` must be True or False, got {assume_uniform_noise!r}.")
+    if noise_flip_rate is None:
+        if assume_uniform_noise:
+            raise ValueError("`assume_uniform_noise=True` needs `noise_flip_rate`: NACP corrects for a rate the "
+                             "caller vouches for; an estimate from feedback is not used for it.")
+        return None
+    if not assume_uniform_noise:
+        raise ValueError("`noise_flip_rate` is used only by NACP, whose correction holds for uniform noise: pass "
+                         "`assume_uniform_noise=True` to assert that model, or leave both out for split conformal "
+                         "on the observed labels.")
+    ok = isinstance(noise_flip_rate, (int, float, np.integer, np.floating)) and not isinstance(noise_flip_rate, bool)
+    if not (ok and 0.0 <= noise_flip_rate < (k - 1) / k):
+        raise ValueError(f"`noise_flip_rate` must be a flip rate in [0, (K-1)/K) = [0, {(k - 1) / k:.4f}), "
+                         f"got {noise_flip_rate!r}.")
+    return float(noise_flip_rate)
+
+
+#: Condition of split conformal on observed labels (``guarantee_kind="conservative"``).
+SPLIT_CONDITION = (
+    "the sets cover the observed feedback labels; they cover the true label at least as often if label errors "
+    "are dispersive (spread over classes that score no better than the true one). Where annotators err towards "
+    "the classes the model confuses they can fall slightly short: mark at least {m} feedback labels as audited "
+    "(trusted) to make the guarantee valid"
+)
+
+
 def recalibrated_threshold(
     frame: pd.DataFrame,
     calibration: Any,
@@ -725,6 +825,8 @@ def recalibrated_threshold(
     *,
     weights: str | None = None,
     confidence: float = 0.95,
+    noise_flip_rate: float | None = None,
+    assume_uniform_noise: bool = False,
 ) -> Recalibration:
     """Re-estimate the conformal threshold on recent feedback, or refuse with a reason.
 
@@ -732,35 +834,41 @@ def recalibrated_threshold(
     predictions made with one set of weights: ``weights`` when given, otherwise those of the
     most recently received feedback item, so a recalibration never mixes scores of different
     models. Of these, the last ``window`` feedback items by ``received_at`` (all when None).
-    Then one label per prediction: its first ordinary label is the noisy calibration label
+    Then one label per prediction: its first ordinary label is the observed calibration label
     (``n`` items); its first audited label, if any, makes it an audited item (``m`` of the
-    ``n``). An audited label on a prediction without an ordinary label counts in the audit
-    noise-rate estimate but not in the rectified threshold, whose audit must be a random
-    subset of the noisy-labelled items.
+    ``n``). An audited label on a prediction without an ordinary label does not enter the
+    threshold, whose audit must be a random subset of the labelled items.
 
     Scores. The stored probabilities (float64) scored with ``calibration.conformity_score`` and
     ``MAPIE_CONVENTION[score]["calibration"]`` parameters, with a generator seeded by
     ``calibration.settings["seed"]`` for randomized scores: exactly as
     ``models.calibrate.fit_calibration`` does, so the new threshold plugs into the same served
     sets. ``alpha`` is ``calibration.threshold.alpha``; ``calibration.settings["conformal"] ==
-    "finite-sample"`` selects the conditional / Delta forms as at calibration.
+    "finite-sample"`` selects the calibration-conditional forms (probability ``>= 1 - delta``
+    over the draw, ``delta = settings["delta"]``), anything else the plug-in forms (coverage on
+    average over draws).
 
-    Method.
-    * ``"audit"`` when ``m >= MIN_AUDITED_FOR_RECTIFIED``: ``audit_rectified_threshold`` (no
-      noise model).
-    * ``"nacp"`` otherwise: ``nacp_threshold`` with ``eps`` = the lower confidence bound of
-      :func:`best_estimate` over :func:`noise_rate_estimates` of the same rows (uniform
-      convention; over-estimating eps makes NACP under-cover, so the lower bound is the safe
-      side). A heuristic estimate is used when nothing better exists, and the note says so.
+    Method, and the guarantee it gives (``guarantee_kind``, ``condition``):
+
+    * ``"audit"`` when ``m >= MIN_AUDITED_FOR_RECTIFIED``: ``audit_rectified_threshold``, no
+      noise model; ``valid`` for the true label (the audited items must be a random sample).
+    * ``"nacp"`` only when the caller passes ``noise_flip_rate`` together with
+      ``assume_uniform_noise=True`` (and the audit does not suffice): ``nacp_threshold`` at the
+      uniform-convention ``eps = r K / (K - 1)``; ``conservative``: valid if the noise is uniform,
+      independent of the input, with a flip rate of at least ``r``. A rate estimated from
+      feedback is never plugged in here.
+    * ``"split"`` otherwise: split conformal on the observed labels (``split_threshold``);
+      ``conservative``: it covers the observed label, and the true one at least as often when
+      label errors are dispersive; errors concentrated on the classes the model confuses can
+      make it under-cover slightly (audit to make it valid).
 
     Refusal (:class:`RecalibrationRefused`), by rule:
-    1. no in-distribution feedback for the chosen weights;
-    2. NACP path without any noise-rate estimate (too few duplicates, audits and labels);
-    3. ``n < required_items(alpha, eps, min_items)``: the finite-quantile count
-       ``(1 - alpha)/alpha`` inflated by ``1/h^2``, ``h = (1 - eps)/(1 + eps)`` (``eps = 0`` on
-       the audit path), never below ``min_items`` or, when that is None,
+    1. no in-distribution feedback for the chosen weights, or no ordinary label among it;
+    2. ``n < required_items(alpha, eps, min_items)``: the finite-quantile count
+       ``(1 - alpha)/alpha`` inflated by ``1/h^2``, ``h = (1 - eps)/(1 + eps)`` (``eps = 0``
+       except on the NACP path), never below ``min_items`` or, when that is None,
        :data:`MIN_RECALIBRATION_ITEMS`;
-    4. the threshold comes out infinite (full sets), e.g. ``tau > 1`` with the Delta margin.
+    3. the threshold comes out infinite (full sets), e.g. ``tau > 1`` with the Delta margin.
 
     Parameters
     ----------
@@ -772,11 +880,17 @@ def recalibrated_threshold(
     window : int >= 1, optional
         Use only the last ``window`` feedback items.
     min_items : int >= 1, optional
-        Floor on ``n`` (see rule 3).
+        Floor on ``n`` (see rule 2).
     weights : str, optional
         Weights hash to recalibrate for (default: the most recent feedback's).
     confidence : float
-        Level of the noise-rate intervals.
+        Level of the noise-rate intervals reported in ``noise``.
+    noise_flip_rate : float in [0, (K-1)/K), optional
+        Flip rate of the ordinary labels that the caller vouches for; only with
+        ``assume_uniform_noise``.
+    assume_uniform_noise : bool, default False
+        Assert NACP's noise model (wrong labels uniform over the other classes, independent of
+        the input); only with ``noise_flip_rate``.
 
     Returns
     -------
@@ -791,9 +905,12 @@ def recalibrated_threshold(
     if min_items is not None and (isinstance(min_items, bool) or not isinstance(min_items, (int, np.integer)) or min_items < 1):
         raise ValueError(f"`min_items` must be an integer >= 1 or None, got {min_items!r}.")
     k = len(calibration.class_names)
+    given_flip = _check_explicit_noise(noise_flip_rate, assume_uniform_noise, k)
     alpha = float(calibration.threshold.alpha)
     settings = dict(calibration.settings or {})
     finite_sample = settings.get("conformal") == "finite-sample"
+    delta = float(settings.get("delta", 0.001)) if finite_sample else None
+    form = "with probability >= 1 - delta over the feedback draw" if finite_sample else "on average over feedback draws"
 
     rows, used_weights = _select_rows(frame, window, weights)
     audited_mask = rows["audited"].astype(bool)
@@ -801,37 +918,40 @@ def recalibrated_threshold(
     trusted = _first_per_prediction(rows[audited_mask])
     n = len(items)
     estimates = noise_rate_estimates(rows, k, confidence=confidence)
-    noise = {"best": None, "estimates": {key: est.to_dict() for key, est in estimates.items()}}
+    best = best_estimate(estimates)
+    noise = {"best": None if best is None else best.to_dict(),
+             "estimates": {key: est.to_dict() for key, est in estimates.items()}}
     base = f"{len(rows)} feedback items (window {window or 'all'}) on weights {used_weights[:12]}"
     if n == 0:
         raise RecalibrationRefused(f"no ordinary (non-audited) labels among {base}; the conformal scores need them")
 
     audit_pos = np.flatnonzero(items["prediction_id"].isin(trusted["prediction_id"]).to_numpy())
     m = int(audit_pos.size)
-    use_audit = m >= MIN_AUDITED_FOR_RECTIFIED
     eps: float | None = None
     notes: list[str] = []
-    if not use_audit:
-        best = best_estimate(estimates)
-        if best is None:
-            raise RecalibrationRefused(
-                f"no noise-rate estimate from {base}: need {MIN_AUDITED_FOR_RECTIFIED} audited items, "
-                f"{MIN_DUPLICATE_ITEMS} predictions labelled by two annotators, or {MIN_HEURISTIC_ITEMS} labels "
-                "covering every class"
-            )
-        noise["best"] = best.to_dict()
-        eps = float(min(max(best.lower, 0.0), 0.99))
-        notes.append(f"NACP with eps={eps:.4f}, the lower {best.confidence:.0%} bound of the {best.method} "
-                     f"noise-rate estimate (n={best.n})")
-        if best.heuristic:
-            notes.append("the noise rate comes from the confident-learning HEURISTIC (no guarantee): "
-                         "audit some feedback or collect duplicate labels")
-        if 0 < m:
-            notes.append(f"only {m} audited items among them (< {MIN_AUDITED_FOR_RECTIFIED} for the rectified threshold)")
-    else:
-        audit_est = estimates.get("audit")
-        noise["best"] = None if audit_est is None else audit_est.to_dict()
+    if m >= MIN_AUDITED_FOR_RECTIFIED:
+        method, kind = "audit", "valid"
+        condition = (f"coverage of the true label {form}, corrected by {m} audited items (a random sample of the "
+                     "labelled feedback); no noise model assumed")
         notes.append(f"audit-rectified threshold from {m} audited of {n} items (no noise model assumed)")
+        if given_flip is not None:
+            notes.append("the given noise rate is not needed: the audit removes the noise assumption")
+    elif given_flip is not None:
+        method, kind = "nacp", "conservative"
+        eps = flip_rate_to_uniform(given_flip, k)
+        condition = (f"coverage of the true label {form} if the label noise is uniform over the classes and "
+                     f"independent of the input, with a flip rate of at least {given_flip:g} (given, not checked); "
+                     "a higher stated rate or non-uniform noise makes NACP under-cover")
+        notes.append(f"NACP at the given flip rate {given_flip:g} (uniform eps={eps:.4f}), uniform noise assumed "
+                     "by the caller")
+    else:
+        method, kind = "split", "conservative"
+        condition = f"split conformal on the observed labels, {form}: " + SPLIT_CONDITION.format(
+            m=MIN_AUDITED_FOR_RECTIFIED)
+        notes.append("split conformal on the observed feedback labels (no noise rate used; conservative if label "
+                     "errors are dispersive)")
+    if 0 < m < MIN_AUDITED_FOR_RECTIFIED:
+        notes.append(f"only {m} audited items among them (< {MIN_AUDITED_FOR_RECTIFIED} for the rectified threshold)")
 
     needed = required_items(alpha, eps or 0.0, min_items)
     if n < needed:
@@ -848,15 +968,14 @@ def recalibrated_threshold(
         params["generator"] = torch.Generator().manual_seed(int(settings.get("seed", 0)))
     all_scores = CONFORMITY_SCORES[score](probs, **params).cpu().numpy()
     labels = items["label"].to_numpy(np.int64)
-    if use_audit:
+    if method == "audit":
         audit_labels = trusted.set_index("prediction_id").loc[items["prediction_id"].iloc[audit_pos], "label"]
         threshold = audit_rectified_threshold(all_scores, labels, audit_pos, audit_labels.to_numpy(np.int64),
                                               alpha, conditional=finite_sample)
-        method = "audit"
-    else:
-        delta = float(settings.get("delta", 0.001)) if finite_sample else None
+    elif method == "nacp":
         threshold = nacp_threshold(all_scores, labels, alpha, eps, delta=delta)
-        method = "nacp"
+    else:
+        threshold = split_threshold(all_scores, labels, alpha, delta=delta)
     if threshold.full_sets or not math.isfinite(threshold.q):
         raise RecalibrationRefused(
             f"the {method} threshold on {n} items gives full label sets ({threshold.note or 'no finite threshold'}); "
@@ -864,6 +983,6 @@ def recalibrated_threshold(
         )
     notes.insert(0, f"{base}: {n} labelled predictions")
     return Recalibration(
-        threshold=threshold, method=method, n=n, n_audited=m, eps=eps, noise=noise,
-        note="; ".join(notes), weights=used_weights, n_feedback=len(rows),
+        threshold=threshold, method=method, n=n, n_audited=m, eps=eps, noise=noise, note="; ".join(notes),
+        guarantee_kind=kind, condition=condition, weights=used_weights, n_feedback=len(rows),
     )

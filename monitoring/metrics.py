@@ -130,7 +130,10 @@ def set_model(name: str, version: str, alias: str | None, summary: Mapping) -> N
     TARGET_COVERAGE.set(summary["prediction_set"]["target_coverage"])
     ALPHA_OOD.set(summary["ood"]["alpha_ood"])
     noise = summary.get("noise") or {}
-    CALIBRATION_NOISE.set(float(noise.get("lower", noise.get("flip_rate", 0.0)) or 0.0))
+    # A heuristic record (or one no guarantee uses) is shown but assumed by nothing: no value to compare with.
+    unused = noise.get("heuristic") or noise.get("used_for_guarantees") is False
+    assumed = float("nan") if unused else float(noise.get("lower", noise.get("flip_rate", 0.0)) or 0.0)
+    CALIBRATION_NOISE.set(assumed)
 
 
 def observe_predictions(predictions: Sequence) -> None:
@@ -168,13 +171,18 @@ def set_feedback_gauges(state: Mapping) -> None:
     """Feedback-derived gauges from :func:`monitoring.feedback_state` output (``noise``: {method: estimate
     dict with flip_rate/lower/upper}, ``coverage``: {raw, corrected}, ``n``, ``suspect_share``)."""
     for method, est in (state.get("noise") or {}).items():
-        NOISE_RATE.labels(method).set(est["flip_rate"])
+        # Flip-rate records (convention "flip"); an undefined point is None in the record: NaN here.
+        point = est.get("flip_rate")
+        NOISE_RATE.labels(method).set(float("nan") if point is None else point)
         NOISE_RATE_LOWER.labels(method).set(est["lower"])
         NOISE_RATE_UPPER.labels(method).set(est["upper"])
     coverage = state.get("coverage") or {}
     for kind in ("raw", "corrected"):
         if coverage.get(kind) is not None:
             REALIZED_COVERAGE.labels(kind).set(coverage[kind])
+        elif kind == "corrected" and coverage.get("n"):
+            # No non-heuristic noise rate to correct with: unknown, not the last value nor the raw one.
+            REALIZED_COVERAGE.labels(kind).set(float("nan"))
     FEEDBACK_WINDOW.set(state.get("n", 0))
     if state.get("suspect_share") is not None:
         SUSPECT_SHARE.set(state["suspect_share"])

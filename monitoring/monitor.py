@@ -14,16 +14,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.uncertainty.labelnoise import flip_rate_to_uniform
 from monitoring.feedback import best_estimate, noise_rate_estimates, realized_coverage, suspects
 
 
 def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
-    """Noise-rate estimates (flip convention, with intervals), realized coverage of the served sets (raw and
-    corrected with the best estimate), suspect share, on a feedback frame of one model.
+    """Noise-rate estimates (flip rates with intervals), realized coverage of the served sets (raw, on audited
+    labels, and corrected with the estimate used for guarantees), suspect share, on a feedback frame of one model.
 
-    Returns ``{"n", "n_ood", "noise": {method: NoiseRateEstimate.flip_record()}, "best": method or
-    None, "coverage": realized_coverage(...) or {}, "suspect_share": float or None, "target": 1 - alpha}``.
+    Returns ``{"n", "n_ood", "noise": {method: NoiseRateEstimate.to_dict()}, "best": method or None, "coverage":
+    realized_coverage(...) or {}, "suspect_share": float or None, "target": 1 - alpha}``. ``best`` names the
+    estimate used for guarantees and the coverage correction: never a heuristic (None when only a heuristic or
+    nothing exists; the coverage is then left uncorrected).
     """
     k = calibration.num_classes
     target = 1.0 - calibration.threshold.alpha
@@ -33,12 +34,10 @@ def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
     if not len(ind):
         return state
     estimates = noise_rate_estimates(frame, k)
-    state["noise"] = {name: est.flip_record() for name, est in estimates.items()}
+    state["noise"] = {name: est.to_dict() for name, est in estimates.items()}
     best = best_estimate(estimates)
-    best_name = next((name for name, est in estimates.items() if est is best), None)
-    state["best"] = best_name
-    eps = best.estimate if best is not None else 0.0
-    state["coverage"] = realized_coverage(frame, float(min(max(eps, 0.0), 0.999)), k, target)
+    state["best"] = None if best is None else best.method
+    state["coverage"] = realized_coverage(frame, best, k, target)
     state["suspect_share"] = float(ind["suspect"].mean())
     return state
 
@@ -76,16 +75,16 @@ def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit
         "n_predictions": int(len(predictions)), "n_feedback": int(len(feedback)),
         "feedback": state,
         "calibration_noise": {"flip_rate": calibration_noise.get("flip_rate"), "lower": calibration_noise.get("lower"),
-                              "method": calibration_noise.get("method")},
+                              "method": calibration_noise.get("method"),
+                              "heuristic": bool(calibration_noise.get("heuristic", False))},
         "suspects": {"n_suspects": flagged.get("n_suspects"), "n_ood": flagged.get("n_ood"),
                      "top": flagged.get("suspects", [])[:limit]},
         "drift": drift,
     }
-    best = state.get("best")
-    if best is not None and calibration_noise.get("lower") is not None:
+    best = state.get("best")  # never a heuristic, on either side of the comparison
+    if best is not None and calibration_noise.get("lower") is not None and not calibration_noise.get("heuristic"):
         lower = state["noise"][best]["lower"]
         report["noise_above_calibration"] = bool(lower > float(calibration_noise["lower"]))
-        report["noise_eps_uniform_lower"] = flip_rate_to_uniform(lower, calibration.num_classes)
     store.add_report("monitor", _jsonable(report))
     return report
 

@@ -76,12 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dataset", default="mnist5k",
         help=f"built-in ({', '.join(BUILTIN_DATASETS)}), an .npz with arrays x [N,...], y [N] (optional "
-        "class_names, y_clean), or a folder with one sub-folder of PNG/JPEG images per class",
+        "class_names, and y_clean [N]: reference labels, -1 where unknown; a partial y_clean is an audit), or a "
+        "folder with one sub-folder of PNG/JPEG images per class",
     )
+    train.add_argument("--trusted", metavar="FILE", default=None,
+                       help="trusted (audited) labels for some items: a CSV with header index,label or an .npz with "
+                       "arrays index and label; calibration uses the calibration items among them as an audit")
     train.add_argument(
         "--noise", type=_noise_arg, default="none",
-        help="label noise injected into the observed labels: none, symmetric:R, pair:R or instance:R, R in "
-        "[0,1) = the fraction of labels moved to another class",
+        help="label noise injected into the observed labels: none, symmetric:R, pair:R, instance:R or "
+        "confusion:R (human-like: the items a reference model finds most ambiguous move to the class it confuses "
+        "them with), R in [0,1) = the fraction of labels moved to another class",
     )
     train.add_argument("--recipe", default="elr", help=f"{', '.join(RECIPES)} or a path to a recipe .yaml")
     train.add_argument("--arch", default="auto", choices=["auto", "mlp", "cnn", "resnet18"],
@@ -105,13 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser(
         "calibrate",
         help="fit OOD gate, conformal sets and certified abstention; log them as a new model version",
-        description="Fit the uncertainty layer of a registered model on its calibration split: a KNN (or other) "
-        "OOD score with a conformal p-value, noise-aware conformal prediction sets (NACP, or the audit-rectified "
-        "threshold when audited labels exist), and a certified abstention threshold. The result is logged as a "
-        "NEW version of the same model with the same weights (versions are immutable; promote it to serve it).",
+        description="Fit the uncertainty layer of a registered model on its calibration split (or on --dataset): "
+        "a KNN (or other) OOD score with a conformal p-value, conformal prediction sets (audit-rectified when "
+        "some labels are audited, NACP where uniform noise is known, else split conformal on the observed "
+        "labels) and a certified abstention threshold with its risk-coverage frontier. Every guarantee states "
+        "its kind: valid, conservative (under a stated noise condition) or none. The result is logged as a NEW "
+        "version of the same model with the same weights (versions are immutable; promote it to serve it).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     calibrate.add_argument("--model", required=True, help="NAME@ALIAS or NAME/VERSION")
+    calibrate.add_argument("--dataset", default=None,
+                           help="calibrate on this labelled data instead of the model's own calibration split: an "
+                           ".npz (x, y, optional y_clean with -1 where unknown) or an image folder with the model's "
+                           "input shape; every item calibrates, and the OOD bank and confidence function of --model "
+                           "are kept")
+    calibrate.add_argument("--trusted", metavar="FILE", default=None,
+                           help="trusted (audited) labels for some items of the data: CSV index,label or .npz; they "
+                           "become the audit")
     calibrate.add_argument("--promote", action="store_true", help="move NAME@champion to the new version")
     calibrate.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     calibrate.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
@@ -120,15 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="coverage, set size, selective risk and OOD AUROC of a calibrated model on its clean test split",
-        description="Evaluate a calibrated model on the clean test split of its dataset (or --dataset) and on OOD "
-        "sets (natural photo patches, another digit source, inverted images), so you can see what the guarantees "
-        "mean on your data.",
+        help="coverage, set size, selective risk and OOD AUROC of a calibrated model on test data",
+        description="Evaluate a calibrated model on the test split of its dataset, or on every item of --dataset, "
+        "and on OOD sets (natural photo patches, another digit source, inverted images), so you can see what the "
+        "guarantees mean on your data. Labels: the reference labels (y_clean) where known, else the observed "
+        "labels, and the output says which.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     evaluate.add_argument("--model", required=True, help="NAME@ALIAS or NAME/VERSION")
     evaluate.add_argument("--dataset", default=None,
-                          help="evaluate on this dataset's test split instead of the model's own (same input shape)")
+                          help="evaluate on every item of this .npz or image folder (same input shape) instead of the "
+                          "model's own test split")
     evaluate.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     evaluate.set_defaults(handler=cmd_evaluate)
@@ -201,22 +218,28 @@ def _unit_interval(text: str) -> float:
 
 
 def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
-    from models.calibrate import CONFORMAL_MODES, RISK_CORRECTIONS
+    from models.calibrate import CONFORMAL_MODES, NOISE_MODELS, RISK_CORRECTIONS
     from models.uncertainty.conformal import CONFORMITY_SCORES
     from models.uncertainty.ood import OOD_SCORERS
 
     group = parser.add_argument_group("calibration")
     group.add_argument("--noise-rate", type=_rate_arg, default="auto",
-                       help="flip rate of the calibration labels (fraction wrong), or auto: the audit estimate with "
-                       "--audit, the injected rate for synthetic noise, else the confident-learning heuristic; NACP "
-                       "uses its lower bound")
+                       help="flip rate of the calibration labels (fraction wrong) that you vouch for, or auto (the "
+                       "injected rate for synthetic noise, else unknown; with audited items the rate is counted on "
+                       "them). A given rate bounds hidden errors in the abstention certificate and, with "
+                       "--noise-model uniform, feeds NACP")
+    group.add_argument("--noise-model", choices=NOISE_MODELS, default="auto",
+                       help="uniform: assert that label noise is uniform and independent of the input, so NACP "
+                       "corrects the sets (needs --noise-rate or an audit); auto: NACP only where noise was injected "
+                       "symmetrically, else split conformal on the observed labels")
     group.add_argument("--audit", type=int, default=0, metavar="N",
-                       help="treat N random calibration items as audited (trusted labels from y_clean): enables the "
-                       "audit-rectified threshold, which needs no noise model")
+                       help="draw N random calibration items and use their reference labels (y_clean) as an audit. "
+                       "Without it, trusted labels the data carries (partial y_clean, --trusted) are the audit. "
+                       "An audit makes sets and abstention valid without any noise model")
     group.add_argument("--alpha", type=_unit_interval, default=0.1, help="miscoverage: sets target 1 - alpha")
     group.add_argument("--conformal", choices=CONFORMAL_MODES, default="plugin",
-                       help="plugin: NACP plug-in threshold (exact split CP at eps=0); finite-sample: with the "
-                       "finite-sample margin Delta at --delta (or the conditional audit form)")
+                       help="plugin: coverage >= 1 - alpha on average over calibration draws; finite-sample: with "
+                       "probability >= 1 - delta over the draw (larger sets). The same default as `recalibrate`")
     group.add_argument("--delta", type=_unit_interval, default=0.001,
                        help="failure probability of the finite-sample conformal guarantee")
     group.add_argument("--score", choices=sorted(CONFORMITY_SCORES), default="lac",
@@ -226,8 +249,10 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--risk-delta", type=_unit_interval, default=0.05,
                        help="probability that the certified threshold's risk exceeds r*")
     group.add_argument("--risk-correction", choices=RISK_CORRECTIONS, default="auto",
-                       help="symmetric-noise correction of the certification (auto: on only when the noise is "
-                       "symmetric by construction)")
+                       help="how certified abstention accounts for wrong calibration labels: symmetric (valid for "
+                       "symmetric noise), worst-case (every wrong label may hide an error; needs a rate), none "
+                       "(observed labels as they are). auto: symmetric when injected symmetrically, worst-case when "
+                       "the rate is known or given, else none (and the guarantee says its condition)")
     group.add_argument("--ood-alpha", type=_unit_interval, default=0.05, help="false-OOD rate bound on ID inputs")
     group.add_argument("--ood-scorer", choices=sorted(OOD_SCORERS), default="knn", help="OOD score")
     group.add_argument("--calibration-seed", type=int, default=0, help="seed for the audit draw and randomized scores")
@@ -237,7 +262,7 @@ def _calibration_settings(args: argparse.Namespace):
     from models.calibrate import CalibrationSettings
 
     settings = CalibrationSettings(
-        noise_rate=args.noise_rate, audit=args.audit, alpha=args.alpha, delta=args.delta, conformal=args.conformal,
+        noise_rate=args.noise_rate, noise_model=args.noise_model, audit=args.audit, alpha=args.alpha, delta=args.delta, conformal=args.conformal,
         risk=args.risk, risk_delta=args.risk_delta, risk_correction=args.risk_correction, ood_alpha=args.ood_alpha,
         ood_scorer=args.ood_scorer, score=args.score, seed=args.calibration_seed,
     )
@@ -245,31 +270,35 @@ def _calibration_settings(args: argparse.Namespace):
     return settings
 
 
-def _calibrate_and_evaluate(net, dataset, settings, device):
-    """Fit the calibration and evaluate it on the clean test split and the OOD sets."""
+def _calibrate_and_evaluate(net, dataset, settings, device, base=None):
+    """Fit the calibration and evaluate it on the dataset's test split (if any) and the OOD sets."""
     from models.calibrate import fit_calibration
     from models.evaluation import evaluate
     from models.predictor import Predictor
 
-    calibration = fit_calibration(net, dataset, settings, device=device)
+    calibration = fit_calibration(net, dataset, settings, device=device, base=base)
+    if len(dataset.splits["test"]) == 0:
+        return calibration, {}
     return calibration, evaluate(Predictor(net, calibration, device=device), dataset)
 
 
 def _calibration_payload(calibration, evaluation: dict) -> dict:
     summary = calibration.summary()
-    keep = ("accuracy", "coverage", "mean_set_size", "target_coverage", "selective_risk", "selective_coverage",
-            "risk_target", "ood_auroc", "id_ood_flag_rate", "ece", "aurc", "eaurc")
+    keep = ("labels", "accuracy", "coverage", "mean_set_size", "target_coverage", "selective_risk",
+            "selective_coverage", "risk_target", "ood_auroc", "id_ood_flag_rate", "ece", "aurc", "eaurc",
+            "realized_noise_rate")
     return _round_all({
         "calibration": {
-            "sets": {k: summary["prediction_set"][k] for k in ("method", "score", "target_coverage", "q", "eps",
-                                                                "delta", "full_sets")},
-            "abstention": {k: summary["abstention"][k] for k in ("certified", "risk_target", "delta", "coverage",
-                                                                 "risk_ucb", "confidence")},
+            "sets": {k: summary["prediction_set"][k] for k in ("kind", "condition", "method", "score",
+                                                                "target_coverage", "q", "eps", "delta", "full_sets")},
+            "abstention": {k: summary["abstention"][k] for k in ("kind", "condition", "certified", "risk_target",
+                                                                 "delta", "coverage", "risk_ucb", "confidence",
+                                                                 "can_certify", "frontier")},
             "ood": summary["ood"],
             "noise": summary["noise"],
             "assumptions": summary["assumptions"],
         },
-        "evaluation": {k: evaluation[k] for k in keep},
+        "evaluation": {k: evaluation[k] for k in keep if k in evaluation},
     })
 
 
@@ -287,19 +316,23 @@ def _round_all(value):
 def _calibration_text(calibration, evaluation: dict) -> str:
     s = calibration.summary()
     sets, abst = s["prediction_set"], s["abstention"]
-    lines = [
-        f"  sets: {sets['method']} ({sets['score']}), target coverage {sets['target_coverage']:.2f}: clean-test coverage "
-        f"{evaluation['coverage']:.3f}, mean size {evaluation['mean_set_size']:.2f}",
-        f"  abstention: r*={abst['risk_target']} delta={abst['delta']}: " + (
-            f"certified, accepts {evaluation['selective_coverage']:.1%} of clean test with risk "
-            f"{evaluation['selective_risk'] if evaluation['selective_risk'] is None else round(evaluation['selective_risk'], 4)}"
-            if abst["certified"] else "NOTHING CERTIFIED: the model abstains on every input (" + abst["reason"][:120] + ")"),
-        f"  ood: {s['ood']['scorer']} at alpha_ood={s['ood']['alpha_ood']}: AUROC " + ", ".join(
-            f"{k} {v:.3f}" for k, v in evaluation["ood_auroc"].items()),
-    ]
+    measured = (f": on the test labels ({evaluation['labels']}) coverage {evaluation['coverage']:.3f}, mean size "
+                f"{evaluation['mean_set_size']:.2f}" if evaluation else "")
+    lines = [f"  sets: {sets['method']} ({sets['score']}), target coverage {sets['target_coverage']:.2f} "
+             f"[{sets['kind']}]{measured}"]
+    if abst["certified"]:
+        accepted = (f": accepts {evaluation['selective_coverage']:.1%} of the test split with risk "
+                    f"{_round(evaluation['selective_risk'])}" if evaluation else "")
+        lines.append(f"  abstention: r*={abst['risk_target']} delta={abst['delta']} certified [{abst['kind']}]{accepted}")
+    else:
+        lines.append(f"  abstention: r*={abst['risk_target']} NOTHING CERTIFIED: the model abstains on every input")
+    if abst.get("can_certify"):
+        lines.append(f"  frontier: {abst['can_certify']}")
+    if evaluation.get("ood_auroc"):
+        lines.append(f"  ood: {s['ood']['scorer']} at alpha_ood={s['ood']['alpha_ood']}: AUROC "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["ood_auroc"].items()))
     lines += [f"  assumes: {a}" for a in s["assumptions"]]
     return "\n".join(lines)
-
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -329,7 +362,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.train import train
 
     device = pick_device(args.device)
-    dataset = load_dataset(args.dataset, args.noise, seed=args.seed)
+    dataset = load_dataset(args.dataset, args.noise, seed=args.seed, trusted=args.trusted)
     if not args.json:
         print(f"dataset {dataset.name}: {len(dataset.x)} items, {dataset.num_classes} classes, noise "
               f"{dataset.noise.spec} (realized flip rate {dataset.noise.realized_rate:.3f}); recipe "
@@ -394,25 +427,59 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     settings = _calibration_settings(args)
     device = pick_device(args.device)
     source = registry.load_model(args.model, device=device)
-    dataset = load_from_lineage(source.spec.lineage)
-    calibration, evaluation = _calibrate_and_evaluate(source.net, dataset, settings, device)
+    base = None
+    if args.dataset is None:
+        dataset = load_from_lineage(source.spec.lineage, trusted=args.trusted)
+    else:
+        if source.calibration is None:
+            raise UsageError(f"--dataset keeps the OOD bank of {args.model}, which has no calibration: calibrate it "
+                             "on its own data first")
+        dataset = _whole_file(args.dataset, source, split="cal", trusted=args.trusted)
+        base = source.calibration
+    calibration, evaluation = _calibrate_and_evaluate(source.net, dataset, settings, device, base=base)
     params = {**{f"calibration.{k}": v for k, v in settings.__dict__.items()},
               "calibrated_from": f"{source.name}/{source.version}", "source_run_id": source.run_id}
+    if args.dataset is not None:
+        params.update({"calibration.data_source": dataset.lineage.get("source"),
+                       "calibration.data_sha256": dataset.lineage.get("sha256"),
+                       "calibration.n_items": len(dataset.x)})
     logged = registry.log_training_run(
         source.net.cpu(), source.spec, params, history=[], metrics=flat_metrics(evaluation), register_as=source.name,
         promote=args.promote, calibration=calibration,
         tags={"noisewise.calibrated_from": f"{source.name}/{source.version}"})
     payload = {"model_name": logged.name, "model_version": logged.version, "calibrated_from": source.version,
+               "calibration_data": dataset.name, "n_calibration": int(len(dataset.splits["cal"])),
                "promoted": logged.promoted, "run_id": logged.run_id, **_calibration_payload(calibration, evaluation)}
     promoted = f", promoted to {logged.name}@{registry.CHAMPION}" if logged.promoted else " (not promoted: use --promote)"
-    _emit(args, payload, f"{logged.name} version {logged.version}: calibration of version {source.version}{promoted}\n"
+    _emit(args, payload, f"{logged.name} version {logged.version}: calibration of version {source.version} on "
+          f"{dataset.name} ({len(dataset.splits['cal'])} calibration items){promoted}\n"
           + _calibration_text(calibration, evaluation))
     return 0
 
 
+def _whole_file(path: str, loaded, split: str, trusted: str | None = None):
+    """A user dataset whose every item lies in ``split`` (calibration or test), checked against the model."""
+    import dataclasses
+
+    import numpy as np
+
+    from models.data import load_dataset
+
+    dataset = load_dataset(path, "none", seed=0, trusted=trusted)
+    if list(dataset.input_shape) != list(loaded.spec.input_shape):
+        raise UsageError(f"--dataset: inputs are {dataset.input_shape}, the model takes {tuple(loaded.spec.input_shape)}")
+    if list(dataset.class_names) != list(loaded.spec.class_names):
+        raise UsageError(f"--dataset: classes {list(dataset.class_names)} differ from the model's "
+                         f"{list(loaded.spec.class_names)}")
+    empty = np.empty(0, dtype=np.int64)
+    splits = {name: empty for name in dataset.splits}
+    splits[split] = np.arange(len(dataset.x))
+    return dataclasses.replace(dataset, splits=splits)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models import registry
-    from models.data import load_dataset, load_from_lineage
+    from models.data import load_from_lineage
     from models.evaluation import evaluate
     from models.nets import pick_device
     from models.predictor import Predictor
@@ -421,18 +488,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loaded = registry.load_model(args.model, device=device)
     if loaded.calibration is None:
         raise UsageError(f"{args.model} has no calibration: run `noisewise calibrate --model {args.model}` first")
-    if args.dataset is None:
-        dataset = load_from_lineage(loaded.spec.lineage)
-    else:
-        dataset = load_dataset(args.dataset, "none", seed=int(loaded.spec.lineage.get("split_seed", 0)))
-        if list(dataset.input_shape) != list(loaded.spec.input_shape):
-            raise UsageError(f"--dataset: inputs are {dataset.input_shape}, the model takes {tuple(loaded.spec.input_shape)}")
+    dataset = (load_from_lineage(loaded.spec.lineage) if args.dataset is None
+               else _whole_file(args.dataset, loaded, split="test"))
     result = evaluate(Predictor(loaded.net, loaded.calibration, device=device), dataset)
     payload = {"model_name": loaded.name, "model_version": loaded.version, "dataset": dataset.name,
+               "items": "every item of the file" if args.dataset is not None else "the test split",
                **_round_all({k: v for k, v in result.items() if k != "assumptions"}),
                "assumptions": result["assumptions"]}
-    _emit(args, payload, f"{loaded.name} version {loaded.version} on {dataset.name} ({result['labels']} test labels, "
-          f"n={result['n_test']}): accuracy {result['accuracy']:.3f}\n" + _calibration_text(loaded.calibration, result))
+    noise = ("" if result["realized_noise_rate"] is None else
+             f", realized noise rate {result['realized_noise_rate']:.3f} (observed labels vs reference labels)")
+    _emit(args, payload, f"{loaded.name} version {loaded.version} on {dataset.name} ({payload['items']}, n="
+          f"{result['n_test']}; labels: {result['labels']}{noise}): accuracy {result['accuracy']:.3f}\n"
+          + _calibration_text(loaded.calibration, result))
     return 0
 
 

@@ -20,7 +20,7 @@ def add_parsers(commands, common) -> None:
 
     flags = commands.add_parser(
         "flags", help="list suspected annotation errors in the feedback, for re-annotation",
-        description="Feedback labels that look wrong (confident learning, DESIGN.md 4.7), most suspicious first, "
+        description="Feedback labels that look wrong (confident learning), most suspicious first, "
         "with the model's proposed label. Feedback on inputs flagged OOD is listed apart: the model cannot judge "
         "those labels. Reads the store the service writes (NOISEWISE_STORE_URL or $NOISEWISE_HOME/store.db).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -34,11 +34,14 @@ def add_parsers(commands, common) -> None:
 
     monitor = commands.add_parser(
         "monitor", help="noise-rate estimate, realized coverage, suspects and Evidently drift reports",
-        description="Estimate the feedback labels' noise rate (duplicates, audited items or the confident-learning "
-        "heuristic, each with its interval), the realized coverage of the served sets on feedback labels (raw "
-        "and noise-corrected) and the suspects; run Evidently label-drift, prediction-drift and quality reports "
-        "and save them (HTML + JSON + a snapshot in an Evidently workspace that `evidently ui --workspace DIR` "
-        "serves). The result is stored, and the running service exports it as noisewise_drift_* gauges.",
+        description="Estimate the feedback labels' noise rate as a flip rate (share of wrong labels) with its "
+        "interval: counted directly on audited feedback (items with an ordinary and a trusted label), from two "
+        "annotators on the same predictions, and the confident-learning heuristic (shown, never used for a "
+        "guarantee). Report the realized coverage of the served sets on feedback labels (raw, on audited labels, "
+        "and corrected with a non-heuristic noise rate) and the suspects; run Evidently label-drift, "
+        "prediction-drift and quality reports and save them (HTML + JSON + a snapshot in an Evidently workspace "
+        "that `evidently ui --workspace DIR` serves). The result is stored, and the running service exports it "
+        "as noisewise_drift_* gauges.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     monitor.add_argument("--model", default=default_model, help="served model (NAME@ALIAS or NAME/VERSION)")
     monitor.add_argument("--window", type=common._positive_int, default=None,
@@ -51,11 +54,14 @@ def add_parsers(commands, common) -> None:
     recal = commands.add_parser(
         "recalibrate", help="re-estimate the conformal threshold on recent feedback; the service switches live",
         description="Re-estimate the prediction-set threshold on recent in-distribution feedback: the "
-        "audit-rectified threshold when enough feedback is marked audited, otherwise NACP with the lower bound "
-        "of the feedback noise rate. Logs the new calibration as a new version of the model (same weights) and "
-        "moves the alias, so a running service switches to it without a restart (it checks the alias every "
-        "NOISEWISE_RELOAD_INTERVAL_S, or at once with --url). Refuses, with the reason, when the feedback is too "
-        "small for the guarantee.",
+        "audit-rectified threshold when at least 50 of the labelled predictions also carry an audited label "
+        "(valid: no noise model), otherwise split conformal on the observed feedback labels (conservative: it "
+        "covers the true label at least as often when label errors are spread over classes; errors concentrated "
+        "on the classes the model confuses can make it fall slightly short). NACP only with an explicit "
+        "--noise-rate and --assume-uniform-noise. Logs the new calibration as a new version of the model (same "
+        "weights) and moves the alias, so a running service switches to it without a restart (it checks the "
+        "alias every NOISEWISE_RELOAD_INTERVAL_S, or at once with --url). Refuses, with the reason, when the "
+        "feedback is too small for the guarantee.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     recal.add_argument("--model", default=default_model, help="served model; must be NAME@ALIAS to move the alias")
     recal.add_argument("--window", type=common._positive_int, default=None,
@@ -63,10 +69,16 @@ def add_parsers(commands, common) -> None:
     recal.add_argument("--min-items", type=common._positive_int, default=None,
                        help="refuse with fewer labelled predictions than this (default: the rule in "
                        "monitoring/feedback.py, at least enough for a finite quantile)")
-    recal.add_argument("--conformal", choices=("plugin", "finite-sample"), default="finite-sample",
-                       help="finite-sample: the audit-rectified threshold holds coverage with probability ~95%% "
-                       "(lower confidence bound), NACP adds its Delta margin; plugin: coverage in expectation only, "
-                       "which with a few dozen audited items can miss by several points on one draw")
+    recal.add_argument("--conformal", choices=("plugin", "finite-sample"), default="plugin",
+                       help="plugin: coverage on average over feedback draws (like calibrate's default); "
+                       "finite-sample: coverage with probability >= 1 - delta over the draw (the calibration's "
+                       "--delta), at the price of larger sets")
+    recal.add_argument("--noise-rate", type=float, default=None, metavar="R",
+                       help="flip rate (share of wrong feedback labels) you vouch for; with --assume-uniform-noise "
+                       "it selects NACP when the audit does not suffice (never estimated from the feedback)")
+    recal.add_argument("--assume-uniform-noise", action="store_true",
+                       help="assert that wrong labels are spread uniformly over the other classes, independent of "
+                       "the input (NACP's noise model); needs --noise-rate")
     recal.add_argument("--no-promote", action="store_true", help="log the new version but leave the alias")
     recal.add_argument("--url", default=None,
                        help="a running service to tell at once (POST /reload), e.g. http://127.0.0.1:3000")
@@ -148,6 +160,15 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _noise_line(method: str, est: dict, used: bool) -> str:
+    """One flip-rate record: ``flip rate r [lower, upper] (method, n, level)``, heuristics spelled out."""
+    level = f"{float(est.get('confidence', 0.95)):.0%}"
+    tag = ("HEURISTIC, shown only, never used for guarantees" if est.get("heuristic")
+           else "used for guarantees" if used else "not a heuristic")
+    return (f"  noise rate ({method}, n={est['n']}): flip rate {_fmt(est.get('flip_rate'))} "
+            f"[{_fmt(est['lower'])}, {_fmt(est['upper'])}] ({level} interval; {tag})")
+
+
 def _monitor_text(report: dict, workspace: Path) -> str:
     state, drift = report["feedback"], report["drift"]
     model = report["model"]
@@ -155,21 +176,34 @@ def _monitor_text(report: dict, workspace: Path) -> str:
              f"{report['n_feedback']} feedback labels ({state['n_ood']} on OOD inputs)"]
     if state["noise"]:
         for method, est in state["noise"].items():
-            mark = "  <- used" if method == state["best"] else ""
-            lines.append(f"  noise rate ({method}, n={est['n']}): {est['flip_rate']:.3f} "
-                         f"[{est['lower']:.3f}, {est['upper']:.3f}] (flip rate, 95% interval){mark}")
+            lines.append(_noise_line(method, est, used=method == state["best"]))
+        if state["best"] is None:
+            lines.append("  no noise-rate estimate usable for guarantees (a heuristic never is): mark some feedback "
+                         "as audited, or have two annotators label the same predictions")
     else:
-        lines.append("  noise rate: not enough feedback yet (need audited items, two annotators on some "
-                     "predictions, or labels covering every class)")
+        lines.append("  noise rate: not enough feedback yet (need audited items that also have an ordinary label, "
+                     "two annotators on some predictions, or labels covering every class)")
     calib = report.get("calibration_noise") or {}
     if calib.get("lower") is not None:
-        warn = "  ABOVE the calibration's assumption" if report.get("noise_above_calibration") else ""
-        lines.append(f"  calibration assumed a flip rate of {calib['lower']:.3f} ({calib.get('method')}){warn}")
+        if calib.get("heuristic"):
+            lines.append(f"  calibration labels: flip rate {_fmt(calib.get('flip_rate'))} by the {calib.get('method')} "
+                         "HEURISTIC (assumed by no guarantee)")
+        else:
+            warn = "  ABOVE the calibration's assumption" if report.get("noise_above_calibration") else ""
+            lines.append(f"  calibration assumed a flip rate of {calib['lower']:.3f} ({calib.get('method')}){warn}")
     cov = state.get("coverage") or {}
     if cov.get("n"):
-        lines.append(f"  realized coverage on feedback labels: raw {_fmt(cov['raw'])}, noise-corrected "
-                     f"{_fmt(cov['corrected'])} [{_fmt(cov['corrected_lower'])}, {_fmt(cov['corrected_upper'])}] vs "
-                     f"target {cov['target']:.3f}{'  BELOW TARGET' if cov.get('below_target') else ''} (n={cov['n']})")
+        below = "  BELOW TARGET" if cov.get("below_target") else ""
+        corrected = (f"noise-corrected {_fmt(cov['corrected'])} [{_fmt(cov['corrected_lower'])}, "
+                     f"{_fmt(cov['corrected_upper'])}]{below}" if cov.get("corrected") is not None else "not corrected")
+        lines.append(f"  realized coverage on feedback labels (n={cov['n']}, target {cov['target']:.3f}): raw "
+                     f"{_fmt(cov['raw'])}, {corrected}")
+        lines.append(f"    correction: {cov.get('correction', 'n/a')}")
+    audited = cov.get("audited") or {}
+    if audited.get("n"):
+        below = "  BELOW TARGET" if audited.get("below_target") else ""
+        lines.append(f"  realized coverage on audited labels (n={audited['n']}, no assumption): "
+                     f"{_fmt(audited['coverage'])} [{_fmt(audited['lower'])}, {_fmt(audited['upper'])}]{below}")
     if state.get("suspect_share") is not None:
         lines.append(f"  suspected annotation errors: {report['suspects']['n_suspects']} "
                      f"({state['suspect_share']:.1%} of in-distribution feedback); `noisewise flags` lists them")
@@ -197,30 +231,39 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     alias = args.model.split("@", 1)[1] if "@" in args.model else None
     if alias is None and not args.no_promote:
         raise cli.UsageError("--model: give NAME@ALIAS so that the alias can move (or use --no-promote)")
+    if (args.noise_rate is None) != (not args.assume_uniform_noise):
+        raise cli.UsageError("--noise-rate and --assume-uniform-noise go together: NACP corrects for a rate you vouch "
+                             "for under a uniform noise model (leave both out for split conformal or the audit)")
     loaded = _loaded(args.model)
+    k = loaded.calibration.num_classes
+    if args.noise_rate is not None and not 0.0 <= args.noise_rate < (k - 1) / k:
+        raise cli.UsageError(f"--noise-rate: a flip rate in [0, (K-1)/K) = [0, {(k - 1) / k:.4f}) for this model's "
+                             f"{k} classes, got {args.noise_rate}")
     store = _open_store()
     frame = store.feedback_frame(model_name=loaded.name)
     basis = dataclasses.replace(loaded.calibration, settings={**loaded.calibration.settings,
                                                                "conformal": args.conformal})
     try:
         recal = recalibrated_threshold(frame, basis, window=args.window, min_items=args.min_items,
-                                       weights=loaded.weights)
+                                       weights=loaded.weights, noise_flip_rate=args.noise_rate,
+                                       assume_uniform_noise=args.assume_uniform_noise)
     except RecalibrationRefused as err:
         print(f"noisewise: recalibration refused: {err.reason}", file=sys.stderr)
         return 1
     old = loaded.calibration
     calibration = dataclasses.replace(
         old, threshold=recal.threshold,
-        noise=_noise_record(recal, old.num_classes),
+        noise=_noise_record(recal, args.noise_rate),
         settings={**old.settings, "conformal": args.conformal, "recalibrated_from": f"{loaded.name}/{loaded.version}",
                   "recalibration_window": args.window, "recalibration_n": recal.n,
                   "recalibration_n_audited": recal.n_audited, "recalibration_method": recal.method},
         assumptions=[a for a in old.assumptions if not a.startswith("prediction sets:")] + [f"prediction sets: {recal.note}"],
+        guarantees={**old.guarantees, "prediction_set": {"kind": recal.guarantee_kind, "condition": recal.condition}},
     )
     params = {"recalibrated_from": f"{loaded.name}/{loaded.version}", "recalibration.method": recal.method,
               "recalibration.n": recal.n, "recalibration.n_audited": recal.n_audited,
               "recalibration.window": args.window or "all", "recalibration.eps": recal.eps,
-              "recalibration.conformal": args.conformal}
+              "recalibration.conformal": args.conformal, "recalibration.guarantee": recal.guarantee_kind}
     logged = registry.log_training_run(
         loaded.net.cpu(), loaded.spec, params, history=[],
         metrics={"recalibration_q": recal.threshold.q, "recalibration_n": recal.n}, register_as=loaded.name,
@@ -238,9 +281,11 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
                "previous_threshold": old_t.to_dict()}
     where = (f"{loaded.name}@{alias} now points to version {logged.version}" if moved
              else "alias not moved (--no-promote)")
+    given = "" if recal.eps is None else f", given flip rate {args.noise_rate:g} under uniform noise"
     text = (f"{loaded.name} version {logged.version}: threshold recalibrated on {recal.n} feedback labels "
-            f"({recal.method}{f', {recal.n_audited} audited' if recal.n_audited else ''}"
-            f"{'' if recal.eps is None else f', eps={recal.eps:.4f} (uniform)'}): q {old_t.q:.4f} -> {new_t.q:.4f}\n"
+            f"({recal.method}{f', {recal.n_audited} audited' if recal.n_audited else ''}{given}): "
+            f"q {old_t.q:.4f} -> {new_t.q:.4f}\n"
+            f"  guarantee: {recal.guarantee_kind}: {recal.condition}\n"
             f"  {recal.note}\n  {where}")
     if reloaded is not None:
         text += f"\n  service at {args.url}: {reloaded}"
@@ -248,17 +293,28 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _noise_record(recal, num_classes: int) -> dict:
-    """The calibration's ``noise`` record after a recalibration, in the flip convention like the others."""
-    from models.uncertainty.labelnoise import NoiseRateEstimate, uniform_to_flip_rate
+def _noise_record(recal, given_flip_rate: float | None) -> dict:
+    """The calibration's ``noise`` record after a recalibration: one flip-rate record, like calibrate's.
 
+    NACP: the rate the caller gave (what the threshold assumes). Otherwise the threshold assumes no rate and
+    the record is the best non-heuristic feedback estimate, for comparison with later feedback; with only the
+    heuristic (or nothing) it is marked ``used_for_guarantees: False``.
+    """
+    estimates = recal.noise.get("estimates", {})
+    common = {"source": "feedback", "recalibration_method": recal.method, "estimates": estimates}
+    if recal.method == "nacp":
+        r = float(given_flip_rate)
+        return {"method": "given", "flip_rate": r, "lower": r, "upper": r, "convention": "flip", "heuristic": False,
+                "note": "flip rate given to recalibrate under an asserted uniform noise model", **common}
     best = recal.noise.get("best")
-    record = {**(NoiseRateEstimate.from_dict(best).flip_record() if best is not None else {}), "source": "feedback",
-              "method": recal.method, "estimator": best and best.get("method"),
-              "estimates": recal.noise.get("estimates", {})}
-    if recal.eps is not None:  # what NACP assumed: the lower bound
-        record["lower"] = uniform_to_flip_rate(recal.eps, num_classes)
-    return record
+    if best is not None:
+        return {**best, **common}
+    heuristic = estimates.get("confident_learning")
+    if heuristic is not None:
+        return {**heuristic, "used_for_guarantees": False, **common}
+    return {"method": "none", "flip_rate": None, "lower": None, "upper": None, "convention": "flip",
+            "heuristic": False, "used_for_guarantees": False, "note": "no noise-rate estimate from the feedback",
+            **common}
 
 
 def _tell_service(url: str) -> str:

@@ -402,9 +402,14 @@ class Prediction(BaseModel):
 class SetGuarantee(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    kind: Literal["valid", "conservative", "none"] = Field(
+        "none", description="valid: its assumption is removed by trusted labels or known by construction; "
+        "conservative: valid under the stated condition, which nothing checked; none: nothing is promised")
+    condition: str = Field("", description="what the guarantee rests on, in plain words")
     target_coverage: float = Field(description="1 - alpha")
     alpha: float
-    method: str = Field(description="how the set threshold was calibrated (e.g. nacp, split, audit)")
+    method: str = Field(description="how the set threshold was calibrated: split (observed labels), "
+                        "split_conditional, nacp, nacp_delta, audit_rectified, audit_rectified_conditional")
     score: str = Field(description="conformity score (lac, aps, raps)")
     eps: float | None = Field(None, description="label-noise rate plugged in (uniform convention)")
     delta: float | None = Field(None, description="failure probability of the finite-sample guarantee")
@@ -416,6 +421,12 @@ class SetGuarantee(BaseModel):
 class AbstentionGuarantee(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    kind: Literal["valid", "conservative", "none"] = Field(
+        "none", description="valid: its assumption is removed by trusted labels or known by construction; "
+        "conservative: valid under the stated condition, which nothing checked; none: nothing is promised")
+    condition: str = Field("", description="what the guarantee rests on, in plain words")
+    can_certify: str | None = Field(None, description="what the certified risk-coverage frontier allows, in "
+                                    "words (the full frontier is on /model)")
     risk_target: float = Field(description="r*: certified bound on the error rate of accepted predictions")
     delta: float = Field(description="failure probability of the certificate")
     certified: bool = Field(description="false: no threshold could be certified, every prediction abstains")
@@ -428,6 +439,10 @@ class AbstentionGuarantee(BaseModel):
 class OODGuarantee(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    kind: Literal["valid", "conservative", "none"] = Field(
+        "none", description="valid: its assumption is removed by trusted labels or known by construction; "
+        "conservative: valid under the stated condition, which nothing checked; none: nothing is promised")
+    condition: str = Field("", description="what the guarantee rests on, in plain words")
     scorer: str
     alpha_ood: float = Field(description="bound on the rate of in-distribution inputs flagged OOD")
     n_calibration: int | None = None
@@ -503,7 +518,8 @@ def guarantees_from(summary: dict[str, Any]) -> Guarantees:
     summary = finite_or_none(summary)
     return Guarantees(
         prediction_set=SetGuarantee(**summary["prediction_set"]),
-        abstention=AbstentionGuarantee(**summary["abstention"]),
+        # the frontier table stays on /model: every response carries only its one-line reading
+        abstention=AbstentionGuarantee(**{k: v for k, v in summary["abstention"].items() if k != "frontier"}),
         ood=OODGuarantee(**summary["ood"]),
         assumptions=list(summary.get("assumptions") or []),
     )

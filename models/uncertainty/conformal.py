@@ -6,7 +6,8 @@ Two halves:
   maps a name to ``scores(probs: Tensor[N, K], **params) -> Tensor[N, K]``, the score of every
   label of every row at once; :func:`prediction_sets` turns scores and a threshold ``q`` into
   ``C(x) = {y : S(x, y) <= q}``.
-* **Thresholds (calibration, numpy).** :func:`split_conformal_threshold` (split CP),
+* **Thresholds (calibration, numpy).** :func:`split_conformal_threshold` (split CP) and
+  :func:`split_threshold` (split CP on given labels, plug-in or calibration-conditional),
   :func:`nacp_threshold` (noise-aware CP under uniform label noise, Penso, Goldberger and Fetaya,
   COPA 2025), :func:`audit_rectified_threshold` (noisy labels corrected by an audited subset, in the
   spirit of prediction-powered inference, Angelopoulos et al., Science 2023) and
@@ -72,6 +73,8 @@ __all__ = [
     "raps_scores",
     "prediction_sets",
     "split_conformal_threshold",
+    "split_threshold",
+    "conditional_order_statistic",
     "nacp_threshold",
     "nacp_delta",
     "audit_rectified_threshold",
@@ -309,8 +312,8 @@ class ConformalThreshold:
     q : float
         Threshold for :func:`prediction_sets`; ``+inf`` means full sets.
     method : str
-        ``"nacp"``, ``"nacp_delta"``, ``"audit_rectified"``, ``"audit_rectified_conditional"`` or
-        ``"audit_split"``.
+        ``"split"``, ``"split_conditional"``, ``"nacp"``, ``"nacp_delta"``, ``"audit_rectified"``,
+        ``"audit_rectified_conditional"`` or ``"audit_split"``.
     alpha : float
         Miscoverage target.
     tau : float
@@ -497,6 +500,82 @@ def split_conformal_threshold(true_scores: Any, alpha: float) -> float:
     if k > n:
         return math.inf
     return float(np.partition(s, k - 1)[k - 1])
+
+
+def conditional_order_statistic(n: int, alpha: float, delta: float) -> int:
+    """Smallest ``k`` whose ``k``-th smallest score covers ``>= 1 - alpha`` with probability ``>= 1 - delta``.
+
+    For exchangeable continuous scores the coverage of the threshold ``S_(k)`` is distributed as
+    ``Beta(k, n + 1 - k)`` over calibration draws (Vovk, "Conditional validity of inductive conformal
+    predictors", ACML 2012), so ``k`` is the smallest integer with ``BetaCDF(1 - alpha; k, n + 1 - k) <=
+    delta``, i.e. ``P(coverage < 1 - alpha) <= delta``.
+
+    Returns ``n + 1`` when even ``k = n`` does not reach it (too few items: full sets).
+    """
+    from scipy import stats
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    alpha, delta = _check_alpha(alpha), _check_delta(delta)
+    k = np.arange(1, n + 1)
+    ok = stats.beta.cdf(1.0 - alpha, k, n + 1 - k) <= delta
+    return int(k[np.argmax(ok)]) if ok.any() else n + 1
+
+
+def split_threshold(
+    all_scores: Any,
+    labels: Any,
+    alpha: float,
+    delta: float | None = None,
+) -> ConformalThreshold:
+    """Split conformal threshold on the given (observed) labels, as a :class:`ConformalThreshold`.
+
+    * ``delta=None`` (plug-in, ``method="split"``): :func:`split_conformal_threshold`, the
+      ``ceil((n + 1)(1 - alpha))``-th smallest score: coverage ``>= 1 - alpha`` on average over
+      calibration draws (MAPIE's ``SplitConformalClassifier``).
+    * ``delta`` given (``method="split_conditional"``): the :func:`conditional_order_statistic`-th
+      smallest score, coverage ``>= 1 - alpha`` with probability ``>= 1 - delta`` over the draw.
+
+    Coverage is of the labels the scores were computed with. On noisy labels it is the coverage of
+    the NOISY label; for the clean label it is conservative when the noise is dispersive (wrong
+    labels spread over classes that score worse than the true one, Einbinder et al., "Label noise
+    robustness of conformal prediction", JMLR 2024) and can fall slightly short when wrong labels
+    sit on the classes the model confuses.
+
+    Parameters
+    ----------
+    all_scores : array [n, K]
+        Scores of every label of every calibration item.
+    labels : int array [n]
+        The labels to cover.
+    alpha : float in (0, 1)
+        Miscoverage target.
+    delta : float in (0, 1), optional
+        Failure probability of the calibration-conditional form.
+
+    Returns
+    -------
+    ConformalThreshold
+        ``q = +inf`` with ``full_sets=True`` and a note when too few items reach the level.
+    """
+    alpha = _check_alpha(alpha)
+    scores = _check_scores_2d(all_scores, "all_scores")
+    n, k = scores.shape
+    y = _check_labels(labels, "labels", n, k)
+    true = np.sort(scores[np.arange(n), y])
+    if delta is None:
+        order, method, tau = int(np.ceil((n + 1) * (1 - alpha))), "split", _plugin_tau(n, alpha)
+    else:
+        delta = _check_delta(delta)
+        order, method = conditional_order_statistic(n, alpha, delta), "split_conditional"
+        tau = order / n
+    common = dict(method=method, alpha=alpha, tau=tau, n=n, delta=delta)
+    if order > n:
+        note = (_too_few_note(n, alpha, "split conformal") if delta is None else
+                f"split conformal (calibration-conditional): n={n} items cannot give coverage >= {1 - alpha} "
+                f"with probability {1 - delta}; every set is the full label set")
+        return ConformalThreshold(q=math.inf, full_sets=True, note=note, **common)
+    return ConformalThreshold(q=float(true[order - 1]), **common)
 
 
 def nacp_delta(n: int, eps: float, delta: float) -> float:

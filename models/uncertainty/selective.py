@@ -1,17 +1,25 @@
 """Selective classification: confidence functions, risk-coverage, AURC and a certified abstention threshold.
 
-DESIGN.md 4.6. A model answers when its confidence ``g(x)`` reaches a threshold and abstains
-otherwise. The threshold is certified on held-out calibration data with a fixed-sequence binomial
-test so that the selective risk (error rate among accepted inputs) stays below a target ``r*`` with
-probability at least ``1 - delta`` over the calibration draw.
+A model answers when its confidence ``g(x)`` reaches a threshold and abstains otherwise. The
+threshold is certified on held-out calibration data with a fixed-sequence binomial test so that the
+selective risk (error rate among accepted inputs) stays below a target ``r*`` with probability at
+least ``1 - delta`` over the calibration draw. :func:`certified_frontier` runs the same test on a
+grid of risk levels, simultaneously valid, to say what a model CAN promise when ``r*`` is out of
+reach.
+
+Labels of the certification split may be noisy. Two corrections exist, each with its own
+assumption: ``noise_eps`` (symmetric noise at a known rate; invalid under instance-dependent noise)
+and ``max_wrong_labels`` (a known upper bound ``W`` on the number of wrong labels; no noise model,
+valid wherever the wrong labels fall, at the price of ``W / n_j`` in risk).
 
 Conventions
 -----------
 * Confidence: higher means more confident. ``CONFIDENCE_FUNCTIONS`` maps a name to a batched torch
   function ``logits [N, K] -> confidence [N]``.
 * Decision: accept iff ``confidence >= threshold``; ``threshold = +inf`` abstains on everything.
-* Noise rates ``eps`` are in the "uniform/all" convention of DESIGN.md 4.4:
-  ``P(y~ = j | y = i) = (1 - eps) 1[i = j] + eps / K``.
+* Noise rates ``eps`` are in the "uniform/all" convention:
+  ``P(y~ = j | y = i) = (1 - eps) 1[i = j] + eps / K``; the flip rate (share of labels that differ
+  from the true one) is ``eps (K-1)/K``. :func:`wrong_label_bound` takes a flip rate.
 
 References
 ----------
@@ -28,26 +36,31 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special, stats
 
 __all__ = [
     "CONFIDENCE_FUNCTIONS",
     "PNORM_GRID",
     "CertifiedThreshold",
+    "DEFAULT_RISK_GRID",
+    "FrontierPoint",
     "aurc",
+    "certified_frontier",
     "certify_threshold",
     "confidence",
     "decide",
     "eaurc",
+    "frontier_sentence",
     "maxlogit_pnorm_confidence",
     "msp_confidence",
     "optimal_aurc",
     "risk_coverage_curve",
     "select_pnorm",
+    "wrong_label_bound",
 ]
 
 #: Exponents searched by :func:`select_pnorm` (Cattelan & Silva search the same small range).
@@ -208,7 +221,7 @@ def select_pnorm(
     -------
     int or None
         The ``p`` with the lowest AURC (smallest ``p`` among ties), or ``None`` when no ``p``
-        has an AURC strictly below MSP's: then use ``"msp"`` (the DESIGN.md 4.6 fallback).
+        has an AURC strictly below MSP's: then use ``"msp"`` (the safe default).
     """
     logits_t = torch.as_tensor(logits)
     _check_logits(logits_t)
@@ -367,27 +380,33 @@ class CertifiedThreshold:
     risk : float
         Target selective risk ``r*`` on clean labels (never loosened).
     delta : float
-        The guarantee holds with probability ``>= 1 - delta`` over the calibration draw.
+        Level of the test. The guarantee holds with probability ``>= 1 - delta`` over the
+        calibration draw, given the correction's assumption (with ``max_wrong_labels`` taken from
+        :func:`wrong_label_bound` at level ``delta_W``: ``>= 1 - delta - delta_W``).
     effective_risk : float
-        Level the observed errors were tested against: ``r*`` without noise correction, else
-        ``eps (K-1)/K + (1 - eps) r*``.
+        Level the tested error rate was compared with: ``r*`` without a correction and with
+        ``max_wrong_labels``, ``eps (K-1)/K + (1 - eps) r*`` with ``noise_eps``.
     risk_ucb : float
         One-sided Clopper-Pearson upper bound (level ``1 - delta``) of the selective risk at the
-        threshold: on clean risk when the noise correction is used, else on the risk measured
-        with the given labels (an over-estimate of clean risk under symmetric noise). NaN when
-        nothing certified.
+        threshold: on clean risk when a correction is used (given its assumption), else on the
+        risk measured with the given labels (an over-estimate of clean risk under symmetric
+        noise only). NaN when nothing certified.
     observed_risk : float
         ``n_errors / n_accepted`` with the given labels (NaN when nothing is accepted).
     coverage : float
         ``n_accepted / n_calibration``.
     n_accepted, n_errors, n_calibration, n_tested : int
-        Accepted items, observed errors among them, calibration size, grid points tested.
+        Accepted items, observed errors among them (with the given labels, before any
+        correction), calibration size, grid points tested.
     min_accepted : int
     noise_eps : float or None
-        Uniform-convention noise rate used for the correction (a lower bound), or None.
+        Uniform-convention noise rate used for the symmetric correction (a lower bound), or None.
     num_classes : int or None
     reason : str
         Human-readable verdict; starts with ``"NOTHING CERTIFIED"`` when ``certified`` is False.
+    max_wrong_labels : int or None
+        Upper bound ``W`` on the wrong labels among the ``n_calibration`` items used by the
+        worst-case correction, or None. Stored results that predate this field read back as None.
     """
 
     threshold: float
@@ -406,6 +425,7 @@ class CertifiedThreshold:
     noise_eps: float | None
     num_classes: int | None
     reason: str
+    max_wrong_labels: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable dict (non-finite floats as the strings ``"inf"``/``"nan"``)."""
@@ -413,23 +433,24 @@ class CertifiedThreshold:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CertifiedThreshold":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a missing ``max_wrong_labels`` (older results) reads as None."""
         names = {f.name for f in fields(cls)}
-        missing = names - set(d)
+        optional = {"max_wrong_labels"}  # added later: results stored before it lack the key
+        missing = names - optional - set(d)
         if missing:
             raise ValueError(f"CertifiedThreshold.from_dict: missing keys {sorted(missing)}.")
         floats = {"threshold", "risk", "delta", "effective_risk", "risk_ucb", "observed_risk", "coverage"}
         ints = {"n_accepted", "n_errors", "n_calibration", "n_tested", "min_accepted"}
         kw: dict[str, Any] = {}
         for k in names:
-            v = d[k]
+            v = d.get(k)
             if k in floats:
                 v = float(v)
             elif k in ints:
                 v = int(v)
             elif k == "noise_eps":
                 v = None if v is None else float(v)
-            elif k == "num_classes":
+            elif k in ("num_classes", "max_wrong_labels"):
                 v = None if v is None else int(v)
             elif k == "certified":
                 v = bool(v)
@@ -446,6 +467,98 @@ def _clopper_pearson_upper(k: int, n: int, delta: float) -> float:
     return float(stats.beta.ppf(1.0 - delta, k + 1, n - k))
 
 
+def wrong_label_bound(n: int, flip_rate: float, delta: float) -> int:
+    """Upper ``(1 - delta)`` quantile of the number of wrong labels among ``n`` items.
+
+    When each of ``n`` i.i.d. items carries a wrong label with probability ``flip_rate`` (the
+    flip-rate convention: share of labels that differ from the true one; ``eps (K-1)/K`` for a
+    uniform-convention ``eps``), the count of wrong labels is ``Bin(n, flip_rate)`` and
+
+        ``W = min {w : P(Bin(n, flip_rate) > w) <= delta}``
+
+    bounds it with probability ``>= 1 - delta``. No noise model is needed: the labels may be
+    wrong on exactly the hardest items (instance-dependent noise), only the marginal rate enters.
+    ``W`` grows with ``flip_rate``, so an UPPER bound of the rate (e.g. the upper Clopper-Pearson
+    limit of an audit) keeps it valid.
+
+    Use it for ``max_wrong_labels`` of :func:`certify_threshold` or :func:`certified_frontier`
+    and split the error budget: ``W = wrong_label_bound(n, rate, delta / 2)`` with the test at
+    ``delta / 2`` gives a guarantee at level ``1 - delta`` (union bound over the event ``count >
+    W`` and the test's own error). With the rate from an audit's upper limit at level
+    ``delta_a``, add ``delta_a`` to the budget as well.
+
+    Parameters
+    ----------
+    n : int >= 0
+        Number of certification items.
+    flip_rate : float in [0, 1]
+        Probability that an item's label is wrong (or an upper bound of it).
+    delta : float in (0, 1)
+
+    Returns
+    -------
+    int
+        ``W`` in ``0..n``.
+    """
+    if not _is_int(n) or n < 0:
+        raise ValueError(f"`n` (number of certification items) must be an integer >= 0, got {n!r}.")
+    if not (_is_real(flip_rate) and 0.0 <= flip_rate <= 1.0):
+        raise ValueError(
+            f"`flip_rate` (share of wrong labels, flip-rate convention) must be in [0, 1], got {flip_rate!r}."
+        )
+    if not (_is_real(delta) and 0.0 < delta < 1.0):
+        raise ValueError(f"`delta` must be in (0, 1), got {delta!r}.")
+    n, p = int(n), float(flip_rate)
+    if n == 0 or p == 0.0:
+        return 0
+    if p == 1.0:
+        return n
+    w = int(stats.binom.ppf(1.0 - delta, n, p))
+    # ppf works on the CDF and can be off by one where 1 - delta rounds; settle it on the tail.
+    while w < n and stats.binom.sf(w, n, p) > delta:
+        w += 1
+    while w > 0 and stats.binom.sf(w - 1, n, p) <= delta:
+        w -= 1
+    return w
+
+
+def _first_passable_n(level: float, delta: float, wrong: int) -> int:
+    """Smallest ``n`` at which a point with zero observed errors passes: ``BinomCDF(min(n, W); n,
+    level) <= delta``. Below it no data can pass, so a sequence started there just stops."""
+    def passes(n: int) -> bool:
+        # special.bdtr is the binomial CDF ufunc without stats.binom's per-call overhead.
+        return n > wrong and special.bdtr(wrong, n, level) <= delta
+
+    if wrong == 0:
+        # (1 - level)^n <= delta in closed form; the check guards the rounding of ceil.
+        n = max(1, math.ceil(math.log(delta) / math.log1p(-level)))
+        return n if passes(n) else n + 1
+    hi = wrong + 1
+    while not passes(hi):  # the CDF falls as n grows, so doubling then bisecting finds the edge
+        hi *= 2
+    lo = hi // 2  # fails (or is <= wrong)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return hi
+
+
+def _check_max_wrong_labels(max_wrong_labels: Any, noise_eps: Any) -> None:
+    if max_wrong_labels is None:
+        return
+    if noise_eps is not None:
+        raise ValueError(
+            "`max_wrong_labels` (worst-case correction, no noise model) and `noise_eps` (symmetric-"
+            "noise correction) are alternatives: pass one, not both; got "
+            f"max_wrong_labels={max_wrong_labels!r}, noise_eps={noise_eps!r}."
+        )
+    if not _is_int(max_wrong_labels) or max_wrong_labels < 0:
+        raise ValueError(
+            "`max_wrong_labels` must be an integer >= 0, an upper bound on the wrong labels among "
+            f"the certification items (see wrong_label_bound), got {max_wrong_labels!r}."
+        )
+
+
 def certify_threshold(
     confidence: np.ndarray | torch.Tensor,
     errors: np.ndarray | torch.Tensor,
@@ -454,15 +567,17 @@ def certify_threshold(
     min_accepted: int = 50,
     noise_eps: float | None = None,
     num_classes: int | None = None,
+    max_wrong_labels: int | None = None,
 ) -> CertifiedThreshold:
     """Certify an abstention threshold with a fixed-sequence binomial test (Learn then Test).
 
     Grid: the distinct calibration confidence values ``t_1 > t_2 > ...`` (most to least
     confident). At ``t_j`` the model accepts the ``n_j`` items with ``g >= t_j`` and makes ``k_j``
     observed errors. Null hypothesis ``H_j``: selective risk at ``t_j`` is ``>= r_eff``; its
-    p-value is ``BinomCDF(k_j; n_j, r_eff)``. Walking down the grid, ``t_j`` is certified while
-    every tested point so far has p-value ``<= delta``; the sequence stops at the first failure,
-    and the last certified (lowest) threshold is served.
+    p-value is ``BinomCDF(c_j; n_j, r_eff)`` with ``c_j = k_j`` (or the corrected count below).
+    Walking down the grid, ``t_j`` is certified while every tested point so far has p-value
+    ``<= delta``; the sequence stops at the first failure, and the last certified (lowest)
+    threshold is served.
 
     Why the distinct values and not quantiles: every empirical selective set is
     ``{g >= t_j}`` for some ``j``, so no finer grid exists, and a coarser one only loses coverage.
@@ -472,24 +587,42 @@ def certify_threshold(
     and serving anything riskier requires passing that test, which happens with probability
     ``<= delta``. The number of grid points costs nothing (no multiplicity correction).
 
-    Points with ``n_j < min_accepted`` are skipped: they neither certify nor stop the sequence.
-    Because ``n_j`` grows down the grid they form a prefix, so this just starts the sequence at
-    the first point with enough accepted items; it keeps a handful of very confident items
-    (where one error is a large risk swing and tiny ``n_j`` cannot pass anyway) from ending
-    the sequence before it starts.
+    Points with ``n_j < max(min_accepted, n0)`` are skipped: they neither certify nor stop the
+    sequence. Because ``n_j`` grows down the grid they form a prefix, so this just starts the
+    sequence at the first point with enough accepted items; it keeps a handful of very confident
+    items (where one error is a large risk swing and tiny ``n_j`` cannot pass anyway) from ending
+    the sequence before it starts. ``n0`` is the smallest ``n`` at which a point with zero
+    observed errors can pass, ``BinomCDF(min(n, W); n, r_eff) <= delta`` (``W = 0`` without the
+    worst-case correction: ``(1 - r_eff)^n <= delta``). A point below ``n0`` fails whatever the
+    data, so testing it could only end the sequence; like ``min_accepted`` it depends on the
+    levels and ``W``, never on the data, so skipping it costs no validity.
 
     Noisy labels. ``errors`` are observed against possibly noisy labels. Under symmetric noise
     at uniform rate ``eps`` the noisy selective risk is
     ``R~ = eps (K-1)/K + (1 - eps) R = eps' + (1 - eps' K/(K-1)) R`` with flip rate
-    ``eps' = eps (K-1)/K`` (the DESIGN.md 4.6 formula is written in the flip-rate convention).
+    ``eps' = eps (K-1)/K`` (the second form is the flip-rate convention).
     Since ``R~ >= R`` whenever ``R <= (K-1)/K``, testing the noisy errors against ``r*`` is
-    conservative. The opt-in correction (``noise_eps`` and ``num_classes``) tests them against
-    ``r_eff = eps (K-1)/K + (1 - eps) r*``, exact under symmetric noise independent of ``x``.
-    Pass a LOWER confidence bound of ``eps``: ``d r_eff / d eps = (K-1)/K - r* > 0``, so
-    over-estimating ``eps`` raises the allowed noisy risk and certifies thresholds whose clean
-    risk exceeds ``r*``; under-estimating it only makes the test stricter (equivalently, the
-    clean risk implied by an observed noisy risk falls as ``eps`` grows). Under
-    instance-dependent noise the correction is invalid: prefer certifying on an audited subset.
+    conservative under symmetric noise. It is NOT conservative when wrong labels fall where the
+    model also errs (human annotators err on ambiguous items, towards the class the model
+    confuses them with): the model then agrees with the wrong label, its error is hidden, and
+    the measured risk is too low. Two opt-in corrections, mutually exclusive:
+
+    * ``noise_eps`` and ``num_classes`` (symmetric noise): test the observed errors against
+      ``r_eff = eps (K-1)/K + (1 - eps) r*``, exact under symmetric noise independent of ``x``.
+      Pass a LOWER confidence bound of ``eps``: ``d r_eff / d eps = (K-1)/K - r* > 0``, so
+      over-estimating ``eps`` raises the allowed noisy risk and certifies thresholds whose clean
+      risk exceeds ``r*``; under-estimating it only makes the test stricter. Invalid under
+      instance-dependent noise.
+    * ``max_wrong_labels = W`` (worst case, no noise model): per item, ``clean_error <=
+      observed_error + 1[label wrong]``, so if at most ``W`` of the ``n`` labels are wrong the
+      clean error count at ``t_j`` is at most ``c_j = min(n_j, k_j + W)`` (the same test as
+      ``k_j + min(n_j, W)``: both reach ``n_j`` together, where the p-value is 1). The binomial
+      CDF grows with ``c_j``, so every rejection on ``c_j`` is a rejection on the clean count
+      and the fixed-sequence test stays valid for clean risk, wherever the wrong labels fall.
+      The price is ``W / n_j`` of risk, so it is useful when ``W`` is small next to
+      ``r* n_j``: a small known noise rate (synthetic injection), or a rate bounded by an
+      audit. When only the rate is known, take ``W`` from :func:`wrong_label_bound` and split
+      ``delta`` between the two (e.g. ``delta / 2`` each).
 
     Power under label noise. Even the most confident items show a noisy-risk floor of
     ``eps (K-1)/K``. When the tested level is not far above that floor, the first tested points
@@ -513,6 +646,9 @@ def certify_threshold(
         Lower bound of the uniform-convention symmetric noise rate; requires ``num_classes``.
     num_classes : int, optional
         ``K``, required with ``noise_eps``.
+    max_wrong_labels : int >= 0, optional
+        Upper bound ``W`` on the number of wrong labels among the ``n`` items (worst-case
+        correction). Not combinable with ``noise_eps``.
 
     Returns
     -------
@@ -528,6 +664,7 @@ def certify_threshold(
         raise ValueError(f"`delta` must be in (0, 1), got {delta!r}.")
     if not _is_int(min_accepted) or min_accepted < 1:
         raise ValueError(f"`min_accepted` must be an integer >= 1, got {min_accepted!r}.")
+    _check_max_wrong_labels(max_wrong_labels, noise_eps)
     if (noise_eps is None) != (num_classes is None):
         raise ValueError(
             "`noise_eps` and `num_classes` go together: pass both to correct for symmetric label "
@@ -550,11 +687,21 @@ def certify_threshold(
         r_eff = noise_eps * chance + (1.0 - noise_eps) * risk
 
     n = conf.shape[0]
+    wrong = 0 if max_wrong_labels is None else int(max_wrong_labels)
+    n0 = _first_passable_n(r_eff, float(delta), wrong)
+    start = max(int(min_accepted), n0)
     thresholds, n_acc, k_err = _sorted_groups(conf, err)
-    tested = n_acc >= min_accepted
-    t_thr, t_n, t_k = thresholds[tested], n_acc[tested], k_err[tested]
-    p_values = stats.binom.cdf(t_k, t_n, r_eff)
-    failed = np.flatnonzero(p_values > delta)
+    # Count that is tested: observed errors, or with the worst-case correction an upper bound
+    # of the clean errors (every wrong label may hide one error among the accepted items).
+    counted = k_err if max_wrong_labels is None else np.minimum(n_acc, k_err + wrong)
+    tested = n_acc >= start
+    t_thr, t_n, t_k, t_c = thresholds[tested], n_acc[tested], k_err[tested], counted[tested]
+    # p_j = BinomCDF(c_j; n_j, r_eff) falls as n_j grows with c_j fixed, so within a run of equal
+    # counts the first point has the largest p-value: the first failure is always at the start of
+    # a run, and only those points need the (costly) CDF. Exact, not an approximation.
+    run_start = np.flatnonzero(np.r_[True, t_c[1:] != t_c[:-1]]) if t_c.size else t_c
+    p_start = special.bdtr(t_c[run_start], t_n[run_start], r_eff)  # c_j <= n_j
+    failed = run_start[p_start > delta]
     n_certified = int(failed[0]) if failed.size else t_thr.shape[0]
     n_tested = min(n_certified + 1, t_thr.shape[0])
     common = dict(
@@ -566,20 +713,35 @@ def certify_threshold(
         min_accepted=int(min_accepted),
         noise_eps=None if noise_eps is None else float(noise_eps),
         num_classes=None if num_classes is None else int(num_classes),
+        max_wrong_labels=None if max_wrong_labels is None else wrong,
     )
+    if max_wrong_labels is not None:
+        correction = (
+            f", worst-case wrong-label correction: up to {wrong} of the {n} labels wrong, each "
+            "counted as a hidden error among the accepted items; valid only if at most "
+            f"{wrong} labels are wrong"
+        )
+    elif noise_eps is not None:
+        correction = f", symmetric-noise correction eps={noise_eps:.4g}; valid only under symmetric noise"
+    else:
+        correction = ""
 
     if n_certified == 0:
         if t_thr.shape[0] == 0:
+            floor = "" if n0 <= min_accepted else (
+                f", and zero errors among fewer than {n0} items cannot pass at this level"
+            )
             why = (
-                f"only {n} calibration items, fewer than min_accepted={min_accepted}; "
+                f"only {n} calibration items, fewer than min_accepted={min_accepted}{floor}; "
                 "calibrate on more data"
             )
         else:
-            k0, n0 = int(t_k[0]), int(t_n[0])
+            k0, n0, c0 = int(t_k[0]), int(t_n[0]), int(t_c[0])
+            hidden = "" if max_wrong_labels is None else f" (+ up to {c0 - k0} hidden by wrong labels)"
             why = (
-                f"even the {n0} most confident calibration items have {k0} observed errors "
-                f"(risk {k0 / n0:.4f}, p-value {p_values[0]:.3g} > delta={delta}) against a tested "
-                f"level of {r_eff:.4f}; raise r*, use more calibration data or a better model"
+                f"even the {n0} most confident calibration items have {k0} observed errors{hidden} "
+                f"(risk {c0 / n0:.4f}, p-value {p_start[0]:.3g} > delta={delta}) against a tested "
+                f"level of {r_eff:.4f}{correction}; raise r*, use more calibration data or a better model"
             )
         reason = (
             f"NOTHING CERTIFIED at r*={risk}, delta={delta}: {why}. The model ABSTAINS ON EVERY "
@@ -592,24 +754,247 @@ def certify_threshold(
         )
 
     j = n_certified - 1
-    n_j, k_j = int(t_n[j]), int(t_k[j])
-    ucb = _clopper_pearson_upper(k_j, n_j, delta)
+    n_j, k_j, c_j = int(t_n[j]), int(t_k[j]), int(t_c[j])
+    ucb = _clopper_pearson_upper(c_j, n_j, delta)
     if noise_eps is not None:
         # Clean risk is decreasing in eps for R~ < (K-1)/K, so mapping with the lower bound
         # eps_L gives an upper bound that stays conservative.
         chance = (num_classes - 1) / num_classes
         ucb = float(np.clip((ucb - noise_eps * chance) / (1.0 - noise_eps), 0.0, 1.0))
-    correction = "" if noise_eps is None else f", symmetric-noise correction eps={noise_eps:.4g}"
+    counted_text = "" if max_wrong_labels is None else f" ({c_j} counted with hidden ones)"
     reason = (
         f"certified: selective risk <= {risk} with probability >= {1 - delta:.3g} "
         f"(fixed-sequence binomial test at level {r_eff:.4f}{correction}); "
-        f"coverage {n_j / n:.4f} ({n_j} of {n}), {k_j} observed errors, risk UCB {ucb:.4f}."
+        f"coverage {n_j / n:.4f} ({n_j} of {n}), {k_j} observed errors{counted_text}, "
+        f"risk UCB {ucb:.4f}."
     )
     return CertifiedThreshold(
         threshold=float(t_thr[j]), certified=True, risk_ucb=float(ucb),
         observed_risk=k_j / n_j, coverage=n_j / n, n_accepted=n_j, n_errors=k_j,
         reason=reason, **common,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Certified risk-coverage frontier: what a model can promise, all levels at once
+# --------------------------------------------------------------------------------------------
+
+#: Risk levels of :func:`certified_frontier` (fixed in advance: the grid must not depend on the data).
+DEFAULT_RISK_GRID: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One row of :func:`certified_frontier`.
+
+    Attributes
+    ----------
+    risk : float
+        Risk level ``r`` of the row (selective risk on clean labels).
+    certified : bool
+    coverage : float
+        Share of the ``n`` certification items accepted at the row's threshold; 0 when nothing
+        certified.
+    threshold : float
+        Accept iff ``confidence >= threshold``; ``+inf`` when nothing certified.
+    risk_ucb : float
+        One-sided Clopper-Pearson upper bound at level ``1 - delta_row`` of the selective risk at
+        the threshold (clean risk when a correction is used); NaN when nothing certified.
+    n_accepted : int
+    delta_row : float
+        Level of this row's test: ``delta / len(risk_grid)``.
+    """
+
+    risk: float
+    certified: bool
+    coverage: float
+    threshold: float
+    risk_ucb: float
+    n_accepted: int
+    delta_row: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable dict (non-finite floats as the strings ``"inf"``/``"nan"``)."""
+        return {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FrontierPoint":
+        """Inverse of :meth:`to_dict`."""
+        names = [f.name for f in fields(cls)]
+        missing = set(names) - set(d)
+        if missing:
+            raise ValueError(f"FrontierPoint.from_dict: missing keys {sorted(missing)}.")
+        return cls(
+            risk=float(d["risk"]), certified=bool(d["certified"]), coverage=float(d["coverage"]),
+            threshold=float(d["threshold"]), risk_ucb=float(d["risk_ucb"]),
+            n_accepted=int(d["n_accepted"]), delta_row=float(d["delta_row"]),
+        )
+
+
+def _check_risk_grid(risk_grid: Any) -> tuple[float, ...]:
+    try:
+        grid = tuple(risk_grid)
+    except TypeError:
+        raise ValueError(
+            f"`risk_grid` must be a sequence of risk levels in (0, 1), got {risk_grid!r}."
+        ) from None
+    if not grid or not all(_is_real(r) and 0.0 < r < 1.0 for r in grid):
+        raise ValueError(
+            f"`risk_grid` must be a non-empty sequence of risk levels in (0, 1), got {risk_grid!r}."
+        )
+    if any(b <= a for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"`risk_grid` must be strictly increasing, got {risk_grid!r}.")
+    return tuple(float(r) for r in grid)
+
+
+def certified_frontier(
+    confidence: np.ndarray | torch.Tensor,
+    errors: np.ndarray | torch.Tensor,
+    risk_grid: Sequence[float] = DEFAULT_RISK_GRID,
+    delta: float = 0.05,
+    min_accepted: int = 50,
+    noise_eps: float | None = None,
+    num_classes: int | None = None,
+    max_wrong_labels: int | None = None,
+) -> list[FrontierPoint]:
+    """Certified risk-coverage frontier: for each risk level ``r`` of a fixed grid, the coverage
+    that :func:`certify_threshold` certifies at ``r``, all rows valid at once.
+
+    A model that cannot certify ``r*`` abstains on everything; the frontier says what it could
+    promise instead ("risk 0.10 at coverage 0.62"), with the same kind of guarantee.
+
+    Multiple testing. Row ``r`` runs the fixed-sequence test at level ``delta_row = delta / m``
+    (``m = len(risk_grid)``, Bonferroni). Let ``E_r`` be the event that row ``r`` serves a
+    threshold whose clean selective risk exceeds ``r``. The fixed-sequence argument of
+    :func:`certify_threshold` gives ``P(E_r) <= delta_row`` for each row, and the union bound
+    ``P(E_r1 or ... or E_rm) <= sum_r P(E_r) <= delta`` holds whatever the dependence between
+    rows (they share the same data). Inside a row no further correction is needed: the row makes
+    one claim (its served threshold), and the fixed-sequence procedure already controls the
+    chance that ANY of its tested thresholds is a false certification at level ``delta_row``,
+    however many thresholds it walks through. The grid must be fixed before seeing the data;
+    the price of ``m`` rows is a test at ``delta / m`` instead of ``delta`` (a margin that grows
+    like ``sqrt(log(m / delta))``).
+
+    With ``max_wrong_labels`` from :func:`wrong_label_bound` at level ``delta_W`` the frontier
+    holds with probability ``>= 1 - delta - delta_W``: the bound is one event shared by all rows,
+    so ``delta_W`` is not split. The frontier and a separate :func:`certify_threshold` at
+    ``(r*, delta')`` on the same data hold together with probability ``>= 1 - delta - delta'``.
+
+    Monotonicity. Coverage is non-decreasing in ``r`` by construction, with no carrying forward
+    of thresholds: the rows share the data, ``min_accepted`` and ``delta_row``, and each p-value
+    ``BinomCDF(c_j; n_j, r_eff(r))`` is non-increasing in ``r`` (a binomial CDF falls as the
+    success probability rises, and ``r_eff`` rises with ``r`` in every correction), so every
+    point that passes at ``r`` passes at ``r' > r``, the first failure moves down the grid, and
+    the served threshold can only fall.
+
+    Where each row starts: at ``max(min_accepted, n0)`` accepted items, ``n0`` depending on the
+    row's level (see :func:`certify_threshold`): at ``r = 0.01`` and ``delta_row = 0.00625`` zero
+    errors among fewer than 505 items cannot pass, so low-risk rows start later by themselves.
+
+    Parameters
+    ----------
+    confidence : array-like, shape [n]
+    errors : array-like of bool, shape [n]
+        As in :func:`certify_threshold`.
+    risk_grid : sequence of float, strictly increasing, in (0, 1)
+        Default :data:`DEFAULT_RISK_GRID`. With ``noise_eps`` every level must be below the
+        chance error rate ``(K-1)/K``.
+    delta : float in (0, 1), default 0.05
+        Probability that ANY certified row is wrong.
+    min_accepted : int, default 50
+        Smallest start of every row's sequence; with noisy labels choose it in the hundreds, as
+        for :func:`certify_threshold`. A start at ``n / 2`` leaves the rows whose risk is below
+        the risk at half coverage with nothing certified.
+    noise_eps, num_classes, max_wrong_labels
+        As in :func:`certify_threshold`, shared by every row.
+
+    Returns
+    -------
+    list of FrontierPoint, one per grid level, in grid order.
+    """
+    grid = _check_risk_grid(risk_grid)
+    if not (_is_real(delta) and 0.0 < delta < 1.0):
+        raise ValueError(f"`delta` must be in (0, 1), got {delta!r}.")
+    if noise_eps is not None and _is_int(num_classes) and num_classes >= 2:
+        chance = (num_classes - 1) / num_classes
+        if grid[-1] >= chance:
+            raise ValueError(
+                f"`risk_grid` must stay below the chance error rate (K-1)/K = {chance:.4f} with the "
+                f"symmetric-noise correction, got a largest level of {grid[-1]}; drop the levels "
+                f"at or above it, e.g. tuple(r for r in DEFAULT_RISK_GRID if r < {chance:.4g})."
+            )
+    if not _is_int(min_accepted) or min_accepted < 1:
+        raise ValueError(f"`min_accepted` must be an integer >= 1, got {min_accepted!r}.")
+    _check_max_wrong_labels(max_wrong_labels, noise_eps)
+    delta_row = float(delta) / len(grid)
+    frontier = []
+    for r in grid:
+        cert = certify_threshold(
+            confidence, errors, r, delta_row, min_accepted=min_accepted, noise_eps=noise_eps,
+            num_classes=num_classes, max_wrong_labels=max_wrong_labels,
+        )
+        frontier.append(FrontierPoint(
+            risk=r, certified=cert.certified, coverage=cert.coverage, threshold=cert.threshold,
+            risk_ucb=cert.risk_ucb, n_accepted=cert.n_accepted, delta_row=delta_row,
+        ))
+    return frontier
+
+
+def _fmt_level(x: float) -> str:
+    return f"{x:.2f}" if round(x, 2) == x else f"{x:g}"
+
+
+def frontier_sentence(frontier: Sequence[FrontierPoint], target_risk: float | None = None) -> str:
+    """One sentence on what a model can certify, for when the target ``r*`` cannot be met.
+
+    Example: ``"this model can certify risk 0.10 at coverage 0.62 (and risk 0.05 at coverage
+    0.00), up to coverage 0.91 at risk 0.30; all 8 levels hold together with probability >=
+    0.95"``: the lowest certified level, the level just below it (which failed), and the widest
+    coverage on the grid.
+
+    Parameters
+    ----------
+    frontier : sequence of FrontierPoint
+        From :func:`certified_frontier`.
+    target_risk : float, optional
+        The target ``r*``. When every certified level is above it (or none is certified) the
+        sentence starts by saying that the frontier certifies nothing at or below ``r*``.
+
+    Returns
+    -------
+    str
+    """
+    if not frontier or not all(isinstance(p, FrontierPoint) for p in frontier):
+        raise ValueError(
+            "`frontier` must be a non-empty sequence of FrontierPoint (see certified_frontier)."
+        )
+    if target_risk is not None and not (_is_real(target_risk) and 0.0 < target_risk < 1.0):
+        raise ValueError(f"`target_risk` must be None or in (0, 1), got {target_risk!r}.")
+    rows = sorted(frontier, key=lambda p: p.risk)
+    total = sum(p.delta_row for p in rows)  # Bonferroni: the rows' levels add up to delta
+    together = f"all {len(rows)} levels hold together with probability >= {1 - total:.3g}"
+    ok = [p for p in rows if p.certified]
+    lead = ""
+    if target_risk is not None and not any(p.risk <= target_risk for p in ok):
+        lead = f"no level at or below r*={_fmt_level(target_risk)} is certified; "
+    if not ok:
+        return (
+            f"{lead}this model cannot certify any selective risk up to {_fmt_level(rows[-1].risk)} "
+            f"(coverage 0.00 at every level tested; {together}): it abstains on every input"
+        )
+    best, widest = ok[0], max(ok, key=lambda p: (p.coverage, -p.risk))
+    text = f"{lead}this model can certify risk {_fmt_level(best.risk)} at coverage {best.coverage:.2f}"
+    below = [p for p in rows if p.risk < best.risk]
+    if below:
+        text += f" (and risk {_fmt_level(below[-1].risk)} at coverage {below[-1].coverage:.2f})"
+    if widest.coverage > best.coverage:
+        text += f", up to coverage {widest.coverage:.2f} at risk {_fmt_level(widest.risk)}"
+    return f"{text}; {together}"
+
+
+# --------------------------------------------------------------------------------------------
+# Serving decision (torch, hot path)
+# --------------------------------------------------------------------------------------------
 
 
 def decide(confidence: torch.Tensor, threshold: float | CertifiedThreshold) -> torch.Tensor:

@@ -117,9 +117,21 @@ def test_monitor_reports_noise_rate_coverage_and_drift(store_env, tmp_path):
     assert {"duplicates", "audit"} <= set(noise)
     for method in ("duplicates", "audit"):  # both annotators flip 20%: each interval should hold it
         assert noise[method]["lower"] <= 0.2 + 0.02 and noise[method]["upper"] >= 0.2 - 0.02, noise[method]
-    assert report["feedback"]["best"] == "audit"
+    for record in noise.values():  # one convention per record: the flip rate, point inside its interval
+        assert record["convention"] == "flip" and record["lower"] <= record["flip_rate"] <= record["upper"]
+        assert record["heuristic"] == (record["method"] == "confident_learning")
+    m = noise["audit"]["n"]  # the 150 audited predictions less those the gate flagged OOD
+    assert 100 <= m <= 150 and len(noise["audit"]["per_class"]) == 10
+    assert report["feedback"]["best"] == "audit"  # the estimate used for guarantees: never a heuristic
     coverage = report["feedback"]["coverage"]
     assert coverage["n"] > 400 and coverage["corrected"] > coverage["raw"]
+    assert coverage["noise_method"] == "audit" and coverage["audited"]["n"] == m
+    status, text, err = run("monitor", "--model", REF, "--workspace", str(tmp_path / "ws"))
+    assert status == 0, err
+    assert f"noise rate (audit, n={m}): flip rate" in text and "used for guarantees" in text
+    if "confident_learning" in noise:
+        assert "HEURISTIC, shown only, never used for guarantees" in text
+    assert f"realized coverage on audited labels (n={m}, no assumption)" in text
     drift = report["drift"]
     assert drift["label_drift"]["stattest"] == "chisquare" and "detected" in drift["label_drift"]
     assert (tmp_path / "ws").is_dir() and drift["html"] and drift["html"].endswith(".html")
@@ -136,10 +148,14 @@ def test_recalibrate_refuses_with_too_little_feedback_then_moves_the_alias(store
     assert status == 1 and "recalibration refused" in err and "items" in err
     assert registry.resolve_version(REF)[1] == model.version  # nothing moved
 
+    status, _, err = run("recalibrate", "--model", REF, "--noise-rate", "0.2")
+    assert status == 2 and "--assume-uniform-noise" in err  # NACP only with an explicit noise model
+
     status, out, err = run("recalibrate", "--model", REF, "--json")
     assert status == 0, err
     result = json.loads(out)
     assert result["method"] == "audit" and result["n_audited"] >= 50
+    assert result["guarantee_kind"] == "valid" and result["threshold"]["method"] == "audit_rectified"
     assert result["recalibrated_from"] == model.version and result["alias"] == "champion"
     _, version, _ = registry.resolve_version(REF)
     assert version == result["model_version"] != model.version
@@ -148,4 +164,6 @@ def test_recalibrate_refuses_with_too_little_feedback_then_moves_the_alias(store
     assert loaded.calibration.threshold.q == pytest.approx(result["threshold"]["q"], abs=1e-4)  # JSON rounds to 4 digits
     assert loaded.calibration.settings["recalibrated_from"] == f"{NAME}/{model.version}"
     assert any("audit" in a for a in loaded.calibration.assumptions)
+    assert loaded.calibration.guarantees["prediction_set"]["kind"] == "valid"
+    assert loaded.calibration.noise["method"] == "audit" and loaded.calibration.noise["convention"] == "flip"
     registry.set_alias(NAME, model.version)  # leave the module's model as it was

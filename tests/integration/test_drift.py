@@ -19,7 +19,7 @@ from evidently.ui.workspace import Workspace
 from scipy import stats
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from monitoring.drift import drift_report, value_drift
+from monitoring.drift import chi2_two_sample, drift_report, value_drift
 from monitoring.metrics import drift_gauge_values
 
 NAMES = ["cat", "dog", "bird", "fish"]
@@ -49,44 +49,82 @@ def _feedback(rng: np.random.Generator, n: int = 300, p=UNIFORM, accuracy: float
     })
 
 
-def _chisquare_p(reference: np.ndarray, current: np.ndarray) -> float:
-    """Evidently's test computed independently: current counts against reference proportions."""
+def _two_sample_p(reference: np.ndarray, current: np.ndarray) -> float:
+    """The test computed independently: scipy's chi-square test of homogeneity of the 2 x K table (every
+    expected count is far above 5 in these tables, so no Monte Carlo p-value)."""
     keys = np.union1d(reference, current)
-    ref = np.array([(reference == k).sum() for k in keys], float)
-    cur = np.array([(current == k).sum() for k in keys], float)
-    return float(stats.chisquare(cur, ref * len(current) / len(reference)).pvalue)
+    table = np.array([[(sample == k).sum() for k in keys] for sample in (reference, current)])
+    result = stats.chi2_contingency(table, correction=False)
+    assert result.expected_freq.min() >= 5
+    return float(result.pvalue)
 
 
-def test_same_distribution_not_detected_and_score_is_the_chisquare_p_value(tmp_path):
+def _counts(values, k: int = K) -> np.ndarray:
+    return np.bincount(np.asarray(values), minlength=k)
+
+
+def test_same_distribution_not_detected_and_score_is_the_two_sample_p_value(tmp_path):
     rng = np.random.default_rng(0)
     reference, predictions, feedback = _reference(rng), _predictions(rng), _feedback(rng)
     result = drift_report(reference, predictions, feedback, NAMES, tmp_path)
     label, prediction = result["label_drift"], result["prediction_drift"]
-    assert label["stattest"] == prediction["stattest"] == "chisquare"
+    assert label["stattest"] == prediction["stattest"] == "chi2_two_sample"
     assert label["score_kind"] == "p_value" and label["threshold"] == 0.05
     assert not label["detected"] and not prediction["detected"]
     assert (label["n_reference"], label["n_current"], prediction["n_current"]) == (4000, 300, 400)
-    assert label["score"] == pytest.approx(_chisquare_p(reference["label"].to_numpy(),
-                                                        feedback["label"].to_numpy()), rel=1e-9)
-    assert prediction["score"] == pytest.approx(_chisquare_p(reference["predicted"].to_numpy(),
-                                                             predictions["predicted"].to_numpy()), rel=1e-9)
+    assert label["score"] == pytest.approx(_two_sample_p(reference["label"].to_numpy(),
+                                                         feedback["label"].to_numpy()), rel=1e-9)
+    assert prediction["score"] == pytest.approx(_two_sample_p(reference["predicted"].to_numpy(),
+                                                              predictions["predicted"].to_numpy()), rel=1e-9)
     # The test is set explicitly in the stored report: 4000 reference rows would make Evidently's own
     # default Jensen-Shannon.
     drift_configs = [m["config"] for m in json.loads(Path(result["json"]).read_text())["evidently"]["metrics"]
                      if m["config"]["type"].endswith("ValueDrift")]
     assert [(c["column"], c["method"], c["threshold"]) for c in drift_configs] == [
-        ("label", "chisquare", 0.05), ("served_prediction", "chisquare", 0.05)]
+        ("label", "chi2_two_sample", 0.05), ("served_prediction", "chi2_two_sample", 0.05)]
 
 
 def test_false_detection_rate_is_the_nominal_level():
-    """No drift: detections ~ Binomial(draws, alpha), up to the goodness-of-fit test's (1 + n/N) variance
-    inflation (n/N = 0.04 here); the accepted band is the central 99.9% of Binomial(draws, alpha)."""
+    """No drift, through the Evidently report: detections ~ Binomial(draws, alpha); the accepted band is
+    the central 99.9% of Binomial(draws, alpha). (The 300-draw level checks of the test itself, rare class
+    included, are in tests/unit/test_drift_level.py.)"""
     rng = np.random.default_rng(1)
     draws, alpha, p = 200, 0.05, np.array([0.4, 0.3, 0.2, 0.1])
     detected = sum(value_drift(rng.choice(K, 5000, p=p), rng.choice(K, 200, p=p), NAMES,
                                threshold=alpha)["detected"] for _ in range(draws))
     low, high = stats.binom.ppf(0.0005, draws, alpha), stats.binom.isf(0.0005, draws, alpha)
     assert low <= detected <= high, (detected, low, high)
+
+
+def test_evidently_reports_the_same_p_value_as_the_pure_test(tmp_path):
+    """Evidently runs chi2_two_sample itself: the same p-value in value_drift, in drift_report's result and in
+    the stored snapshot, on both the chi-square and the Monte Carlo path (a class almost never predicted)."""
+    rng = np.random.default_rng(12)
+    names = [f"c{k}" for k in range(10)]
+    rare = np.r_[np.full(9, (1 - 0.002) / 9), 0.002]
+    methods = set()
+    for _ in range(3):
+        reference, current = rng.choice(10, 1250, p=rare), rng.choice(10, 300, p=rare)
+        expected = chi2_two_sample(_counts(reference, 10), _counts(current, 10))
+        methods.add(expected["method"])
+        assert value_drift(reference, current, names)["score"] == expected["p_value"]
+    assert methods == {"monte_carlo"}
+
+    # Class 9 predicted 3 times on the calibration inputs and once in serving: expected counts below 5.
+    reference = pd.DataFrame({"label": rng.choice(10, 1250), "predicted": np.r_[[9] * 3, rng.choice(9, 1247)]})
+    predictions = pd.DataFrame({"predicted": np.r_[9, rng.choice(9, 299)]})
+    feedback = _feedback(rng, n=300).assign(label=rng.choice(10, 300), predicted=rng.choice(10, 300))
+    result = drift_report(reference, predictions, feedback, names, tmp_path)
+    tests = {"label_drift": chi2_two_sample(_counts(reference["label"], 10), _counts(feedback["label"], 10)),
+             "prediction_drift": chi2_two_sample(_counts(reference["predicted"], 10),
+                                                 _counts(predictions["predicted"], 10))}
+    assert {part: test["method"] for part, test in tests.items()} == {
+        "label_drift": "chi2", "prediction_drift": "monte_carlo"}
+    stored = json.loads(Path(result["json"]).read_text())["evidently"]["metrics"]
+    snapshot_scores = {m["config"]["column"]: m["value"] for m in stored if m["config"]["type"].endswith("ValueDrift")}
+    for part, column in (("label_drift", "label"), ("prediction_drift", "served_prediction")):
+        assert result[part]["score"] == snapshot_scores[column] == tests[part]["p_value"]
+        assert result[part]["detected"] == (tests[part]["p_value"] < 0.05)
 
 
 def test_label_shift_detected_and_prediction_drift_not(tmp_path):
@@ -137,7 +175,7 @@ def test_quality_on_one_label_per_in_distribution_input(tmp_path):
     assert {k: v["recall"] for k, v in quality["per_class"].items()} == pytest.approx(
         dict(zip(NAMES, per_class_recall)), abs=1e-12)
     assert quality["reference_accuracy"] == pytest.approx((reference["label"] == reference["predicted"]).mean())
-    assert result["label_drift"]["score"] == pytest.approx(_chisquare_p(reference["label"].to_numpy(), y), rel=1e-9)
+    assert result["label_drift"]["score"] == pytest.approx(_two_sample_p(reference["label"].to_numpy(), y), rel=1e-9)
     assert result["suspects"]["n_ood"] == int(feedback["is_ood"].sum())
 
 
@@ -191,7 +229,7 @@ def test_workspace_holds_project_and_snapshots_when_reopened(tmp_path):
     runs = {str(s) for s in workspace.list_runs(projects[0].id)}
     assert runs == {first["snapshot_id"], second["snapshot_id"]}
     stored = workspace.get_run(projects[0].id, second["snapshot_id"])
-    assert stored.metadata["model"] == "demo v1" and stored.metadata["stattest"] == "chisquare"
+    assert stored.metadata["model"] == "demo v1" and stored.metadata["stattest"] == "chi2_two_sample"
     drift_values = sorted(r.value for r in stored.metric_results.values() if type(r).__name__ == "SingleValue"
                           and r.display_name.startswith("Value drift"))
     assert drift_values == pytest.approx(
@@ -235,6 +273,8 @@ def test_invalid_input_names_the_argument(tmp_path, change, message):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"stattest": "ks"}, "stattest must be one of"), ({"threshold": 1.5}, "threshold must be in"),
+    ({"stattest": "chisquare"}, r"'chisquare' is a goodness-of-fit test.*Use 'chi2_two_sample'"),
+    ({"stattest": "g_test"}, "stattest must be one of"), ({"stattest": "TVD"}, "stattest must be one of"),
     ({"min_rows": 0}, "min_rows must be"), ({"class_names": ["a"]}, "class_names must hold")])
 def test_invalid_options(tmp_path, kwargs, message):
     rng = np.random.default_rng(10)

@@ -19,8 +19,10 @@ from cleanlab.rank import get_label_quality_scores
 
 from models.calibrate import Calibration
 from models.uncertainty.conformal import ConformalThreshold
+from models.uncertainty.labelnoise import flip_rate_to_uniform, noise_rate_direct, uniform_to_flip_rate
 from monitoring.feedback import (
     FEEDBACK_COLUMNS,
+    MIN_AUDIT_ITEMS,
     MIN_AUDITED_FOR_RECTIFIED,
     MIN_DUPLICATE_ITEMS,
     MIN_RECALIBRATION_ITEMS,
@@ -278,12 +280,13 @@ MIN_HITS = math.ceil(0.90 * TRIALS)
 
 def _duplicate_frame(rng, eps, n_pairs=300, n_single=200):
     p, y = model_probs(rng, n_pairs + n_single)
+    first, second = uniform_noise(rng, y, eps), uniform_noise(rng, y, eps)  # independent annotators
     items = []
     for i in range(n_pairs + n_single):
-        items.append((i, int(uniform_noise(rng, y[i:i + 1], eps)[0]), "ann-a", False))
+        items.append((i, int(first[i]), "ann-a", False))
         if i < n_pairs:
             # second annotator, anonymous half the time (an anonymous label is its own annotator)
-            items.append((i, int(uniform_noise(rng, y[i:i + 1], eps)[0]), "" if i % 2 else "ann-b", False))
+            items.append((i, int(second[i]), "" if i % 2 else "ann-b", False))
     return make_frame(p, items)
 
 
@@ -304,25 +307,28 @@ def _audit_frame(rng, eps, n=600, n_audit=150):
 def test_noise_rate_intervals_cover_the_injected_rate(method, builder):
     rng = np.random.default_rng(5)
     eps = 0.25
+    flip = uniform_to_flip_rate(eps, K)  # the injected noise as a flip rate, the one convention
     hits, points = 0, []
     for _ in range(TRIALS):
         est = noise_rate_estimates(builder(rng, eps), K)[method]
-        hits += est.lower <= eps <= est.upper
-        points.append(est.estimate)
-        assert est.method == method and not est.heuristic and est.convention == "uniform"
-    assert hits >= MIN_HITS, f"{method}: {hits}/{TRIALS} intervals contain eps={eps}"
+        hits += est.lower <= flip <= est.upper
+        points.append(est.flip_rate)
+        assert est.method == method and not est.heuristic and est.to_dict()["convention"] == "flip"
+    assert hits >= MIN_HITS, f"{method}: {hits}/{TRIALS} intervals contain the flip rate {flip}"
     # and the point estimate is centred on the truth (mean within 4 standard errors)
-    assert abs(np.mean(points) - eps) < 4 * np.std(points) / math.sqrt(TRIALS) + 0.01
+    assert abs(np.mean(points) - flip) < 4 * np.std(points) / math.sqrt(TRIALS) + 0.01
 
 
 def test_noise_rate_estimates_keys_minimums_and_ood():
     rng = np.random.default_rng(6)
     f = _duplicate_frame(rng, 0.2)
     est = noise_rate_estimates(f, K)
-    assert set(est) == {"duplicates", "heuristic"}
+    assert set(est) == {"duplicates", "confident_learning"}
     assert est["duplicates"].n == 300
-    assert est["heuristic"].heuristic and est["heuristic"].method == "confident_learning"
+    assert est["confident_learning"].heuristic and est["confident_learning"].method == "confident_learning"
     assert best_estimate(est) is est["duplicates"]
+    # the heuristic alone is never the estimate used for guarantees
+    assert best_estimate({"confident_learning": est["confident_learning"]}) is None
     # OOD rows are ignored entirely: garbage labels on OOD inputs change nothing
     ood = f.iloc[:200].copy()
     ood["is_ood"] = True
@@ -330,14 +336,34 @@ def test_noise_rate_estimates_keys_minimums_and_ood():
     ood["feedback_id"] += 10_000
     ood["prediction_id"] = ood["prediction_id"] + "-ood"
     est_ood = noise_rate_estimates(pd.concat([f, ood]), K)
-    assert est_ood["duplicates"] == est["duplicates"] and est_ood["heuristic"] == est["heuristic"]
+    assert est_ood["duplicates"] == est["duplicates"] and est_ood["confident_learning"] == est["confident_learning"]
     # below the minimum number of pairs the method is absent
     few = _duplicate_frame(rng, 0.2, n_pairs=MIN_DUPLICATE_ITEMS - 1, n_single=100)
     assert "duplicates" not in noise_rate_estimates(few, K)
+    # the audit counts only predictions with both labels (75 here; the 75 audited-only ones have no
+    # ordinary label to compare with)
     audit = noise_rate_estimates(_audit_frame(rng, 0.2), K)
-    assert set(audit) == {"audit", "heuristic"} and best_estimate(audit) is audit["audit"]
-    assert audit["audit"].n == 500 + 150
+    assert set(audit) == {"audit", "confident_learning"} and best_estimate(audit) is audit["audit"]
+    assert audit["audit"].n == 75 and audit["audit"].confusion_matrix.sum() == 75
+    short = noise_rate_estimates(_audit_frame(rng, 0.2, n_audit=2 * (MIN_AUDIT_ITEMS - 1)), K)
+    assert "audit" not in short
     assert best_estimate({}) is None
+
+
+def test_audit_estimate_pairs_the_first_ordinary_and_the_first_audited_label():
+    rng = np.random.default_rng(15)
+    p, y = model_probs(rng, 60)
+    noisy = uniform_noise(rng, y, 0.4)
+    items = []
+    for i in range(60):
+        items.append((i, int(noisy[i]), "ann", False))
+        items.append((i, int((noisy[i] + 1) % K), "late", False))  # a later ordinary label: not used
+        items.append((i, int(y[i]), "expert", True))
+        if i % 3 == 0:
+            items.append((i, int((y[i] + 1) % K), "expert-2", True))  # a later audited label: not used
+    est = noise_rate_estimates(make_frame(p, items), K)["audit"]
+    assert est == noise_rate_direct(noisy, y, K)
+    assert est.flip_rate == pytest.approx(np.mean(noisy != y))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,6 +374,7 @@ def test_noise_rate_estimates_keys_minimums_and_ood():
 def test_realized_coverage_noise_correction_recovers_clean_coverage():
     rng = np.random.default_rng(7)
     n, eps, reps = 2000, 0.3, 100
+    flip = uniform_to_flip_rate(eps, K)
     hits, errors, raw_errors = 0, [], []
     for _ in range(reps):
         p, y = model_probs(rng, n)
@@ -355,8 +382,9 @@ def test_realized_coverage_noise_correction_recovers_clean_coverage():
         f = make_frame(p, [(i, int(noisy[i]), "a", False) for i in range(n)], q=0.7)
         sets = (1.0 - p) <= 0.7
         true_cov = float(sets[np.arange(n), y].mean())
-        out = realized_coverage(f, eps, K, target=0.9)
+        out = realized_coverage(f, flip, K, target=0.9)
         assert out["n"] == n and out["raw_lower"] <= out["raw"] <= out["raw_upper"]
+        assert out["flip_rate"] == flip and out["noise_method"] == "given"
         hits += out["corrected_lower"] <= true_cov <= out["corrected_upper"]
         errors.append(out["corrected"] - true_cov)
         raw_errors.append(out["raw"] - true_cov)
@@ -371,6 +399,23 @@ def test_realized_coverage_noise_correction_recovers_clean_coverage():
     assert hits >= 0.95 * reps - 3 * math.sqrt(reps * 0.95 * 0.05)
 
 
+def test_realized_coverage_corrects_only_with_non_heuristic_estimates():
+    rng = np.random.default_rng(16)
+    f = _duplicate_frame(rng, 0.2)
+    est = noise_rate_estimates(f, K)
+    with_dup = realized_coverage(f, est["duplicates"], K, target=0.9)
+    same = realized_coverage(f, est["duplicates"].flip_rate, K, target=0.9)
+    assert with_dup["corrected"] == same["corrected"] and with_dup["corrected"] > with_dup["raw"]
+    assert with_dup["noise_method"] == "duplicates" and with_dup["flip_rate"] == est["duplicates"].flip_rate
+    assert "duplicates estimate, not a heuristic" in with_dup["correction"]
+    with pytest.raises(ValueError, match="heuristic"):
+        realized_coverage(f, est["confident_learning"], K, target=0.9)
+    none = realized_coverage(f, best_estimate({"confident_learning": est["confident_learning"]}), K, target=0.9)
+    assert none["corrected"] is None and none["corrected_upper"] is None and not none["below_target"]
+    assert none["flip_rate"] is None and none["correction"].startswith("none: no non-heuristic")
+    assert none["raw"] == with_dup["raw"]
+
+
 def test_realized_coverage_flags_and_edges():
     rng = np.random.default_rng(8)
     p, y = model_probs(rng, 1000)
@@ -382,19 +427,23 @@ def test_realized_coverage_flags_and_edges():
     # the point estimate below target but the interval reaching it: not flagged
     assert not realized_coverage(f, 0.0, K, target=clean["raw"] + 0.005)["below_target"]
     assert realized_coverage(f, 0.0, K, target=min(clean["raw_upper"] + 0.01, 0.99))["below_target"]
-    # OOD rows and audited rows are left out of the noisy estimate; audited ones reported apart
+    # OOD rows and audited rows are left out of the noisy estimate; audited ones reported apart,
+    # with their own check against the target (no assumption needed)
     g = f.copy()
     g.loc[:99, "is_ood"] = True
     g.loc[100:199, "audited"] = True
     out = realized_coverage(g, 0.1, K, target=0.9)
     assert out["n"] == 800 and out["audited"]["n"] == 100
     assert out["audited"]["coverage"] == pytest.approx(g.loc[100:199, "in_set"].mean())
+    assert out["audited"]["below_target"] == (out["audited"]["upper"] < 0.9)
+    assert realized_coverage(g, 0.1, K, target=0.99)["audited"]["below_target"]
     none = realized_coverage(f.iloc[:0], 0.1, K, target=0.9)
     assert none["n"] == 0 and none["corrected"] is None and not none["below_target"]
-    for bad in ({"eps": 1.0}, {"eps": -0.1}, {"target": 1.0}):
-        kw = {"eps": 0.1, "target": 0.9, **bad}
+    # a flip rate of (K-1)/K or more leaves nothing to correct; negative rates and targets of 1 are errors
+    for bad in ({"noise": 0.9}, {"noise": -0.1}, {"target": 1.0}):
+        kw = {"noise": 0.1, "target": 0.9, **bad}
         with pytest.raises(ValueError, match=next(iter(bad))):
-            realized_coverage(f, kw["eps"], K, target=kw["target"])
+            realized_coverage(f, kw["noise"], K, target=kw["target"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,47 +453,58 @@ def test_realized_coverage_flags_and_edges():
 
 def _recal_frame(rng, n=1000, eps=0.2, n_dup=300, n_audit=0, weights="w1", start=T0, id_offset=0):
     p, y = model_probs(rng, n, mu=1.5)
+    first, second = uniform_noise(rng, y, eps), uniform_noise(rng, y, eps)
     items = []
     for i in range(n):
-        items.append((i, int(uniform_noise(rng, y[i:i + 1], eps)[0]), "ann-a", False))
+        items.append((i, int(first[i]), "ann-a", False))
         if i < n_dup:
-            items.append((i, int(uniform_noise(rng, y[i:i + 1], eps)[0]), "ann-b", False))
+            items.append((i, int(second[i]), "ann-b", False))
         if i < n_audit:
             items.append((i, int(y[i]), "expert", True))
     order = rng.permutation(len(items))  # arrivals interleave
     return make_frame(p, [items[j] for j in order], weights=weights, start=start, id_offset=id_offset)
 
 
-@pytest.mark.parametrize("n_audit,method", [(0, "nacp"), (200, "audit")])
-def test_recalibrated_sets_cover_clean_labels(n_audit, method):
+@pytest.mark.parametrize("n_audit,method,given", [(0, "split", None), (200, "audit", None), (0, "nacp", 0.18)])
+def test_recalibrated_sets_cover_clean_labels(n_audit, method, given):
     rng = np.random.default_rng(9)
     cal = calibration(alpha=0.1)
     splits, n_test, n = 100, 2000, 1000
     coverages = []
+    explicit = {} if given is None else {"noise_flip_rate": given, "assume_uniform_noise": True}
     for _ in range(splits):
-        rec = recalibrated_threshold(_recal_frame(rng, n=n, eps=0.2, n_audit=n_audit), cal)
+        rec = recalibrated_threshold(_recal_frame(rng, n=n, eps=0.2, n_audit=n_audit), cal, **explicit)
         assert isinstance(rec, Recalibration) and rec.method == method and rec.n == n
         p_test, y_test = model_probs(rng, n_test, mu=1.5)
         coverages.append(float(np.mean(1.0 - p_test[np.arange(n_test), y_test] <= rec.threshold.q)))
     # Marginal validity: the mean coverage over splits must reach the target within 3 standard
     # errors of that mean. The split-to-split sd is at least that of split CP on n clean labels
     # plus the test sampling, sqrt(alpha (1 - alpha) (1/n + 1/n_test)); the audit term adds its own
-    # variance, so the larger of that floor and the observed sd is used.
+    # variance, so the larger of that floor and the observed sd is used. (Uniform noise is
+    # dispersive, so split conformal on the noisy labels is conservative here.)
     sd = max(math.sqrt(0.09 / n + 0.09 / n_test), float(np.std(coverages, ddof=1)))
     assert np.mean(coverages) >= 0.9 - 3 * sd / math.sqrt(splits), (method, np.mean(coverages))
-    # informative sets: NACP at the lower bound of eps over-covers somewhat, never up to full sets
-    assert np.mean(coverages) < 0.98
-    # and the sets are not trivially large: a threshold below full sets
     assert rec.threshold.q < 1.0 and not rec.threshold.full_sets
-    if method == "nacp":
-        best = rec.noise["best"]
-        assert best["method"] == "duplicates" and rec.eps == pytest.approx(float(best["lower"]))
-        assert rec.threshold.eps == rec.eps
-    else:
+    record = rec.to_dict()
+    assert record["guarantee_kind"] == rec.guarantee_kind and record["condition"] == rec.condition
+    if method == "split":
+        # no noise rate is used: split CP on the observed labels, conservative under a stated condition
+        assert rec.eps is None and rec.threshold.method == "split" and rec.guarantee_kind == "conservative"
+        assert "dispersive" in rec.condition and "audited" in rec.condition
+        assert rec.noise["best"]["method"] == "duplicates"  # reported, not used
+        # it pays for the noise with larger sets than the noise-aware methods
+        assert np.mean(coverages) > 0.95
+    elif method == "audit":
+        assert rec.guarantee_kind == "valid" and "no noise model" in rec.condition
         assert rec.n_audited == n_audit and rec.eps is None and rec.threshold.m == n_audit
+        assert np.mean(coverages) < 0.98  # informative sets
+    else:
+        assert rec.guarantee_kind == "conservative" and "uniform" in rec.condition and f"{given:g}" in rec.condition
+        assert rec.eps == pytest.approx(flip_rate_to_uniform(given, K)) and rec.threshold.eps == rec.eps
+        assert np.mean(coverages) < 0.98
 
 
-def test_recalibration_refusals():
+def test_recalibration_refusals_and_explicit_noise_arguments():
     rng = np.random.default_rng(10)
     cal = calibration(alpha=0.1)
     small = _recal_frame(rng, n=80, n_dup=60)
@@ -455,18 +515,39 @@ def test_recalibration_refusals():
     assert required_items(0.1, 0.0, min_items=5) == 9  # ceil((1 - alpha) / alpha)
     # an explicit lower floor accepts the same feedback
     rec = recalibrated_threshold(small, cal, min_items=50)
-    assert rec.n == 80
-    # NACP needs a noise-rate estimate: no duplicates, no audit, too few labels for the heuristic
-    with pytest.raises(RecalibrationRefused, match="no noise-rate estimate"):
-        recalibrated_threshold(_recal_frame(rng, n=40, n_dup=0), cal, min_items=10)
+    assert rec.n == 80 and rec.method == "split"
+    # no noise-rate estimate at all (no duplicates, no audit, too few labels for the heuristic):
+    # split conformal needs none, and nothing heuristic is plugged in
+    bare = recalibrated_threshold(_recal_frame(rng, n=40, n_dup=0), cal, min_items=10)
+    assert bare.method == "split" and bare.noise["best"] is None and bare.eps is None
+    # NACP only with an explicit rate AND an explicit uniform noise model
+    with pytest.raises(ValueError, match="assume_uniform_noise=True"):
+        recalibrated_threshold(small, cal, min_items=50, noise_flip_rate=0.1)
+    with pytest.raises(ValueError, match="needs `noise_flip_rate`"):
+        recalibrated_threshold(small, cal, min_items=50, assume_uniform_noise=True)
+    with pytest.raises(ValueError, match="noise_flip_rate"):
+        recalibrated_threshold(small, cal, min_items=50, noise_flip_rate=0.95, assume_uniform_noise=True)
+    # NACP needs more items as the rate grows: 1/h^2 times the finite-quantile count
+    assert required_items(0.1, flip_rate_to_uniform(0.5, K)) > MIN_RECALIBRATION_ITEMS
     # the finite-sample margin pushes tau above 1 on few items: full sets are refused
     with pytest.raises(RecalibrationRefused, match="full label sets"):
-        recalibrated_threshold(_recal_frame(rng, n=150, n_dup=150), calibration(conformal="finite-sample"))
+        recalibrated_threshold(_recal_frame(rng, n=150, n_dup=150), calibration(conformal="finite-sample"),
+                               noise_flip_rate=0.5, assume_uniform_noise=True)
     ood_only = small.assign(is_ood=True)
     with pytest.raises(RecalibrationRefused, match="no in-distribution feedback"):
         recalibrated_threshold(ood_only, cal)
     with pytest.raises(ValueError, match="window"):
         recalibrated_threshold(small, cal, window=0)
+
+
+def test_recalibration_finite_sample_split_is_calibration_conditional():
+    rng = np.random.default_rng(17)
+    frame = _recal_frame(rng, n=600, n_dup=0)
+    plugin = recalibrated_threshold(frame, calibration())
+    conditional = recalibrated_threshold(frame, calibration(conformal="finite-sample"))
+    assert plugin.threshold.method == "split" and conditional.threshold.method == "split_conditional"
+    assert conditional.threshold.q >= plugin.threshold.q and conditional.threshold.delta == 0.001
+    assert "with probability >= 1 - delta" in conditional.condition
 
 
 def test_recalibration_uses_one_weights_and_the_window():
@@ -496,9 +577,15 @@ def test_recalibration_prefers_the_audit_when_it_suffices():
     enough = recalibrated_threshold(_recal_frame(rng, n=800, n_audit=MIN_AUDITED_FOR_RECTIFIED), cal)
     assert enough.method == "audit" and enough.threshold.method == "audit_rectified"
     assert enough.noise["best"]["method"] == "audit"
+    assert enough.guarantee_kind == "valid"
     few = recalibrated_threshold(_recal_frame(rng, n=800, n_audit=MIN_AUDITED_FOR_RECTIFIED - 1), cal)
-    assert few.method == "nacp" and few.n_audited == MIN_AUDITED_FOR_RECTIFIED - 1
+    assert few.method == "split" and few.n_audited == MIN_AUDITED_FOR_RECTIFIED - 1
+    assert few.guarantee_kind == "conservative" and f"only {MIN_AUDITED_FOR_RECTIFIED - 1} audited" in few.note
     assert few.noise["best"]["method"] == "audit"  # 49 audited items still feed the noise-rate estimate
+    # the audit wins over an explicitly given rate: it removes the noise assumption
+    both = recalibrated_threshold(_recal_frame(rng, n=800, n_audit=MIN_AUDITED_FOR_RECTIFIED), cal,
+                                  noise_flip_rate=0.2, assume_uniform_noise=True)
+    assert both.method == "audit" and both.eps is None and "not needed" in both.note
     # APS follows MAPIE's calibration convention (randomized, seeded): reproducible
     aps = calibration(score="aps")
     frame = _recal_frame(rng, n=500)
