@@ -130,8 +130,9 @@ class Calibration:
                 "risk_ucb": c.risk_ucb, "coverage": c.coverage, "confidence": self.confidence_name,
                 "confidence_params": self.confidence_params, "noise_correction_eps": c.noise_eps, "reason": c.reason,
                 "frontier": self.frontier,
+                # what the frontier allows, said when r* itself could not be certified
                 "can_certify": frontier_sentence([FrontierPoint.from_dict(p) for p in self.frontier], c.risk)
-                if self.frontier else None,
+                if self.frontier and not c.certified else None,
             },
             "ood": {"kind": kinds["ood"]["kind"], "condition": kinds["ood"]["condition"], "scorer": self.ood_scorer.name, "alpha_ood": self.ood_gate.alpha_ood, "n_calibration": self.ood_gate.n},
             "noise": self.noise,
@@ -362,7 +363,7 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     if n_cal == 0:
         raise CalibrationError("the calibration split is empty")
     audit_index, audit_labels, audit_note = _audit(settings, dataset)
-    knowledge = _noise_knowledge(settings, dataset)
+    knowledge = noise_knowledge(settings, dataset)
 
     # OOD: bank on the training features, gate on the held-out calibration scores (no labels involved)
     if base is None:
@@ -387,7 +388,7 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     calibration_params = {**convention["calibration"], **({"generator": generator} if convention["calibration"] else {})}
     scores = CONFORMITY_SCORES[settings.score](probs_cal.double(), **calibration_params).cpu().numpy()
-    threshold, set_guarantee = _fit_sets(settings, knowledge, scores, y_cal, audit_index, audit_labels, k)
+    threshold, set_guarantee = fit_set_threshold(settings, knowledge, scores, y_cal, audit_index, audit_labels, k)
 
     if base is None:
         # Confidence function tuned on the validation split; certification on the calibration split.
@@ -398,7 +399,7 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     else:
         confidence_name, confidence_params = base.confidence_name, dict(base.confidence_params)
     conf_cal = confidence_fn(z_cal, confidence_name, **confidence_params).double().cpu().numpy()
-    certified, frontier, abstention_guarantee, min_accepted = _fit_abstention(
+    certified, frontier, abstention_guarantee, min_accepted = fit_abstention(
         settings, knowledge, conf_cal, pred_cal, y_cal, audit_index, audit_labels, k)
 
     guarantees = {
@@ -462,7 +463,7 @@ class NoiseKnowledge:
         return self.kind in ("symmetric", "uniform") and bool(self.flip_rate)
 
 
-def _noise_knowledge(settings: CalibrationSettings, dataset: Dataset) -> NoiseKnowledge:
+def noise_knowledge(settings: CalibrationSettings, dataset: Dataset) -> NoiseKnowledge:
     spec = dataset.lineage.get("noise", "none")
     kind, _, rate_text = spec.partition(":")
     rate = float(rate_text or 0.0)
@@ -536,8 +537,29 @@ _AGREEING = ("certified on observed labels: valid only if label errors do not ag
              "to make it valid")
 
 
-def _fit_sets(settings, knowledge: NoiseKnowledge, scores, y_cal, audit_index, audit_labels, k):
-    """The conformal threshold and the kind of its guarantee (see :data:`GUARANTEE_KINDS`)."""
+def fit_set_threshold(settings: CalibrationSettings, knowledge: NoiseKnowledge, scores: np.ndarray,
+                      y_cal: np.ndarray, audit_index: np.ndarray, audit_labels: np.ndarray,
+                      k: int) -> tuple[ConformalThreshold, dict]:
+    """The conformal threshold and the kind of its guarantee (see :data:`GUARANTEE_KINDS`).
+
+    Parameters
+    ----------
+    settings : CalibrationSettings
+    knowledge : NoiseKnowledge
+        From :func:`noise_knowledge`.
+    scores : array [n, K]
+        Calibration-phase conformity scores of every label of every calibration item.
+    y_cal : int array [n]
+        Observed labels.
+    audit_index, audit_labels : int arrays [m]
+        Audited rows of ``scores`` and their trusted labels (empty: no audit).
+    k : int
+        Number of classes.
+
+    Returns
+    -------
+    (ConformalThreshold, {"kind": ..., "condition": ...})
+    """
     finite = settings.conformal == "finite-sample"
     form = "with probability >= 1 - delta over the calibration draw" if finite else "on average over calibration draws"
     if len(audit_index):
@@ -565,8 +587,22 @@ def _fit_sets(settings, knowledge: NoiseKnowledge, scores, y_cal, audit_index, a
                        + _DISPERSIVE}
 
 
-def _fit_abstention(settings, knowledge: NoiseKnowledge, conf_cal, pred_cal, y_cal, audit_index, audit_labels, k):
-    """Certified threshold, certified frontier and guarantee kind of the accept/abstain decision."""
+def fit_abstention(settings: CalibrationSettings, knowledge: NoiseKnowledge, conf_cal: np.ndarray,
+                   pred_cal: np.ndarray, y_cal: np.ndarray, audit_index: np.ndarray, audit_labels: np.ndarray,
+                   k: int) -> tuple[CertifiedThreshold, list[FrontierPoint], dict, int]:
+    """Certified threshold, certified frontier and guarantee kind of the accept/abstain decision.
+
+    Parameters
+    ----------
+    conf_cal : float array [n]
+        Confidence of every calibration item. ``pred_cal``: int array [n], the model's predictions.
+    y_cal, audit_index, audit_labels, k
+        As in :func:`fit_set_threshold`.
+
+    Returns
+    -------
+    (CertifiedThreshold, frontier rows, {"kind": ..., "condition": ...}, min_accepted)
+    """
     if len(audit_index):
         conf, errors = conf_cal[audit_index], pred_cal[audit_index] != audit_labels
         correction, guarantee = "none", {"kind": "valid", "condition": f"certified on {len(audit_index)} audited "
@@ -613,5 +649,8 @@ def _fit_abstention(settings, knowledge: NoiseKnowledge, conf_cal, pred_cal, y_c
         kwargs = {"max_wrong_labels": wrong_label_bound(n, knowledge.flip_rate, delta)}
     min_accepted = min_accepted_for(n, settings.risk, delta)
     certified = certify_threshold(conf, errors, settings.risk, delta, min_accepted=min_accepted, **kwargs)
-    frontier = certified_frontier(conf, errors, delta=delta, min_accepted=min_accepted, **kwargs)
+    # The frontier's rows must reach low coverage too (what a weak model CAN promise), so its tests start
+    # earlier than r*'s; validity does not depend on where a fixed sequence starts.
+    frontier = certified_frontier(conf, errors, delta=delta, min_accepted=min(min_accepted, max(50, n // 10)),
+                                  **kwargs)
     return certified, frontier, guarantee, min_accepted

@@ -767,7 +767,8 @@ def required_items(alpha: float, eps: float = 0.0, min_items: int | None = None)
     needs (``ceil((n + 1)(1 - alpha)) <= n``). Under noise at rate ``eps`` the corrected CDF's
     error grows by ``1 / h``, ``h = (1 - eps) / (1 + eps)`` (the factor in NACP's margin
     ``Delta = sqrt(log(4/delta) / (2 n h^2))``), so the same precision takes ``1 / h^2`` times
-    as many items. ``floor`` is ``min_items`` when given, else :data:`MIN_RECALIBRATION_ITEMS`.
+    as many items. ``eps`` is NACP's uniform-convention rate (0 for the split and audit paths).
+    ``floor`` is ``min_items`` when given, else :data:`MIN_RECALIBRATION_ITEMS`.
     """
     h = (1.0 - eps) / (1.0 + eps)
     finite = math.ceil(((1.0 - alpha) / alpha) / (h * h) - 1e-9)

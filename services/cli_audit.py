@@ -202,37 +202,42 @@ def _planning_rate(frame, num_classes: int, calibration) -> tuple[float | None, 
             est = estimates.get(key)
             rate = None if est is None else getattr(est, "flip_rate", None)
             if rate is not None and math.isfinite(rate):
-                kind = " (a heuristic: good enough to plan with, never used in a guarantee)" if est.heuristic else ""
+                kind = "; a heuristic, good enough to plan with, never used in a guarantee" if est.heuristic else ""
                 return float(rate), f"the {key} estimate on the feedback, n={est.n}{kind}"
     noise = dict(getattr(calibration, "noise", None) or {}) if calibration is not None else {}
     rate = noise.get("flip_rate")
     if noise.get("convention", "flip") == "flip" and isinstance(rate, (int, float)) and math.isfinite(rate):
-        kind = " (a heuristic)" if noise.get("heuristic") else ""
-        return float(rate), f"the calibration's noise record ({noise.get('method', 'unknown')}){kind}"
+        kind = ", a heuristic" if noise.get("heuristic") else ""
+        where = f" on {noise['source']}" if noise.get("source") else ""
+        return float(rate), f"the calibration's noise record: {noise.get('method', 'unknown')}{where}{kind}"
     return None, "no estimate yet: worst case"
 
 
 def _buys(m: int, rate: float | None, alpha: float, n_noisy: int | None, confidence: float = 0.95) -> dict:
     """What an audit of ``m`` items buys, from the planner."""
-    from models.uncertainty.audit import audit_plan_table
     from scipy.stats import norm
+
+    from models.uncertainty.audit import audit_plan_table
 
     z = float(norm.ppf(confidence))
     row = audit_plan_table(rate, (max(1, m),), confidence=confidence, z=z, n=n_noisy, coverage=1 - alpha)[0]
     return {**row, "confidence": confidence, "z": z, "alpha": alpha}
 
 
-def _buys_text(buys: dict, rate_source: str) -> str:
-    width = f"flip rate to a {buys['confidence']:.0%} interval about {buys['width']:.3f} wide (+-{buys['width'] / 2:.3f})"
+def _buys_text(buys: dict, rate_source: str, already: int = 0) -> str:
+    total = (f"an audit of {buys['m']} items buys" if not already else
+             f"with the {already} already audited, {buys['m']} audited items buy")
+    width = (f"the flip rate to a {buys['confidence']:.0%} interval about {buys['width']:.3f} wide "
+             f"(+-{buys['width'] / 2:.3f})")
     if buys["coverage_margin"] is None:
-        return (f"  an audit of {buys['m']} audited items buys: {width} in the worst case (rate 0.5; {rate_source}); "
-                "the coverage margin needs a rate estimate")
+        return (f"  {total}: {width} in the worst case (rate 0.5: {rate_source}); the coverage margin needs "
+                "a rate estimate")
     margin = buys["coverage_margin"]
-    warn = ("; that is more than alpha: the finite-sample sets would be near full, audit more or use "
-            "`recalibrate --conformal plugin`" if margin >= buys["alpha"] else "")
-    return (f"  an audit of {buys['m']} audited items, at the estimated flip rate {buys['rate']:.3f} ({rate_source}), "
-            f"buys: {width}; audit-rectified sets valid without a noise model, the finite-sample form sized for "
-            f"coverage up to {1 - buys['alpha']:.2f} + {margin:.3f} (margin z*sqrt(rate/m + c(1-c)/n)){warn}")
+    warn = ("; that is more than alpha, so the finite-sample sets would be near full: audit more, or take coverage "
+            "on average only (--conformal plugin)" if margin >= buys["alpha"] else "")
+    return (f"  at the flip rate {buys['rate']:.3f} ({rate_source}), {total}: {width}; sets valid without a noise "
+            f"model (audit-rectified threshold), in the finite-sample form sized for coverage up to "
+            f"{1 - buys['alpha']:.2f} + {margin:.3f} (margin z*sqrt(rate/m + c(1-c)/n)){warn}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,13 +266,12 @@ def _plan_predictions(args: argparse.Namespace) -> int:
     loaded = cli_feedback._loaded(args.model)
     names = list(loaded.calibration.class_names)
     frame = cli_feedback._open_store().feedback_frame(model_name=loaded.name)
-    served = frame[frame["weights"].astype(str) == str(loaded.weights)] if len(frame) else frame
-    in_dist = served[~served["is_ood"].astype(bool)] if len(served) else served
-    audited_ids = set(frame.loc[frame["audited"].astype(bool), "prediction_id"]) if len(frame) else set()
-    ordinary = _first_labels(in_dist[~in_dist["audited"].astype(bool)]) if len(in_dist) else in_dist
-    eligible = ordinary[~ordinary["prediction_id"].isin(audited_ids)].sort_values("prediction_id") \
-        if len(ordinary) else ordinary
-    n_ood = int(served["is_ood"].astype(bool).groupby(served["prediction_id"]).any().sum()) if len(served) else 0
+    served = frame[frame["weights"].astype(str) == str(loaded.weights)]  # recalibration uses these weights' feedback
+    in_dist = served[~served["is_ood"].astype(bool)]  # OOD feedback enters no estimate: auditing it buys nothing
+    audited_ids = set(frame.loc[frame["audited"].astype(bool), "prediction_id"])
+    ordinary = _first_labels(in_dist[~in_dist["audited"].astype(bool)])
+    eligible = ordinary[~ordinary["prediction_id"].isin(audited_ids)].sort_values("prediction_id")
+    n_ood = int(served["is_ood"].astype(bool).groupby(served["prediction_id"]).any().sum())
     if len(eligible) == 0:
         why = (f"{len(frame)} feedback items on {loaded.name}, {len(in_dist)} on in-distribution predictions of the "
                f"served weights, {len(audited_ids)} predictions already audited")
@@ -285,24 +289,21 @@ def _plan_predictions(args: argparse.Namespace) -> int:
             for r in picked.itertuples(index=False)]
     _write_worklist(args.out, columns, rows, {"kind": "predictions", "model": args.model, "model_name": loaded.name,
                                               "model_version": loaded.version, "seed": args.seed})
-    pairs = _audit_pairs(served) if len(served) else []
-    already = len(pairs)
+    already = len(_audit_pairs(served))
     rate, source = _planning_rate(frame, len(names), loaded.calibration)
     buys = _buys(already + n, rate, float(loaded.calibration.threshold.alpha), max(len(ordinary), 1))
     payload = {"source": "predictions", "worklist": str(args.out), "n": n, "eligible": len(eligible),
                "already_audited": already, "ood_excluded": n_ood, "model_name": loaded.name,
                "model_version": loaded.version, "seed": args.seed, "rate": rate, "rate_source": source,
                "buys": buys, "min_audited_for_rectified": MIN_AUDITED_FOR_RECTIFIED}
-    lines = [f"drew {n} of {len(eligible)} eligible predictions of {loaded.name} version {loaded.version} (served, "
+    lines = [(f"drew {n} of {len(eligible)} eligible predictions of {loaded.name} version {loaded.version} (served, "
              f"in-distribution, with an ordinary label and no audited one; {n_ood} OOD predictions left out) "
-             f"-> {args.out}"]
+             f"-> {args.out}")]
     if n < args.n:
         lines.append(f"  only {len(eligible)} were eligible, fewer than --n {args.n}: all of them are in the worklist")
     lines.append(f"  fill in trusted_label (class names: {_names_hint(names)}), then `noisewise audit submit "
                  f"{args.out} --url URL`")
-    if already:
-        lines.append(f"  {already} predictions of these weights are already audited; with this audit: {already + n}")
-    lines.append(_buys_text(buys, source))
+    lines.append(_buys_text(buys, source, already))
     if already + n < MIN_AUDITED_FOR_RECTIFIED:
         lines.append(f"  `noisewise recalibrate` uses the audit-rectified threshold from {MIN_AUDITED_FOR_RECTIFIED} "
                      f"audited items: {MIN_AUDITED_FOR_RECTIFIED - already - n} more needed")
@@ -340,13 +341,13 @@ def _plan_calibration(args: argparse.Namespace) -> int:
     payload = {"source": "calibration", "worklist": str(args.out), "n": n, "eligible": int(eligible.size),
                "already_audited": int(known.size), "model_name": loaded.name, "model_version": loaded.version,
                "seed": args.seed, "rate": rate, "rate_source": source, "buys": buys}
-    lines = [f"drew {n} of the {eligible.size} unaudited calibration items of {loaded.name} version {loaded.version} "
-             f"(index = row of the dataset file) -> {args.out}"]
+    lines = [(f"drew {n} of the {eligible.size} unaudited calibration items of {loaded.name} version {loaded.version} "
+             f"(index = row of the dataset file) -> {args.out}")]
     if n < args.n:
         lines.append(f"  only {eligible.size} were eligible, fewer than --n {args.n}: all of them are in the worklist")
     lines.append(f"  fill in trusted_label (class names: {_names_hint(names)}), then `noisewise audit submit "
                  f"{args.out} --model {args.model}` writes the trusted-labels file for `noisewise calibrate --trusted`")
-    lines.append(_buys_text(buys, source))
+    lines.append(_buys_text(buys, source, int(known.size)))
     cli._emit(args, payload, "\n".join(lines))
     return 0
 
@@ -584,9 +585,9 @@ def _submit_predictions(args: argparse.Namespace, worklist: Worklist) -> int:
                "rejected_items": [{"where": r["where"], "prediction_id": r["prediction_id"], "status": r["status"],
                                    "error": r["error"]} for r in rejected],
                "noise": noise, "noise_note": note, "recalibrate": recal}
-    lines = [f"sent {len(items)} audited labels to {base} ({info['name']} version {info['version']}, annotator "
+    lines = [(f"sent {len(items)} audited labels to {base} ({info['name']} version {info['version']}, annotator "
              f"{args.annotator!r}): {counts['stored']} stored, {counts['duplicate']} duplicates (already stored), "
-             f"{counts['rejected']} rejected; {skipped} rows without a trusted label skipped"]
+             f"{counts['rejected']} rejected; {skipped} rows without a trusted label skipped")]
     for r in rejected[:20]:
         lines.append(f"  {r['where']}: {r['status']} {r['error']}")
     if len(rejected) > 20:
@@ -635,9 +636,9 @@ def _after_submit(info: dict, results: list[dict]) -> tuple[dict | None, str, di
 def _noise_lines(noise: dict | None, note: str) -> list[str]:
     if noise is None:
         return [f"  noise rate: {note}"] if note else []
-    lines = [f"  noise rate counted on {noise['n']} audited items: {noise['flip_rate']:.3f} "
+    lines = [(f"  noise rate counted on {noise['n']} audited items: {noise['flip_rate']:.3f} "
              f"[{noise['lower']:.3f}, {noise['upper']:.3f}] (flip rate: share of ordinary labels that differ from the "
-             f"trusted ones; exact {noise['confidence']:.0%} Clopper-Pearson interval; no noise model)"]
+             f"trusted ones; exact {noise['confidence']:.0%} Clopper-Pearson interval; no noise model)")]
     if note:
         lines.append(f"  ({note})")
     return lines
@@ -673,8 +674,8 @@ def _submit_calibration(args: argparse.Namespace, worklist: Worklist) -> int:
     payload = {"kind": "calibration", "model": ref, "model_name": loaded.name, "model_version": loaded.version,
                "trusted_file": str(out), "written": len(items), "skipped_empty": skipped, "noise": est.to_dict(),
                "next": command}
-    lines = [f"wrote {len(items)} trusted labels of calibration items of {loaded.name} version {loaded.version} to "
-             f"{out} (index,label); {skipped} rows without a trusted label skipped"]
+    lines = [(f"wrote {len(items)} trusted labels of calibration items of {loaded.name} version {loaded.version} to "
+             f"{out} (index,label); {skipped} rows without a trusted label skipped")]
     lines += _noise_lines(est.to_dict(), "")
     lines.append(f"  next: `{command}` (the audit makes the sets and abstention valid without a noise model)")
     cli._emit(args, payload, "\n".join(lines))
@@ -687,10 +688,14 @@ def _submit_calibration(args: argparse.Namespace, worklist: Worklist) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from models.uncertainty.audit import DEFAULT_PLAN_SIZES, audit_plan_table, audit_size_for_rate_width
-    from monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
     from scipy.stats import norm
 
+    from models.uncertainty.audit import (
+        DEFAULT_PLAN_SIZES,
+        audit_plan_table,
+        audit_size_for_rate_width,
+    )
+    from monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
     from services import cli_feedback
 
     cli = _cli()
@@ -698,18 +703,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     names = list(loaded.calibration.class_names)
     k = len(names)
     frame = cli_feedback._open_store().feedback_frame(model_name=loaded.name)
-    rows = frame[~frame["is_ood"].astype(bool)] if len(frame) else frame
-    audited = rows[rows["audited"].astype(bool)] if len(rows) else rows
-    n_ordinary = int(rows.loc[~rows["audited"].astype(bool), "prediction_id"].nunique()) if len(rows) else 0
-    pairs = _audit_pairs(frame) if len(frame) else None
-    m = 0 if pairs is None else len(pairs)
-    m_served = 0 if pairs is None else int((pairs["weights"].astype(str) == str(loaded.weights)).sum())
+    rows = frame[~frame["is_ood"].astype(bool)]
+    audited = rows[rows["audited"].astype(bool)]
+    n_ordinary = int(rows.loc[~rows["audited"].astype(bool), "prediction_id"].nunique())
+    pairs = _audit_pairs(frame)
+    m = len(pairs)
+    m_served = int((pairs["weights"].astype(str) == str(loaded.weights)).sum())
     est, note = _audit_estimate(frame, k, confidence=args.confidence) if len(frame) else (None, "no feedback yet")
     per_class = []
     if est is not None and est.per_class is not None:
         per_class = [{**e, "class": names[int(e["class"])]} for e in est.per_class if e["n"] >= MIN_PER_CLASS_ITEMS]
     rate, source = (est.flip_rate, "counted on the audit") if est is not None and math.isfinite(est.flip_rate) \
-        else _planning_rate(frame if len(frame) else None, k, loaded.calibration)
+        else _planning_rate(frame, k, loaded.calibration)
     alpha = float(loaded.calibration.threshold.alpha)
     z = float(norm.ppf(args.confidence))
     sizes = sorted({s for s in (*DEFAULT_PLAN_SIZES, 2 * m, 4 * m) if s > m}) or [2 * m]
@@ -719,7 +724,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         halve = audit_size_for_rate_width((est.upper - est.lower) / 2, rate, confidence=args.confidence)
     payload = {
         "model_name": loaded.name, "model_version": loaded.version, "n_ordinary": n_ordinary,
-        "n_audited_labels": len(audited), "n_audited": int(audited["prediction_id"].nunique()) if len(audited) else 0,
+        "n_audited_labels": len(audited), "n_audited": int(audited["prediction_id"].nunique()),
         "n_audited_paired": m, "n_audited_served_weights": m_served,
         "noise": None if est is None else est.to_dict(), "noise_note": note, "per_class": per_class,
         "per_class_min_items": MIN_PER_CLASS_ITEMS,
@@ -728,9 +733,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         "plan": {"rate": rate, "rate_source": source, "alpha": alpha, "z": z, "table": table,
                  "items_to_halve_width": halve},
     }
-    lines = [f"{loaded.name} version {loaded.version}: {n_ordinary} predictions with ordinary feedback, "
+    lines = [(f"{loaded.name} version {loaded.version}: {n_ordinary} predictions with ordinary feedback, "
              f"{payload['n_audited']} audited ({m} of them also carry an ordinary label; {m_served} on the served "
-             "weights)"]
+             "weights)")]
     lines += _noise_lines(payload["noise"], note)
     if per_class:
         lines.append(f"  per class (trusted label; classes with >= {MIN_PER_CLASS_ITEMS} audited items, each interval on "
@@ -748,10 +753,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                      f"for the audit-rectified threshold: {payload['rectified']['missing']} more")
     rate_text = "worst case 0.5" if rate is None else f"{rate:.3f}"
     lines.append(f"  more audit, at the flip rate {rate_text} ({source}); z={z:.3f}, alpha={alpha:g}:")
-    lines.append(f"    {'audited':>8}  {'interval width':>14}  {'coverage margin':>15}")
+    lines.append(f"    {'audited':>8}  {'mean interval width':>19}  {'coverage margin':>15}")
     for row in table:
         margin = "n/a" if row["coverage_margin"] is None else f"{row['coverage_margin']:.3f}"
-        lines.append(f"    {row['m']:>8}  {row['expected_width']:>14.3f}  {margin:>15}")
+        lines.append(f"    {row['m']:>8}  {row['expected_width']:>19.3f}  {margin:>15}")
     if halve is not None:
         lines.append(f"  halving the interval's width takes about {halve} audited items in all ({max(0, halve - m)} more)")
     cli._emit(args, payload, "\n".join(lines))
@@ -764,6 +769,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_size(args: argparse.Namespace) -> int:
+    from scipy.stats import norm
+
     from models.uncertainty.audit import (
         DEFAULT_PLAN_SIZES,
         audit_plan_table,
@@ -771,7 +778,6 @@ def cmd_size(args: argparse.Namespace) -> int:
         audit_size_for_rate_width,
     )
     from monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
-    from scipy.stats import norm
 
     cli = _cli()
     margin = args.alpha / 2 if args.margin is None else args.margin
@@ -785,8 +791,8 @@ def cmd_size(args: argparse.Namespace) -> int:
                "margin": margin, "z": z, "m_for_width": m_width, "m_for_margin": m_margin,
                "min_audited_for_rectified": MIN_AUDITED_FOR_RECTIFIED, "table": table}
     rate_text = "an unknown flip rate (worst case 0.5)" if args.rate is None else f"a flip rate near {args.rate:g}"
-    lines = [f"{m_width} audited items give {rate_text} a {args.confidence:.0%} Clopper-Pearson interval at most "
-             f"{args.width:g} wide (exact beta quantiles)"]
+    lines = [(f"{m_width} audited items give {rate_text} a {args.confidence:.0%} Clopper-Pearson interval at most "
+             f"{args.width:g} wide (exact beta quantiles)")]
     if m_margin is None:
         lines.append("  coverage margin: give --rate (the flip rate you expect) to size it")
     else:

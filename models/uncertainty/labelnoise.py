@@ -38,14 +38,14 @@ from scipy import stats
 __all__ = [
     "LABEL_QUALITY_SCORES",
     "NOISE_RATE_ESTIMATORS",
+    "PER_CLASS_KEYS",
+    "THRESHOLD_SLACK",
     "NoiseRateEstimate",
     "Suspects",
-    "THRESHOLD_SLACK",
     "clopper_pearson",
     "confident_joint",
     "flip_rate_to_uniform",
     "label_quality",
-    "PER_CLASS_KEYS",
     "noise_rate_audit_model_heuristic",
     "noise_rate_confident_learning",
     "noise_rate_direct",
@@ -541,7 +541,8 @@ def noise_rate_audit_model_heuristic(
     def flip_at(p0: float, p1: float) -> float:
         return float(np.clip((p0 - p1) * (k - 1) / (k * p0 - 1.0), 0.0, 1.0))
 
-    common = dict(method="audit_model_heuristic", n=a + o, num_classes=k, confidence=level, heuristic=True)
+    common = {"method": "audit_model_heuristic", "n": a + o, "num_classes": k, "confidence": level,
+              "heuristic": True}
     if psi0_lo <= chance:
         # The rectangle reaches psi0 = 1/K where the formula is unbounded: no informative band.
         point = flip_at(psi0, psi1) if psi0 > chance else float("nan")

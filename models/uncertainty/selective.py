@@ -34,6 +34,7 @@ achieve risk control", 2021 (fixed-sequence testing of thresholds).
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
@@ -44,9 +45,9 @@ from scipy import special, stats
 
 __all__ = [
     "CONFIDENCE_FUNCTIONS",
+    "DEFAULT_RISK_GRID",
     "PNORM_GRID",
     "CertifiedThreshold",
-    "DEFAULT_RISK_GRID",
     "FrontierPoint",
     "aurc",
     "certified_frontier",
@@ -842,7 +843,7 @@ def _check_risk_grid(risk_grid: Any) -> tuple[float, ...]:
         raise ValueError(
             f"`risk_grid` must be a non-empty sequence of risk levels in (0, 1), got {risk_grid!r}."
         )
-    if any(b <= a for a, b in zip(grid, grid[1:])):
+    if any(b <= a for a, b in itertools.pairwise(grid)):
         raise ValueError(f"`risk_grid` must be strictly increasing, got {risk_grid!r}.")
     return tuple(float(r) for r in grid)
 

@@ -10,7 +10,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 
 import httpx
 import numpy as np
@@ -178,7 +177,7 @@ def test_calibration_audit_becomes_a_trusted_labels_file(ref, tmp_path):
     from models.data import load_from_lineage
 
     dataset = load_from_lineage(registry.load_model(ref).spec.lineage)
-    cal = set(int(i) for i in dataset.splits["cal"])
+    cal = {int(i) for i in dataset.splits["cal"]}
     worklist = tmp_path / "cal.json"
     status, out, err = run("audit", "plan", "--from", "calibration", "--model", ref, "--n", "40", "--out",
                            str(worklist), "--json")
@@ -202,5 +201,11 @@ def test_calibration_audit_becomes_a_trusted_labels_file(ref, tmp_path):
     assert [int(r["index"]) for r in rows] == index
     assert [r["label"] for r in rows] == [dataset.class_names[dataset.y_clean[i]] for i in index]
     flips = int(np.sum(dataset.y[index] != dataset.y_clean[index]))
-    assert result["noise"]["flip_rate"] == pytest.approx(flips / 40, abs=1e-4)
-    assert math.isclose(result["noise"]["n"], 40)
+    assert result["noise"]["flip_rate"] == pytest.approx(flips / 40, abs=1e-4) and result["noise"]["n"] == 40
+
+    status, out, err = run("calibrate", "--model", ref, "--trusted", str(trusted), "--json")  # the printed next step
+    assert status == 0, err
+    calibration = json.loads(out)["calibration"]
+    assert calibration["sets"]["method"].startswith("audit_rectified") and calibration["sets"]["kind"] == "valid"
+    assert calibration["noise"]["method"] == "audit" and calibration["noise"]["n"] == 40
+    assert calibration["noise"]["flip_rate"] == pytest.approx(flips / 40, abs=1e-4)

@@ -133,7 +133,7 @@ def test_monitor_reports_noise_rate_coverage_and_drift(store_env, tmp_path):
         assert "HEURISTIC, shown only, never used for guarantees" in text
     assert f"realized coverage on audited labels (n={m}, no assumption)" in text
     drift = report["drift"]
-    assert drift["label_drift"]["stattest"] == "chisquare" and "detected" in drift["label_drift"]
+    assert drift["label_drift"]["stattest"] == "chi2_two_sample" and "detected" in drift["label_drift"]
     assert (tmp_path / "ws").is_dir() and drift["html"] and drift["html"].endswith(".html")
     store = Store(store_env["url"])
     latest = store.latest_report("monitor")

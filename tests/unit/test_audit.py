@@ -3,7 +3,6 @@ reading and validation of `noisewise audit` (services/cli_audit.py), without a s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
