@@ -189,9 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     demo.set_defaults(handler=cmd_demo)
 
-    from services import cli_feedback
+    from services import cli_audit, cli_feedback
 
     cli_feedback.add_parsers(commands, sys.modules[__name__])
+    cli_audit.add_parsers(commands, sys.modules[__name__])
     return parser
 
 
@@ -701,7 +702,8 @@ def _demo_feedback(args, client, loaded, served_predictions: dict, y_clean, clas
     lines += ["  " + line for line in cli_feedback._monitor_text(report, workspace).splitlines()[1:]]
 
     recal_args = argparse.Namespace(model=args.model, window=None, min_items=None, no_promote=False, url=args.url,
-                                    conformal="finite-sample", json=True)
+                                    conformal="finite-sample", noise_rate=None, assume_uniform_noise=False,
+                                    json=True)
     import contextlib
     import io
 
@@ -712,7 +714,10 @@ def _demo_feedback(args, client, loaded, served_predictions: dict, y_clean, clas
         recal = json.loads(out.getvalue())
         model = client.post("/model").json()
         live = model["calibration"]["prediction_set"]
-        lines.append(f"recalibrate (`noisewise recalibrate --url {args.url}`): {recal['method']} threshold on "
+        # with a few dozen audited items the plug-in threshold can miss by several points on one draw, so the
+        # demo asks for the calibration-conditional form
+        lines.append(f"recalibrate (`noisewise recalibrate --conformal finite-sample --url {args.url}`): "
+                     f"{recal['method']} threshold [{recal['guarantee_kind']}] on "
                      f"{recal['n']} feedback labels, q {recal['previous_threshold']['q']:.4f} -> "
                      f"{recal['threshold']['q']:.4f}; version {recal['model_version']} registered; the service now "
                      f"serves version {model['version']} (q {live['q']:.4f}, method {live['method']}) without a restart")

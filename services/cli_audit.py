@@ -435,6 +435,14 @@ def read_worklist(path: Path) -> Worklist:
     return Worklist(kind, rows, meta)
 
 
+def _canonical_uuid(text: str) -> str | None:
+    """The id in the service's form (a lowercase UUID as /predict returns it), or None when it is not one."""
+    try:
+        return str(uuid.UUID(text)) if len(text) == 36 else None
+    except ValueError:
+        return None
+
+
 def check_prediction_rows(worklist: Worklist, class_names: list[str]) -> tuple[list[dict], int, list[str]]:
     """``(items, skipped, errors)``: one ``{"where", "prediction_id", "label"}`` per filled-in row, how many rows
     had no trusted label, and one message per bad row (malformed id, unknown class, repeated id)."""
@@ -447,14 +455,12 @@ def check_prediction_rows(worklist: Worklist, class_names: list[str]) -> tuple[l
         if not label:
             skipped += 1
             continue
-        try:
-            ok = bool(pid) and str(uuid.UUID(pid)) == pid.lower()
-        except ValueError:
-            ok = False
-        if not ok:
+        canonical = _canonical_uuid(pid)
+        if canonical is None:
             errors.append(f"{where}: malformed prediction_id {pid[:64]!r}: expected the id of a served prediction "
                           "(a UUID, as /predict returns it)")
             continue
+        pid = canonical
         if label not in names:
             errors.append(f"{where}: unknown class {label[:64]!r} in trusted_label: expected one of "
                           f"{_names_hint(class_names)}")

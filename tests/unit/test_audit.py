@@ -238,12 +238,13 @@ def test_prediction_worklist_rows_are_checked_line_by_line(tmp_path):
             f"not-an-id,cat,a,cat,cat\n"
             f"{ids[2]},cat,a,cat,horse\n"
             f"{ids[0]},cat,a,cat,cat\n"
-            f'{ids[3]},cat,a,cat,"bird, small"\n')
+            f'{ids[3]},cat,a,cat,"bird, small"\n'
+            f"{ids[4].upper()},cat,a,cat,cat\n")
     worklist = read_worklist(write(tmp_path, "w.csv", text))
-    assert worklist.kind == "predictions" and len(worklist.rows) == 6
+    assert worklist.kind == "predictions" and len(worklist.rows) == 7
     items, skipped, errors = check_prediction_rows(worklist, NAMES)
     assert skipped == 1
-    assert [it["prediction_id"] for it in items] == [ids[0], ids[3]]
+    assert [it["prediction_id"] for it in items] == [ids[0], ids[3], ids[4]]  # ids in the service's lowercase
     assert items[1]["label"] == "bird, small"
     assert len(errors) == 3
     assert errors[0].startswith("line 4: malformed prediction_id 'not-an-id'")
