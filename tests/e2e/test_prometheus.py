@@ -49,10 +49,12 @@ PANEL_QUERIES = panel_queries()
 ALERTS = alert_rules()
 ALERT_SIDES = [(rule["alert"], side, part) for rule in ALERTS
                for side, part in zip(("lhs", "rhs"), split_comparison(rule["expr"])[::2])]
-# DESIGN.md 5, plus the service being down and failed hot reloads
+# the operator's alerts, plus the service being down and failed hot reloads
 REQUIRED_ALERTS = {"NoisewiseOODRateHigh", "NoisewiseAbstentionSpike", "NoisewiseCoverageBelowTarget",
                    "NoisewiseNoiseRateAboveAssumption", "NoisewiseLabelDrift", "NoisewiseHigh5xxRate"}
-DEMO_N, DEMO_BATCH = 60, 8
+# 160 inputs: the demo's auditor then labels 32, enough for the direct audit estimate (30 paired items) that
+# the noise-rate and corrected-coverage gauges are computed from (heuristic estimates feed no gauge)
+DEMO_N, DEMO_BATCH = 160, 8
 # Gauges the service refreshes from the store in the background (every NOISEWISE_MONITOR_INTERVAL_S) after
 # feedback and `noisewise monitor`: the test waits for them (bounded) before querying.
 ASYNC_GAUGES = ["noisewise_noise_rate_lower", "noisewise_realized_coverage", "noisewise_suspect_share",

@@ -112,8 +112,8 @@ def test_audit_makes_abstention_useful(setting):
 
 
 def test_contrast_uniform_nacp_at_the_exact_rate_undercovers(setting):
-    """Uniform NACP given the exact flip rate of the calibration set over-subtracts on ambiguity-driven noise: the policy must never pick it
-    for noise that is not uniform by construction."""
+    """Uniform NACP given the exact flip rate of the calibration set over-subtracts on ambiguity-driven noise: the
+    policy must never pick it for noise that is not uniform by construction."""
     row = setting["summary"]["sets"]["nacp_true"]
     assert row["coverage_mean"] + 3 * row["coverage_se"] < TARGET - 0.02, row
     assert row["below_target"] >= 0.9, row

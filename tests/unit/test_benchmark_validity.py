@@ -1,6 +1,7 @@
 """benchmarks/validity.py in quick mode (digits, confusion:0.2 and symmetric:0.2, 20 splits, 3 training epochs):
 the report's structure, and the policy choices it must show. Statistical claims live in
-tests/integration/test_validity.py; with 20 splits and a 3-epoch model only the policy's choices, identities and wide bounds are asserted here."""
+tests/integration/test_validity.py; with 20 splits and a 3-epoch model only the policy's choices, identities and
+wide bounds are asserted here."""
 
 import importlib.util
 import json
