@@ -96,6 +96,7 @@ def evaluate(predictor: Predictor, dataset: Dataset, ood_sets: tuple[str, ...] =
         "guarantees": {part: {"kind": summary[part]["kind"], "condition": summary[part]["condition"]}
                        for part in ("prediction_set", "abstention", "ood")},
         "can_certify": summary["abstention"]["can_certify"],
+        "frontier": summary["abstention"]["frontier"],
         "assumptions": {"eps": summary["prediction_set"]["eps"], "delta": summary["prediction_set"]["delta"],
                         "risk_delta": summary["abstention"]["delta"], "noise": summary["noise"],
                         "statements": summary["assumptions"]},

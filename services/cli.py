@@ -327,8 +327,11 @@ def _calibration_text(calibration, evaluation: dict) -> str:
         lines.append(f"  abstention: r*={abst['risk_target']} delta={abst['delta']} certified [{abst['kind']}]{accepted}")
     else:
         lines.append(f"  abstention: r*={abst['risk_target']} NOTHING CERTIFIED: the model abstains on every input")
+    if abst.get("frontier"):
+        lines.append("  certified frontier (risk: coverage, all rows at once): " + ", ".join(
+            f"{row['risk']:g}: {row['coverage']:.2f}" for row in abst["frontier"]))
     if abst.get("can_certify"):
-        lines.append(f"  frontier: {abst['can_certify']}")
+        lines.append(f"  what it can certify: {abst['can_certify']}")
     if evaluation.get("ood_auroc"):
         lines.append(f"  ood: {s['ood']['scorer']} at alpha_ood={s['ood']['alpha_ood']}: AUROC "
                      + ", ".join(f"{k} {v:.3f}" for k, v in evaluation["ood_auroc"].items()))

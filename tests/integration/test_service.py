@@ -90,6 +90,9 @@ def test_prediction_has_every_field_and_matches_the_model(client, ref, info):
     assert g["abstention"]["risk_target"] == pytest.approx(0.25) and g["abstention"]["certified"] is True
     assert g["ood"]["alpha_ood"] == pytest.approx(0.05)
     assert g["assumptions"] and g["assumptions"] == info["calibration"]["assumptions"]
+    # symmetric noise injected by noisewise: known by construction, so every guarantee is valid
+    assert {g[part]["kind"] for part in ("prediction_set", "abstention", "ood")} == {"valid"}
+    assert "frontier" not in g["abstention"]  # the table is on /model, not repeated on every response
 
 
 def test_one_request_of_many_inputs_keeps_their_order(client, ref):
@@ -152,6 +155,13 @@ def test_model_info(info, ref):
     calibration = info["calibration"]
     assert {"prediction_set", "abstention", "ood", "noise", "assumptions"} <= set(calibration)
     assert calibration["noise"]["method"] == "known" and calibration["abstention"]["certified"] is True
+    # every guarantee says its kind; the certified risk-coverage frontier is on /model (not on every response)
+    for part in ("prediction_set", "abstention", "ood"):
+        assert calibration[part]["kind"] in ("valid", "conservative", "none") and calibration[part]["condition"]
+    frontier = calibration["abstention"]["frontier"]
+    assert [row["risk"] for row in frontier] == [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5]
+    coverage = [row["coverage"] for row in frontier]
+    assert coverage == sorted(coverage) and all(0 <= c <= 1 for c in coverage)
     assert info["serving"]["batching"] is True and info["serving"]["max_inputs_per_request"] == 256
 
 

@@ -235,13 +235,18 @@ def test_confusion_flips_the_reference_models_most_ambiguous_items(digits):
     rows = np.arange(len(y))
     others = log_post.copy()
     others[rows, y] = -np.inf
-    target, ambiguity = others.argmax(1), others.max(1) - log_post[rows, y]
+    top_two = np.sort(log_post, axis=1)[:, -2:]
+    target, ambiguity = others.argmax(1), top_two[:, 0] - top_two[:, 1]
     flipped = noisy != y
-    # exactly the top of the ranking, each item moved to the class the reference model confuses it with
+    # exactly the top of the ranking (the reference model hesitates most between its two likeliest classes),
+    # each item moved to the class the reference model confuses it with
     assert ambiguity[flipped].min() >= ambiguity[~flipped].max()
     assert np.array_equal(noisy[flipped], target[flipped])
     own = np.exp(log_post[rows, y])
-    assert own[flipped].mean() < 0.6 and own[~flipped].mean() > 0.99
+    assert own[flipped].mean() < 0.7 and own[~flipped].mean() > 0.95
+    # items the reference model confidently places in another class are not "ambiguous": they keep their label
+    confident_elsewhere = (np.exp(log_post).max(1) > 0.99) & (log_post.argmax(1) != y)
+    assert not (flipped & confident_elsewhere).any()
     assert np.allclose(np.exp(log_post).sum(1), 1.0)
 
 
@@ -255,15 +260,17 @@ def test_confusion_concentrates_on_few_class_pairs_unlike_symmetric(digits, digi
     assert _top_cells_share(y, symmetric) < 0.3
 
 
-def test_confusion_with_two_classes_flips_the_items_nearest_the_other_class():
+def test_confusion_with_two_classes_flips_the_items_nearest_the_boundary():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 1000)
     x = (rng.standard_normal(len(y)) + np.where(y == 1, 1.0, -1.0))[:, None]
     noisy, report = inject_noise(y, 2, "confusion:0.1", seed=0, x=x)
-    # with one feature, how much an item looks like the other class is how far it lies on that side
-    toward_other = np.where(y == 0, x[:, 0], -x[:, 0])
-    top = np.argsort(-toward_other)[: report.n_flipped]
-    assert report.n_flipped == 200 and np.mean(noisy[top] != y[top]) > 0.9  # fold-to-fold fits differ a little
+    # with one feature and the boundary at 0, the most ambiguous items are those nearest 0, on either side;
+    # items deep in the other class's region are confidently that class, not ambiguous
+    nearest = np.argsort(np.abs(x[:, 0]))[: report.n_flipped]
+    assert report.n_flipped == 200 and np.mean(noisy[nearest] != y[nearest]) > 0.9  # fold fits differ a little
+    deep = np.abs(x[:, 0]) > 2
+    assert not (noisy[deep] != y[deep]).any()
 
 
 def test_confusion_needs_inputs_and_two_items_per_class(clean):
