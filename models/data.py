@@ -299,7 +299,6 @@ def _confusion_noise(y: np.ndarray, k: int, rate: float, x: np.ndarray, seed: in
         return noisy
     log_post = reference_log_posteriors(x, y, k, seed=seed)
     rows = np.arange(len(y))
-    own = log_post[rows, y]
     others = log_post.copy()
     others[rows, y] = -np.inf
     target = others.argmax(axis=1)
@@ -423,6 +422,12 @@ def load_dataset(
         lineage["trusted_sha256"] = _fingerprint(index, labels)
     if audit is not None:
         lineage["n_trusted"] = int(np.sum(audit != MISSING_LABEL))
+    if y_clean_file is not None or trusted is not None:
+        # reference labels exist: the realized rate is what they show (the file's own noise plus any injected)
+        known = y_clean != MISSING_LABEL
+        flipped = int(np.sum(noisy[known] != y_clean[known]))
+        report = NoiseReport(report.spec, flipped / max(int(known.sum()), 1), flipped, int(known.sum()),
+                             report.convention + "; counted against the reference labels (y_clean / trusted)")
     return Dataset(
         name=source if source in BUILTIN_DATASETS else Path(source).name,
         x=x,

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from models.calibrate import GUARANTEE_KINDS
 from models.uncertainty.conformal import (
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
@@ -114,10 +115,6 @@ MIN_HEURISTIC_ITEMS = 50
 MIN_AUDITED_FOR_RECTIFIED = 50
 #: Floor on the number of recalibration items (predictions) when ``min_items`` is not given.
 MIN_RECALIBRATION_ITEMS = 100
-#: Kinds of guarantee a recalibrated threshold states: ``valid`` (no assumption left: trusted labels
-#: correct the noisy ones), ``conservative`` (valid under the stated noise condition, unchecked) or
-#: ``none``.
-GUARANTEE_KINDS = ("valid", "conservative", "none")
 
 
 # --------------------------------------------------------------------------------------------

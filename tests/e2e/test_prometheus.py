@@ -242,7 +242,7 @@ def run_demo(url: str, ref: str) -> dict:
 
 @pytest.fixture(scope="module")
 def scraped(binaries, tmp_path_factory):
-    ref = ensure_model()
+    ref = ensure_model("prometheus-e2e")  # a copy: the demo recalibrates it and moves its alias
     workdir = tmp_path_factory.mktemp("prometheus")
     # refresh the feedback gauges and follow the alias every second (defaults: 10 s and 5 s)
     env = server_env(NOISEWISE_MODEL=ref, NOISEWISE_MONITOR_INTERVAL_S="1", NOISEWISE_RELOAD_INTERVAL_S="1")

@@ -346,7 +346,10 @@ def test_noise_on_data_with_partial_y_clean_goes_on_y(tmp_path):
     path, arrays = _write_npz(tmp_path, y_clean=y_clean)
     ds = load_dataset(str(path), "pair:0.5", seed=0)
     flipped = ds.y != arrays["y"]
-    assert flipped.sum() == ds.noise.n_flipped > 0 and np.all(ds.y[flipped] == (arrays["y"][flipped] + 1) % 3)
+    assert flipped.sum() > 0 and np.all(ds.y[flipped] == (arrays["y"][flipped] + 1) % 3)
+    # the realized rate is counted against the reference labels where they exist (file noise + injected noise)
+    known = y_clean >= 0
+    assert ds.noise.n == 30 and ds.noise.n_flipped == int(np.sum(ds.y[known] != y_clean[known]))
     assert np.array_equal(ds.y_clean, y_clean) and np.array_equal(ds.trusted, y_clean)
 
 
@@ -474,3 +477,17 @@ def test_lineage_round_trip_with_trusted_file(tmp_path):
     newer = _write_csv(tmp_path, "index,label\n3,cat\n", name="newer.csv")
     replaced = load_from_lineage(lineage, trusted=str(newer))  # an explicit new audit replaces the old one
     assert replaced.lineage["n_trusted"] == 11 and replaced.trusted[3] == 0 and replaced.trusted[0] == -1
+
+
+def test_realized_noise_rate_is_counted_against_reference_labels_in_the_file(tmp_path):
+    ds = load_dataset("digits", "confusion:0.2", seed=0)
+    path = tmp_path / "human.npz"
+    partial = ds.y_clean.copy()
+    partial[::3] = -1
+    np.savez(path, x=ds.x, y=ds.y, y_clean=partial)
+    loaded = load_dataset(str(path), "none")
+    known = partial >= 0
+    # no noise injected, yet the file's labels are noisy: the report says how noisy, on the items with a reference
+    assert loaded.noise.n == int(known.sum())
+    assert loaded.noise.realized_rate == pytest.approx(float((ds.y[known] != ds.y_clean[known]).mean()))
+    assert loaded.noise.realized_rate > 0.15
