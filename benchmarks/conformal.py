@@ -57,9 +57,9 @@ import torch  # noqa: E402
 from scipy.optimize import brentq  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from models.calibrate import CalibrationSettings  # noqa: E402
-from models.data import inject_noise  # noqa: E402
-from models.uncertainty.conformal import (  # noqa: E402
+from noisewise.models.calibrate import CalibrationSettings  # noqa: E402
+from noisewise.models.data import inject_noise  # noqa: E402
+from noisewise.models.uncertainty.conformal import (  # noqa: E402
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
     audit_rectified_threshold,
@@ -68,7 +68,7 @@ from models.uncertainty.conformal import (  # noqa: E402
     nacp_threshold,
     split_conformal_threshold,
 )
-from models.uncertainty.labelnoise import flip_rate_to_uniform  # noqa: E402
+from noisewise.models.uncertainty.labelnoise import flip_rate_to_uniform  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 0.1
@@ -163,8 +163,8 @@ def synthetic_pool(k: int, n: int, accuracy: float, seed: int) -> Pool:
 
 def mnist5k_pool(epochs: int | None, cache_dir: Path | None) -> Pool:
     """Probabilities of the `elr` MLP trained on clean mnist5k labels, on the pooled cal + test splits."""
-    from models.data import load_dataset
-    from models.train import load_recipe, predict_logits, train
+    from noisewise.models.data import load_dataset
+    from noisewise.models.train import load_recipe, predict_logits, train
 
     ds = load_dataset("mnist5k", "none", seed=0)
     pool_idx = np.sort(np.concatenate([ds.splits["cal"], ds.splits["test"]]))
@@ -612,7 +612,7 @@ def render_markdown(report: dict, command: str, explanations: dict[str, str] | N
         "label is drawn from the model's own probabilities, so the model is calibrated by construction "
         + ", ".join(f"(K = {s['k']}: mu = {s['model']['mu']:.3f})" for s in report["settings"] if "mu" in s["model"])
         + ".",
-        "* **Noise-rate conventions.** The injected rate R is a **flip rate** (`models.data.inject_noise`: "
+        "* **Noise-rate conventions.** The injected rate R is a **flip rate** (`noisewise.models.data.inject_noise`: "
         "the fraction of labels moved to a *different* class). NACP takes the **uniform** convention "
         "`P(y~ = j | y = i) = (1 - eps) 1[i = j] + eps / K`; it is given the injected rate converted with "
         "`flip_rate_to_uniform`, `eps_u = R K / (K - 1)` (shown in the column headers). For `pair:0.2` and "

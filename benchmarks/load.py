@@ -105,12 +105,12 @@ def free_port() -> int:
 
 
 class Server:
-    """``bentoml serve services.service:Noisewise`` in its own process group, stopped by that group's PID."""
+    """``bentoml serve noisewise.services.service:Noisewise`` in its own process group, stopped by that group's PID."""
 
     def __init__(self, env: dict, log: Path):
         self.url = f"http://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
-            [BENTOML, "serve", "services.service:Noisewise", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]],
+            [BENTOML, "serve", "noisewise.services.service:Noisewise", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]],
             cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.log = log
 
@@ -155,8 +155,8 @@ class Server:
 
 
 def ensure_model(name: str) -> str:
-    from models.registry import has_alias
-    from services.cli import main
+    from noisewise.models.registry import has_alias
+    from noisewise.services.cli import main
 
     if not has_alias(name):
         out = io.StringIO()
@@ -223,7 +223,7 @@ def render(r: dict) -> str:
     lines = [
         BEGIN,
         (f"Run on {r['date']}: `.venv/bin/python benchmarks/load.py` ({verdict}). Server: `bentoml serve "
-        f"services.service:Noisewise`, model `{r['model']}` (digits MLP, 8x8 inputs), default settings, its own "
+        f"noisewise.services.service:Noisewise`, model `{r['model']}` (digits MLP, 8x8 inputs), default settings, its own "
         "SQLite store (every prediction stored before its answer). Client: a separate process, "
         f"{r['concurrency']} closed-loop asyncio tasks (one keep-alive connection each) for {r['duration_s']:.0f} s, "
         "batches of 1/4/16/64 inputs drawn 40/30/20/10%."),

@@ -57,10 +57,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from models.calibrate import features_and_logits  # noqa: E402
-from models.data import OOD_DATASETS, load_dataset, load_ood  # noqa: E402
-from models.evaluation import ood_metrics  # noqa: E402
-from models.uncertainty.ood import OOD_SCORERS, build_ood_scorer  # noqa: E402
+from noisewise.models.calibrate import features_and_logits  # noqa: E402
+from noisewise.models.data import OOD_DATASETS, load_dataset, load_ood  # noqa: E402
+from noisewise.models.evaluation import ood_metrics  # noqa: E402
+from noisewise.models.uncertainty.ood import OOD_SCORERS, build_ood_scorer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISES = ("none", "symmetric:0.4")
@@ -86,7 +86,7 @@ def train_selected_and_last(dataset, recipe, seed: int) -> tuple[dict[str, torch
     models.train.accuracy (called after every epoch, on the current network) with a function that
     snapshots the weights before delegating. Nothing in the training changes.
     """
-    import models.train as train_module
+    import noisewise.models.train as train_module
 
     snapshot: dict[str, dict] = {}
     real_accuracy = train_module.accuracy
@@ -150,7 +150,7 @@ def evaluate_scorers(net, dataset, n_ood: int, seed: int) -> dict:
 def run_benchmark(noises=NOISES, recipes=RECIPES, seeds=SEEDS, checkpoints=CHECKPOINTS, n_ood: int = N_OOD,
                   epochs: int | None = None, quick: bool = False, progress: bool = True) -> dict:
     """Train, score and summarize; returns the report (``runs``, ``summary``, ``claims``, ``meta``)."""
-    from models.train import load_recipe
+    from noisewise.models.train import load_recipe
 
     if quick:
         recipes, seeds, n_ood, epochs = QUICK["recipes"], QUICK["seeds"], QUICK["n_ood"], epochs or QUICK["epochs"]
@@ -435,18 +435,18 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
         "## Setup",
         "",
         f"* Models: the MLP on `mnist5k` (train 2500 / val 500 / cal 1250 / test 750), trained by "
-        f"`models.train.train` on the observed labels with recipes {', '.join(f'`{r}`' for r in meta['recipes'])}, "
+        f"`noisewise.models.train.train` on the observed labels with recipes {', '.join(f'`{r}`' for r in meta['recipes'])}, "
         f"noise {', '.join(f'`{n}`' for n in noises)} (flip rates), seeds {', '.join(map(str, seeds))} "
         "(the seed draws the split, the noise, the initialization and the OOD samples). Cells are means over seeds"
         + ("; the last section gives the spread." if len(seeds) > 1 else "."),
         "* Checkpoints of the same run: **selected** = best accuracy on the noisy validation split (what "
         "`noisewise train` registers; for `ce` under noise it stops before memorization); **last** = the last epoch "
         "(for `ce` under noise the network has memorized many wrong labels). The last-epoch weights are captured by "
-        "observing `models.train.accuracy` after each epoch; they reproduce `train()`'s own last-epoch accuracy.",
+        "observing `noisewise.models.train.accuracy` after each epoch; they reproduce `train()`'s own last-epoch accuracy.",
         "* Scorers: all of `OOD_SCORERS` with default parameters (`knn` k = 50; `mahalanobis` Ledoit-Wolf shrinkage; "
         "`vim` dim = D/2 = 256; `react` 90th percentile), fitted like `fit_calibration` does: train-split features "
         "and logits, head = (W, b) of `net.head`, and the **observed (noisy)** train labels for `mahalanobis`.",
-        f"* ID = the clean test split (750 items). OOD ({meta['n_ood']} items each, `models.data.load_ood`): "
+        f"* ID = the clean test split (750 items). OOD ({meta['n_ood']} items each, `noisewise.models.data.load_ood`): "
         "`photos` (far-OOD: grayscale crops of sklearn's two sample photos), `other-digits` (near-OOD: sklearn's "
         "8x8 digits upsampled to 28x28), `inverted` (near-OOD: 1 - x of the ID test images).",
         "* AUROC: ID negative vs OOD positive (higher = better; 0.5 = chance). FPR@95: share of ID items flagged "

@@ -58,19 +58,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from models.calibrate import Calibration  # noqa: E402
-from models.nets import build_net  # noqa: E402
-from models.predictor import REASON_LOW_CONFIDENCE, REASON_NONE, REASON_OOD, Predictor  # noqa: E402
-from models.uncertainty.conformal import (  # noqa: E402
+from noisewise.models.calibrate import Calibration  # noqa: E402
+from noisewise.models.nets import build_net  # noqa: E402
+from noisewise.models.predictor import REASON_LOW_CONFIDENCE, REASON_NONE, REASON_OOD, Predictor  # noqa: E402
+from noisewise.models.uncertainty.conformal import (  # noqa: E402
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
     nacp_threshold,
     prediction_sets,
 )
-from models.uncertainty.labelnoise import flip_rate_to_uniform  # noqa: E402
-from models.uncertainty.ood import KNNScorer, OODGate, build_ood_scorer  # noqa: E402
-from models.uncertainty.selective import certify_threshold  # noqa: E402
-from models.uncertainty.selective import confidence as confidence_fn  # noqa: E402
+from noisewise.models.uncertainty.labelnoise import flip_rate_to_uniform  # noqa: E402
+from noisewise.models.uncertainty.ood import KNNScorer, OODGate, build_ood_scorer  # noqa: E402
+from noisewise.models.uncertainty.selective import certify_threshold  # noqa: E402
+from noisewise.models.uncertainty.selective import confidence as confidence_fn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.15

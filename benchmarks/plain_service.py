@@ -31,8 +31,8 @@ class Plain:
     def __init__(self) -> None:
         import torch
 
-        from models.nets import pick_device
-        from models.registry import load_model
+        from noisewise.models.nets import pick_device
+        from noisewise.models.registry import load_model
 
         self.torch = torch
         self.device = pick_device(os.environ.get("NOISEWISE_DEVICE", "auto"))

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from models.data import load_dataset  # noqa: E402
-from models.train import load_recipe, train  # noqa: E402
+from noisewise.models.data import load_dataset  # noqa: E402
+from noisewise.models.train import load_recipe, train  # noqa: E402
 
 RECIPES = ["ce", "gce", "sce", "elr", "coteaching", "ce+sam", "elr+sam"]
 NOISES = ["none", "symmetric:0.4", "pair:0.4", "instance:0.4"]

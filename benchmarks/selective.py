@@ -39,11 +39,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from models.calibrate import features_and_logits, min_accepted_for  # noqa: E402
-from models.data import inject_noise, load_dataset  # noqa: E402
-from models.train import load_recipe, train  # noqa: E402
-from models.uncertainty.labelnoise import flip_rate_to_uniform  # noqa: E402
-from models.uncertainty.selective import certify_threshold, msp_confidence  # noqa: E402
+from noisewise.models.calibrate import features_and_logits, min_accepted_for  # noqa: E402
+from noisewise.models.data import inject_noise, load_dataset  # noqa: E402
+from noisewise.models.train import load_recipe, train  # noqa: E402
+from noisewise.models.uncertainty.labelnoise import flip_rate_to_uniform  # noqa: E402
+from noisewise.models.uncertainty.selective import certify_threshold, msp_confidence  # noqa: E402
 
 SETTINGS = ["clean", "symmetric, no correction", "symmetric, corrected", "pair, corrected (invalid)"]
 

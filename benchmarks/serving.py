@@ -10,7 +10,7 @@ request; ``C`` client tasks each send the next request as soon as the previous o
 
 Servers, per model:
 
-* **noisewise**: ``bentoml serve services.service:Noisewise`` (adaptive batching on, the default);
+* **noisewise**: ``bentoml serve noisewise.services.service:Noisewise`` (adaptive batching on, the default);
 * **plain**: ``bentoml serve benchmarks.plain_service:Plain``, the same network, softmax + argmax only,
   ``@bentoml.api(batchable=True)``;
 * **noisewise-nobatch**: noisewise with ``NOISEWISE_BATCHING=0`` (one forward pass per request).
@@ -52,9 +52,9 @@ PY = str(Path(sys.executable))
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 NOISEWISE = str(Path(sys.executable).with_name("noisewise"))
 SERVERS = {
-    "noisewise": ("services.service:Noisewise", {}),
+    "noisewise": ("noisewise.services.service:Noisewise", {}),
     "plain": ("benchmarks.plain_service:Plain", {}),
-    "noisewise-nobatch": ("services.service:Noisewise", {"NOISEWISE_BATCHING": "0"}),
+    "noisewise-nobatch": ("noisewise.services.service:Noisewise", {"NOISEWISE_BATCHING": "0"}),
 }
 ANALYSIS = "## Reading the numbers"  # docs/serving.md keeps everything from this heading on when re-run
 MODELS = {"mlp": ("bench-mlp", (1, 28, 28)), "resnet18": ("bench-resnet", (3, 32, 32))}
@@ -89,7 +89,7 @@ def prepare_models(home: Path, which: list[str], env: dict) -> dict:
     """Train + calibrate + register the benchmark models that ``home`` lacks; returns their KNN bank sizes."""
     sys.path.insert(0, str(ROOT))
     os.environ["NOISEWISE_HOME"] = str(home)
-    from models.registry import has_alias, load_model
+    from noisewise.models.registry import has_alias, load_model
 
     for key in which:
         name, _ = MODELS[key]

@@ -14,13 +14,13 @@ Per seed s (default 0..9):
   cosine schedule over those) on the noisy train split, checkpoint picked on the noisy val
   split; never trained on val or test;
 * thresholds: ``per_class_thresholds`` of the calibration split's probabilities and noisy
-  labels, as ``models.calibrate.fit_calibration`` stores them (``Calibration.cl_thresholds``);
+  labels, as ``noisewise.models.calibrate.fit_calibration`` stores them (``Calibration.cl_thresholds``);
 * feedback stream: the val + test splits (1250 items) with their noisy labels and the float32
   softmax the service would have stored; the flips among them are the errors to find.
 
 Methods, all on the same probabilities:
 
-* ``ours``: ``monitoring.feedback.score_feedback(...).suspect``, the O(K) per-item rule applied
+* ``ours``: ``noisewise.monitoring.feedback.score_feedback(...).suspect``, the O(K) per-item rule applied
   at ingestion with the calibration thresholds (each item judged alone);
 * ``cleanlab``: ``cleanlab.filter.find_label_issues(labels, probs)`` with its defaults
   (``filter_by="prune_by_noise_rate"``) over the whole feedback batch (the issue's reference);
@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from models.uncertainty.labelnoise import per_class_thresholds
-from monitoring.feedback import batch_label_issues, score_feedback
+from noisewise.models.uncertainty.labelnoise import per_class_thresholds
+from noisewise.monitoring.feedback import batch_label_issues, score_feedback
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = "symmetric:0.2"
@@ -59,8 +59,8 @@ METHODS = ("ours", "cleanlab", "cleanlab-cl")
 
 def seed_probs(seed: int, epochs: int, cache_dir: Path | None) -> dict:
     """Train on mnist5k with injected noise; float32 probabilities of the cal, val and test splits."""
-    from models.data import load_dataset
-    from models.train import load_recipe, predict_logits, train
+    from noisewise.models.data import load_dataset
+    from noisewise.models.train import load_recipe, predict_logits, train
 
     ds = load_dataset("mnist5k", NOISE, seed=seed)
     cache = None if cache_dir is None else cache_dir / f"mnist5k-{NOISE.replace(':', '')}-elr-seed{seed}-epochs{epochs}.npz"
@@ -256,7 +256,7 @@ def interpretation(report: dict) -> list[str]:
         "per-item rule keeps, or keep items the rule spares.",
         "* What the criterion buys: the service scores each feedback item at ingestion in O(K), with no batch and "
         "no refit; cleanlab's batch result is available for the accumulated feedback "
-        "(`monitoring.feedback.batch_label_issues`).",
+        "(`noisewise.monitoring.feedback.batch_label_issues`).",
         f"* The errors are symmetric flips on MNIST digits, which a model of {acc * 100:.0f}% clean accuracy "
         "contradicts easily; human annotation errors fall on ambiguous items and are harder to catch for both "
         "methods. Precision is bounded by the model's own errors: an item the model gets wrong with confidence "

@@ -7,15 +7,15 @@
 
 Settings: mnist5k and digits, each with ``confusion:0.1``, ``confusion:0.2``, ``confusion:0.3`` (human-like,
 ambiguity-driven noise: the items a reference model finds most ambiguous move to the class it confuses them
-with) and ``symmetric:0.2`` injected into every split of the dataset (``models.data.load_dataset``). Per
+with) and ``symmetric:0.2`` injected into every split of the dataset (``noisewise.models.data.load_dataset``). Per
 setting one network is trained on the NOISY training labels (recipe ``elr``, few epochs), so it can learn the
 confusions the annotators made, as it would on real data (how much it does is reported). Its outputs on the pooled
 calibration + test items are computed once; each split then re-draws which pooled items calibrate and which
 test (observed, noisy labels on the calibration items; CLEAN labels on the test items) and which calibration
 items are audited (nested: the first 50 of the 100, the first 100 of the 200).
 
-Every threshold is fitted by the calibration policy itself (``models.calibrate.fit_set_threshold`` and
-``fit_abstention``), with the :class:`~models.calibrate.NoiseKnowledge` that ``noise_knowledge`` derives for
+Every threshold is fitted by the calibration policy itself (``noisewise.models.calibrate.fit_set_threshold`` and
+``fit_abstention``), with the :class:`~noisewise.models.calibrate.NoiseKnowledge` that ``noise_knowledge`` derives for
 the case at hand, so the numbers are those of what ``noisewise calibrate`` serves:
 
 * the no-audit default: the noise is known by construction (``noise_knowledge`` of the injected dataset):
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.calibrate import (  # noqa: E402
+from noisewise.models.calibrate import (  # noqa: E402
     CalibrationSettings,
     NoiseKnowledge,
     features_and_logits,
@@ -63,11 +63,11 @@ from models.calibrate import (  # noqa: E402
     fit_set_threshold,
     noise_knowledge,
 )
-from models.data import load_dataset  # noqa: E402
-from models.uncertainty.conformal import CONFORMITY_SCORES, MAPIE_CONVENTION, split_threshold  # noqa: E402
-from models.uncertainty.labelnoise import noise_rate_confident_learning, noise_rate_direct  # noqa: E402
-from models.uncertainty.selective import confidence as confidence_fn  # noqa: E402
-from models.uncertainty.selective import frontier_sentence, select_pnorm  # noqa: E402
+from noisewise.models.data import load_dataset  # noqa: E402
+from noisewise.models.uncertainty.conformal import CONFORMITY_SCORES, MAPIE_CONVENTION, split_threshold  # noqa: E402
+from noisewise.models.uncertainty.labelnoise import noise_rate_confident_learning, noise_rate_direct  # noqa: E402
+from noisewise.models.uncertainty.selective import confidence as confidence_fn  # noqa: E402
+from noisewise.models.uncertainty.selective import frontier_sentence, select_pnorm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = CalibrationSettings()  # alpha, delta, risk, risk_delta and score exactly as `noisewise calibrate`
@@ -140,9 +140,9 @@ def make_pool(dataset: str, noise: str, epochs: int = EPOCHS, recipe: str = RECI
     """Train ``recipe`` on the noisy training labels and compute the outputs of the pooled cal + test items.
 
     The confidence function is chosen on the validation split and the conformity scores follow MAPIE's
-    convention, both as in ``models.calibrate.fit_calibration``.
+    convention, both as in ``noisewise.models.calibrate.fit_calibration``.
     """
-    from models.train import load_recipe, train
+    from noisewise.models.train import load_recipe, train
 
     started = time.perf_counter()
     ds = load_dataset(dataset, noise, seed=seed)
@@ -220,7 +220,7 @@ def run_setting(pool: Pool, splits: int, n_cal: int, n_test: int, seed: int = 0,
         raise ValueError(f"{pool.dataset}: the largest audit ({max(AUDIT_SIZES)}) needs n_cal > {max(AUDIT_SIZES)}")
     chi2_two_sample = None
     if drift:
-        from monitoring.drift import chi2_two_sample  # imports Evidently (seconds): only when asked
+        from noisewise.monitoring.drift import chi2_two_sample  # imports Evidently (seconds): only when asked
 
     finite = replace(settings, conformal="finite-sample")
     unknown = noise_knowledge(settings, _UNKNOWN_ORIGIN)

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.data import BUILTIN_DATASETS, Dataset
-from models.nets import Classifier
-from models.uncertainty.conformal import (
+from noisewise.models.data import BUILTIN_DATASETS, Dataset
+from noisewise.models.nets import Classifier
+from noisewise.models.uncertainty.conformal import (
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
     ConformalThreshold,
@@ -50,14 +50,14 @@ from models.uncertainty.conformal import (
     nacp_threshold,
     split_threshold,
 )
-from models.uncertainty.labelnoise import (
+from noisewise.models.uncertainty.labelnoise import (
     flip_rate_to_uniform,
     noise_rate_confident_learning,
     noise_rate_direct,
     per_class_thresholds,
 )
-from models.uncertainty.ood import OODGate, OODScorer, build_ood_scorer
-from models.uncertainty.selective import (
+from noisewise.models.uncertainty.ood import OODGate, OODScorer, build_ood_scorer
+from noisewise.models.uncertainty.selective import (
     CertifiedThreshold,
     FrontierPoint,
     certified_frontier,
@@ -66,7 +66,7 @@ from models.uncertainty.selective import (
     select_pnorm,
     wrong_label_bound,
 )
-from models.uncertainty.selective import confidence as confidence_fn
+from noisewise.models.uncertainty.selective import confidence as confidence_fn
 
 CALIBRATION_FORMAT = "noisewise-calibration/1"
 CONFORMAL_MODES = ("plugin", "finite-sample")
@@ -221,7 +221,7 @@ def _check_document(doc: dict, threshold: ConformalThreshold, certified: Certifi
     empty or full sets (a NaN threshold, alpha outside (0, 1), thresholds outside [0, 1], ...)."""
     import inspect
 
-    from models.uncertainty.selective import CONFIDENCE_FUNCTIONS
+    from noisewise.models.uncertainty.selective import CONFIDENCE_FUNCTIONS
 
     def fail(message: str):
         raise CalibrationError(f"calibration.json: {message}")

@@ -20,7 +20,7 @@ Noise convention. ``symmetric:R``, ``pair:R``, ``instance:R`` and ``confusion:R`
 *different* class, so R is the **flip rate**: the expected fraction of observed labels that differ from
 the clean ones (exactly ``round(R N) / N`` for ``confusion``). The realized rate is measured and reported.
 The conformal code uses the "uniform" convention (resample from all K classes); convert with
-``models.uncertainty.labelnoise.flip_rate_to_uniform`` (eps = R K / (K - 1)).
+``noisewise.models.uncertainty.labelnoise.flip_rate_to_uniform`` (eps = R K / (K - 1)).
 """
 
 from __future__ import annotations

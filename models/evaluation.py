@@ -1,5 +1,5 @@
 """What the guarantees mean on data: coverage, set size, selective risk and OOD detection of a
-:class:`~models.predictor.Predictor` on a dataset's test split and on OOD sets."""
+:class:`~noisewise.models.predictor.Predictor` on a dataset's test split and on OOD sets."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from models.data import OOD_DATASETS, Dataset, load_ood
-from models.predictor import BatchOutput, Predictor
-from models.uncertainty.selective import aurc, eaurc
+from noisewise.models.data import OOD_DATASETS, Dataset, load_ood
+from noisewise.models.predictor import BatchOutput, Predictor
+from noisewise.models.uncertainty.selective import aurc, eaurc
 
 
 def forward_all(predictor: Predictor, x: np.ndarray, batch_size: int = 512) -> BatchOutput:

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.calibrate import Calibration
-from models.nets import Classifier, pick_device
-from models.uncertainty.conformal import CONFORMITY_SCORES, prediction_sets
-from models.uncertainty.selective import confidence as confidence_fn
+from noisewise.models.calibrate import Calibration
+from noisewise.models.nets import Classifier, pick_device
+from noisewise.models.uncertainty.conformal import CONFORMITY_SCORES, prediction_sets
+from noisewise.models.uncertainty.selective import confidence as confidence_fn
 
 REASON_NONE, REASON_OOD, REASON_LOW_CONFIDENCE = 0, 1, 2
 REASONS = {REASON_NONE: None, REASON_OOD: "ood", REASON_LOW_CONFIDENCE: "low_confidence"}

@@ -15,7 +15,7 @@ class NoisewisePyfunc(PythonModel):
     def load_context(self, context):
         from pathlib import Path
 
-        from models.registry import load_model_dir
+        from noisewise.models.registry import load_model_dir
 
         self.loaded = load_model_dir(Path(context.artifacts["weights"]).parent)
 

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.nets import Classifier, arch_name, build_net
+from noisewise.models.nets import Classifier, arch_name, build_net
 
 if TYPE_CHECKING:
-    from models.calibrate import Calibration
+    from noisewise.models.calibrate import Calibration
 
 EXPERIMENT = "noisewise"
 CHAMPION = "champion"
@@ -175,7 +175,7 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Loade
         raise RegistryError(f"cannot load weights from {weights_file}: {err}") from None
     calibration = None
     if (directory / "calibration.json").exists() or (directory / "calibration.safetensors").exists():
-        from models.calibrate import Calibration, CalibrationError
+        from noisewise.models.calibrate import Calibration, CalibrationError
 
         try:
             calibration = Calibration.load(directory, device=device)

@@ -19,9 +19,9 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.data import Dataset
-from models.losses import build_loss, coteaching_keep_rate, coteaching_select
-from models.nets import Classifier, build_net, default_arch, pick_device
+from noisewise.models.data import Dataset
+from noisewise.models.losses import build_loss, coteaching_keep_rate, coteaching_select
+from noisewise.models.nets import Classifier, build_net, default_arch, pick_device
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 RECIPES = tuple(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))

@@ -5,7 +5,7 @@ a *feedback frame* (one row per stored feedback item joined with the prediction 
 columns are listed in :data:`FEEDBACK_COLUMNS`), the service and the CLI call these functions.
 
 * :func:`score_feedback`: the O(K) per-item rule applied at ingestion, a thin
-  numpy wrapper of ``models.uncertainty.labelnoise.suspect_mask`` and ``label_quality``.
+  numpy wrapper of ``noisewise.models.uncertainty.labelnoise.suspect_mask`` and ``label_quality``.
 * :func:`batch_label_issues`: cleanlab's ``find_label_issues`` over accumulated feedback.
 * :func:`suspects`: suspected annotation errors ranked for re-annotation; feedback on OOD
   inputs listed apart (the model cannot judge those labels).
@@ -27,7 +27,7 @@ Which rows feed what
   per prediction is needed, it is the earliest by ``received_at`` (ties broken by
   ``feedback_id``), so the choice does not depend on later annotators.
 * Noise rates are flip rates (share of ordinary labels that differ from the true one), one
-  convention for points and intervals (``models.uncertainty.labelnoise.NoiseRateEstimate``).
+  convention for points and intervals (``noisewise.models.uncertainty.labelnoise.NoiseRateEstimate``).
   A heuristic estimate is shown, never used in a guarantee or a correction.
 """
 
@@ -44,8 +44,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.calibrate import GUARANTEE_KINDS
-from models.uncertainty.conformal import (
+from noisewise.models.calibrate import GUARANTEE_KINDS
+from noisewise.models.uncertainty.conformal import (
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
     ConformalThreshold,
@@ -53,7 +53,7 @@ from models.uncertainty.conformal import (
     nacp_threshold,
     split_threshold,
 )
-from models.uncertainty.labelnoise import (
+from noisewise.models.uncertainty.labelnoise import (
     LABEL_QUALITY_SCORES,
     NoiseRateEstimate,
     clopper_pearson,
@@ -227,7 +227,7 @@ def score_feedback(
     not depend on the other feedback. Parity with cleanlab (proved in tests): with the same
     thresholds, wherever the most probable class reaches its threshold an item is flagged iff it
     lies off the diagonal of cleanlab's confident joint, and every flagged item is off-diagonal
-    (``models.uncertainty.labelnoise.suspect_mask`` lists the deliberate differences).
+    (``noisewise.models.uncertainty.labelnoise.suspect_mask`` lists the deliberate differences).
 
     Parameters
     ----------
@@ -840,7 +840,7 @@ def recalibrated_threshold(
     Scores. The stored probabilities (float64) scored with ``calibration.conformity_score`` and
     ``MAPIE_CONVENTION[score]["calibration"]`` parameters, with a generator seeded by
     ``calibration.settings["seed"]`` for randomized scores: exactly as
-    ``models.calibrate.fit_calibration`` does, so the new threshold plugs into the same served
+    ``noisewise.models.calibrate.fit_calibration`` does, so the new threshold plugs into the same served
     sets. ``alpha`` is ``calibration.threshold.alpha``; ``calibration.settings["conformal"] ==
     "finite-sample"`` selects the calibration-conditional forms (probability ``>= 1 - delta``
     over the draw, ``delta = settings["delta"]``), anything else the plug-in forms (coverage on

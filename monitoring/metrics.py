@@ -137,7 +137,7 @@ def set_model(name: str, version: str, alias: str | None, summary: Mapping) -> N
 
 
 def observe_predictions(predictions: Sequence) -> None:
-    """Count a batch of served predictions (``services.schemas.Prediction``): one increment per label set and
+    """Count a batch of served predictions (``noisewise.services.schemas.Prediction``): one increment per label set and
     batch for the counters; histograms take every value."""
     for (decision, reason), n in collections.Counter((p.decision, p.reason or "none") for p in predictions).items():
         PREDICTIONS.labels(decision, reason).inc(n)
@@ -168,7 +168,7 @@ def observe_feedback(outcomes: Mapping[str, int], stored: Iterable[Mapping], cla
 
 
 def set_feedback_gauges(state: Mapping) -> None:
-    """Feedback-derived gauges from :func:`monitoring.feedback_state` output (``noise``: {method: estimate
+    """Feedback-derived gauges from :func:`noisewise.monitoring.feedback_state` output (``noise``: {method: estimate
     dict with flip_rate/lower/upper}, ``coverage``: {raw, corrected}, ``n``, ``suspect_share``)."""
     for method, est in (state.get("noise") or {}).items():
         # Flip-rate records (convention "flip"); an undefined point is None in the record: NaN here.
@@ -192,7 +192,7 @@ DRIFT_REPORTS = ("label", "prediction")
 
 
 def drift_gauge_values(result: Mapping) -> dict[str, tuple[float, bool]]:
-    """``{"label": (score, detected), "prediction": (...)}`` from a ``monitoring.drift.drift_report`` result.
+    """``{"label": (score, detected), "prediction": (...)}`` from a ``noisewise.monitoring.drift.drift_report`` result.
 
     A part without a test (no data, too few rows) gives ``(nan, False)`` so that the gauges do not keep
     the value of an older report.

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from monitoring.feedback import best_estimate, noise_rate_estimates, realized_coverage, suspects
+from noisewise.monitoring.feedback import best_estimate, noise_rate_estimates, realized_coverage, suspects
 
 
 def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
@@ -46,8 +46,8 @@ def reference_frame(loaded) -> pd.DataFrame:
     """Calibration labels and the model's predictions on the calibration inputs (the drift reference)."""
     import torch
 
-    from models.calibrate import features_and_logits
-    from models.data import load_from_lineage
+    from noisewise.models.calibrate import features_and_logits
+    from noisewise.models.data import load_from_lineage
 
     dataset = load_from_lineage(loaded.spec.lineage)
     x_cal, y_cal, _ = dataset.split("cal")
@@ -60,7 +60,7 @@ def reference_frame(loaded) -> pd.DataFrame:
 def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit: int = 20) -> dict[str, Any]:
     """The ``noisewise monitor`` report: feedback state, suspects, Evidently drift/quality reports (saved to the
     workspace), stored in the store as a ``monitor`` report for the service's drift gauges."""
-    from monitoring.drift import drift_report
+    from noisewise.monitoring.drift import drift_report
 
     calibration = loaded.calibration
     feedback = store.feedback_frame(window=window, model_name=loaded.name)

@@ -90,7 +90,7 @@ class StoreError(RuntimeError):
 
 
 def default_url() -> str:
-    from models.registry import home_dir
+    from noisewise.models.registry import home_dir
 
     return f"sqlite:///{home_dir() / 'store.db'}"
 

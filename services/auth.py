@@ -1,6 +1,6 @@
 """API-key authentication for the noisewise service: a pure ASGI middleware, keys from the environment.
 
-Configuration (read once per start-up by :meth:`services.settings.Settings.from_env`, which stops the
+Configuration (read once per start-up by :meth:`noisewise.services.settings.Settings.from_env`, which stops the
 service with one line naming the variable when it is wrong):
 
 =============================  ==========  ===========================================================
@@ -33,8 +33,8 @@ does not depend on which key (if any) matched.
 
 Making keys (a key is a secret: keep it out of shell history and process lists)::
 
-    python -m services.auth new            # prints a fresh key, then its line for the keys file
-    python -m services.auth hash < key.txt # one keys-file line per key read from stdin
+    python -m noisewise.services.auth new            # prints a fresh key, then its line for the keys file
+    python -m noisewise.services.auth hash < key.txt # one keys-file line per key read from stdin
 
 or without noisewise installed::
 
@@ -153,8 +153,8 @@ def bearer_key(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
 
 
 def auth_from_env(env: Mapping[str, str]) -> AuthConfig:
-    """Read the auth settings; :class:`services.settings.SettingsError` naming the variable if wrong."""
-    from services.settings import SettingsError
+    """Read the auth settings; :class:`noisewise.services.settings.SettingsError` naming the variable if wrong."""
+    from noisewise.services.settings import SettingsError
 
     digests: list[bytes] = []
     text = env.get(KEYS_ENV, "")
@@ -168,7 +168,7 @@ def auth_from_env(env: Mapping[str, str]) -> AuthConfig:
                 raise SettingsError(f"{where} has characters other than visible ASCII")
             if len(key) < MIN_KEY_CHARS:
                 raise SettingsError(f"{where} has {len(key)} characters, at least {MIN_KEY_CHARS} are needed "
-                                    "(make one with `python -m services.auth new`)")
+                                    "(make one with `python -m noisewise.services.auth new`)")
             digests.append(hashlib.sha256(key.encode()).digest())
     path = env.get(KEYS_FILE_ENV, "").strip()
     if path:
@@ -199,7 +199,7 @@ def _read_keys_file(path: Path, error: type[Exception]) -> list[bytes]:
         match = _LINE.match(line)
         if match is None:  # the line itself is not shown: it may be a plaintext key pasted by mistake
             raise error(f"{KEYS_FILE_ENV}: line {number} of {str(path)!r}: expected sha256:<64 hex digits> "
-                        "(make one with `python -m services.auth new`)")
+                        "(make one with `python -m noisewise.services.auth new`)")
         digests.append(bytes.fromhex(match.group(1)))
     if not digests:
         raise error(f"{KEYS_FILE_ENV}: {str(path)!r} has no keys (lines sha256:<64 hex digits>)")
@@ -218,7 +218,7 @@ class ApiKeyAuth:
 
     @staticmethod
     def _read_config(warn: bool) -> AuthConfig:
-        from services.settings import Settings, SettingsError
+        from noisewise.services.settings import Settings, SettingsError
 
         try:
             config = Settings.from_env().auth
@@ -250,7 +250,7 @@ class ApiKeyAuth:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m services.auth new`` | ``python -m services.auth hash < keys``."""
+    """``python -m noisewise.services.auth new`` | ``python -m noisewise.services.auth hash < keys``."""
     args = sys.argv[1:] if argv is None else argv
     if args == ["new"]:
         key = new_api_key()
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in keys:
             print(hash_api_key(key))
         return 0
-    print("usage: python -m services.auth new | python -m services.auth hash < keys.txt\n"
+    print("usage: python -m noisewise.services.auth new | python -m noisewise.services.auth hash < keys.txt\n"
           "  new: print a fresh key and its keys-file line; hash: a keys-file line per key read from stdin",
           file=sys.stderr)
     return 2

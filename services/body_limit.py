@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from services.settings import Settings, SettingsError
+from noisewise.services.settings import Settings, SettingsError
 
 
 class BodyLimit:

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from models.data import BUILTIN_DATASETS, DataError, parse_noise_spec
-from models.calibrate import CalibrationError
-from models.registry import RegistryError
-from models.train import RECIPES
+from noisewise.models.data import BUILTIN_DATASETS, DataError, parse_noise_spec
+from noisewise.models.calibrate import CalibrationError
+from noisewise.models.registry import RegistryError
+from noisewise.models.train import RECIPES
 
 EXIT_USAGE = 2
 
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve a registered, calibrated model over HTTP (BentoML) and print a ready-to-paste curl",
-        description="Start `bentoml serve services.service:Noisewise` for a registered model, wait until it is "
+        description="Start `bentoml serve noisewise.services.service:Noisewise` for a registered model, wait until it is "
         "ready, then print an example request. Stop it with Ctrl-C. Configuration beyond these options comes "
         "from NOISEWISE_* variables (see services/settings.py).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     demo.set_defaults(handler=cmd_demo)
 
-    from services import cli_audit, cli_feedback
+    from noisewise.services import cli_audit, cli_feedback
 
     cli_feedback.add_parsers(commands, sys.modules[__name__])
     cli_audit.add_parsers(commands, sys.modules[__name__])
@@ -219,9 +219,9 @@ def _unit_interval(text: str) -> float:
 
 
 def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
-    from models.calibrate import CONFORMAL_MODES, NOISE_MODELS, RISK_CORRECTIONS
-    from models.uncertainty.conformal import CONFORMITY_SCORES
-    from models.uncertainty.ood import OOD_SCORERS
+    from noisewise.models.calibrate import CONFORMAL_MODES, NOISE_MODELS, RISK_CORRECTIONS
+    from noisewise.models.uncertainty.conformal import CONFORMITY_SCORES
+    from noisewise.models.uncertainty.ood import OOD_SCORERS
 
     group = parser.add_argument_group("calibration")
     group.add_argument("--noise-rate", type=_rate_arg, default="auto",
@@ -260,7 +260,7 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _calibration_settings(args: argparse.Namespace):
-    from models.calibrate import CalibrationSettings
+    from noisewise.models.calibrate import CalibrationSettings
 
     settings = CalibrationSettings(
         noise_rate=args.noise_rate, noise_model=args.noise_model, audit=args.audit, alpha=args.alpha, delta=args.delta, conformal=args.conformal,
@@ -273,9 +273,9 @@ def _calibration_settings(args: argparse.Namespace):
 
 def _calibrate_and_evaluate(net, dataset, settings, device, base=None):
     """Fit the calibration and evaluate it on the dataset's test split (if any) and the OOD sets."""
-    from models.calibrate import fit_calibration
-    from models.evaluation import evaluate
-    from models.predictor import Predictor
+    from noisewise.models.calibrate import fit_calibration
+    from noisewise.models.evaluation import evaluate
+    from noisewise.models.predictor import Predictor
 
     calibration = fit_calibration(net, dataset, settings, device=device, base=base)
     if len(dataset.splits["test"]) == 0:
@@ -340,7 +340,7 @@ def _calibration_text(calibration, evaluation: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.train import load_recipe
+    from noisewise.models.train import load_recipe
 
     if args.promote and not args.register:
         raise UsageError("--promote needs --register NAME")
@@ -353,7 +353,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--dataset: {args.dataset!r} is not a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
                          "and no such file or folder exists")
 
-    from models import registry
+    from noisewise.models import registry
 
     if args.skip_if_registered and registry.has_alias(args.register):
         name, version, run_id = registry.resolve_version(args.register)
@@ -361,9 +361,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{name}@{registry.CHAMPION} is already registered (version {version}); not retraining.")
         return 0
 
-    from models.data import load_dataset
-    from models.nets import pick_device
-    from models.train import train
+    from noisewise.models.data import load_dataset
+    from noisewise.models.nets import pick_device
+    from noisewise.models.train import train
 
     device = pick_device(args.device)
     dataset = load_dataset(args.dataset, args.noise, seed=args.seed, trusted=args.trusted)
@@ -383,7 +383,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "data_source": dataset.lineage.get("source"), "data_sha256": dataset.lineage.get("sha256"),
         "n_items": len(dataset.x), "splits": {k: len(v) for k, v in dataset.splits.items()},
     }
-    from models.evaluation import flat_metrics
+    from noisewise.models.evaluation import flat_metrics
 
     logged = registry.log_training_run(result.net.cpu(), spec, params, result.history,
                                        {**result.metrics, **flat_metrics(evaluation)}, register_as=args.register,
@@ -423,10 +423,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from models import registry
-    from models.data import load_from_lineage
-    from models.evaluation import flat_metrics
-    from models.nets import pick_device
+    from noisewise.models import registry
+    from noisewise.models.data import load_from_lineage
+    from noisewise.models.evaluation import flat_metrics
+    from noisewise.models.nets import pick_device
 
     settings = _calibration_settings(args)
     device = pick_device(args.device)
@@ -467,7 +467,7 @@ def _whole_file(path: str, loaded, split: str, trusted: str | None = None):
 
     import numpy as np
 
-    from models.data import load_dataset
+    from noisewise.models.data import load_dataset
 
     dataset = load_dataset(path, "none", seed=0, trusted=trusted)
     if list(dataset.input_shape) != list(loaded.spec.input_shape):
@@ -482,11 +482,11 @@ def _whole_file(path: str, loaded, split: str, trusted: str | None = None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from models import registry
-    from models.data import load_from_lineage
-    from models.evaluation import evaluate
-    from models.nets import pick_device
-    from models.predictor import Predictor
+    from noisewise.models import registry
+    from noisewise.models.data import load_from_lineage
+    from noisewise.models.evaluation import evaluate
+    from noisewise.models.nets import pick_device
+    from noisewise.models.predictor import Predictor
 
     device = pick_device(args.device)
     loaded = registry.load_model(args.model, device=device)
@@ -513,8 +513,8 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 def _example_request(ref: str) -> Path:
     """Write one clean test input of the model's dataset as a JSON body; returns its path."""
-    from models import registry
-    from models.data import load_from_lineage
+    from noisewise.models import registry
+    from noisewise.models.data import load_from_lineage
 
     loaded = registry.load_model(ref)
     dataset = load_from_lineage(loaded.spec.lineage)
@@ -530,12 +530,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import time
     import urllib.request
 
-    from models import registry
+    from noisewise.models import registry
 
     name, version, _ = registry.resolve_version(args.model)  # a clear one-line error before starting anything
     example = _example_request(args.model)
     env = {**os.environ, "NOISEWISE_MODEL": args.model}
-    command = [sys.executable, "-m", "bentoml", "serve", "services.service:Noisewise", "--host", args.host,
+    command = [sys.executable, "-m", "bentoml", "serve", "noisewise.services.service:Noisewise", "--host", args.host,
                "--port", str(args.port)]
     print(f"noisewise: starting {name}/{version} on http://{args.host}:{args.port} ...", file=sys.stderr, flush=True)
     server = subprocess.Popen(command, env=env)
@@ -577,8 +577,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import httpx
     import numpy as np
 
-    from models import registry
-    from models.data import load_from_lineage, load_ood
+    from noisewise.models import registry
+    from noisewise.models.data import load_from_lineage, load_ood
 
     loaded = registry.load_model(args.model)
     dataset = load_from_lineage(loaded.spec.lineage)
@@ -647,7 +647,7 @@ def _demo_feedback(args, client, loaded, served_predictions: dict, y_clean, clas
     the monitor (noise rate, coverage, Evidently reports) and a recalibration that the service picks up live."""
     import numpy as np
 
-    from services import cli_feedback
+    from noisewise.services import cli_feedback
 
     k = len(class_names)
     ids = [p["id"] for p in served_predictions["id"]]
@@ -695,8 +695,8 @@ def _demo_feedback(args, client, loaded, served_predictions: dict, y_clean, clas
         lines.append(f"    {s['prediction_id']}  label {s['label']!r} -> proposed {s['proposed']!r} "
                      f"(quality {s['quality']:.3f}, {s['annotator'] or 'anonymous'})")
 
-    from models.registry import home_dir
-    from monitoring.monitor import run_monitor
+    from noisewise.models.registry import home_dir
+    from noisewise.monitoring.monitor import run_monitor
 
     store = cli_feedback._open_store()
     workspace = home_dir() / "evidently"

@@ -4,7 +4,7 @@ An audit is a random sample of labelled items that an expert labels again. With 
 ordinary labels is *counted* (share that differ from the trusted labels, exact Clopper-Pearson interval) and
 the conformal sets become valid without any noise model (the audit-rectified threshold). Production audits
 go through the running service's ``/feedback`` route as ``audited`` items; calibration audits become a
-``index,label`` file for ``noisewise calibrate --trusted``. The planner is ``models.uncertainty.audit``.
+``index,label`` file for ``noisewise calibrate --trusted``. The planner is ``noisewise.models.uncertainty.audit``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 
 def add_parsers(commands, common) -> None:
-    """Register ``audit`` and its subcommands; ``common`` is services.cli (its argument types and helpers)."""
+    """Register ``audit`` and its subcommands; ``common`` is noisewise.services.cli (its argument types and helpers)."""
     default_model = os.environ.get("NOISEWISE_MODEL", "noisewise-demo@champion")
 
     audit = commands.add_parser(
@@ -141,7 +141,7 @@ def _rate(text: str) -> float:
 
 
 def _cli():
-    from services import cli
+    from noisewise.services import cli
 
     return cli
 
@@ -165,7 +165,7 @@ def _first_labels(rows):
 
 def _audit_pairs(frame):
     """In-distribution predictions with both an ordinary and an audited label: ``prediction_id, observed,
-    trusted, weights`` (the first of each), as ``monitoring.feedback.noise_rate_estimates`` pairs them."""
+    trusted, weights`` (the first of each), as ``noisewise.monitoring.feedback.noise_rate_estimates`` pairs them."""
     rows = frame[~frame["is_ood"].astype(bool)]
     audited = rows["audited"].astype(bool)
     ordinary = _first_labels(rows[~audited])[["prediction_id", "label", "weights"]]
@@ -176,8 +176,8 @@ def _audit_pairs(frame):
 def _audit_estimate(frame, num_classes: int, confidence: float = 0.95):
     """``(estimate or None, note)``: the direct audit count of ``noise_rate_estimates``; below its minimum of
     items the same count on the few pairs there are, marked as such."""
-    from models.uncertainty.labelnoise import noise_rate_direct
-    from monitoring.feedback import MIN_AUDIT_ITEMS, noise_rate_estimates
+    from noisewise.models.uncertainty.labelnoise import noise_rate_direct
+    from noisewise.monitoring.feedback import MIN_AUDIT_ITEMS, noise_rate_estimates
 
     est = noise_rate_estimates(frame, num_classes, confidence=confidence).get("audit")
     if est is not None:
@@ -195,7 +195,7 @@ def _planning_rate(frame, num_classes: int, calibration) -> tuple[float | None, 
     """The flip rate to plan with and where it comes from. Planning may use a heuristic (it sizes an audit,
     it guarantees nothing); None when nothing is known (the planner then takes the worst case)."""
     if frame is not None and len(frame):
-        from monitoring.feedback import noise_rate_estimates
+        from noisewise.monitoring.feedback import noise_rate_estimates
 
         estimates = noise_rate_estimates(frame, num_classes)
         for key in ("audit", "duplicates", "confident_learning", "heuristic"):
@@ -217,7 +217,7 @@ def _buys(m: int, rate: float | None, alpha: float, n_noisy: int | None, confide
     """What an audit of ``m`` items buys, from the planner."""
     from scipy.stats import norm
 
-    from models.uncertainty.audit import audit_plan_table
+    from noisewise.models.uncertainty.audit import audit_plan_table
 
     z = float(norm.ppf(confidence))
     row = audit_plan_table(rate, (max(1, m),), confidence=confidence, z=z, n=n_noisy, coverage=1 - alpha)[0]
@@ -259,8 +259,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _plan_predictions(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
-    from services import cli_feedback
+    from noisewise.monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
+    from noisewise.services import cli_feedback
 
     cli = _cli()
     loaded = cli_feedback._loaded(args.model)
@@ -314,8 +314,8 @@ def _plan_predictions(args: argparse.Namespace) -> int:
 def _plan_calibration(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models import registry
-    from models.data import load_from_lineage
+    from noisewise.models import registry
+    from noisewise.models.data import load_from_lineage
 
     cli = _cli()
     loaded = registry.load_model(args.model)
@@ -608,8 +608,8 @@ def _submit_predictions(args: argparse.Namespace, worklist: Worklist) -> int:
 def _after_submit(info: dict, results: list[dict]) -> tuple[dict | None, str, dict | None]:
     """The noise rate counted on every audited item of the model in the store, and whether recalibration can
     use the audit-rectified threshold on the weights the audited predictions were made with."""
-    from monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
-    from monitoring.store import Store, StoreError
+    from noisewise.monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
+    from noisewise.monitoring.store import Store, StoreError
 
     try:
         store = Store()
@@ -653,9 +653,9 @@ def _noise_lines(noise: dict | None, note: str) -> list[str]:
 def _submit_calibration(args: argparse.Namespace, worklist: Worklist) -> int:
     import numpy as np
 
-    from models import registry
-    from models.data import load_from_lineage
-    from models.uncertainty.labelnoise import noise_rate_direct
+    from noisewise.models import registry
+    from noisewise.models.data import load_from_lineage
+    from noisewise.models.uncertainty.labelnoise import noise_rate_direct
 
     cli = _cli()
     ref = args.model or worklist.meta.get("model") or args.default_model
@@ -696,13 +696,13 @@ def _submit_calibration(args: argparse.Namespace, worklist: Worklist) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from scipy.stats import norm
 
-    from models.uncertainty.audit import (
+    from noisewise.models.uncertainty.audit import (
         DEFAULT_PLAN_SIZES,
         audit_plan_table,
         audit_size_for_rate_width,
     )
-    from monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
-    from services import cli_feedback
+    from noisewise.monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
+    from noisewise.services import cli_feedback
 
     cli = _cli()
     loaded = cli_feedback._loaded(args.model)
@@ -777,13 +777,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_size(args: argparse.Namespace) -> int:
     from scipy.stats import norm
 
-    from models.uncertainty.audit import (
+    from noisewise.models.uncertainty.audit import (
         DEFAULT_PLAN_SIZES,
         audit_plan_table,
         audit_size_for_coverage_margin,
         audit_size_for_rate_width,
     )
-    from monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
+    from noisewise.monitoring.feedback import MIN_AUDITED_FOR_RECTIFIED
 
     cli = _cli()
     margin = args.alpha / 2 if args.margin is None else args.margin

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_parsers(commands, common) -> None:
-    """Register the three commands; ``common`` is services.cli (its argument types and helpers)."""
+    """Register the three commands; ``common`` is noisewise.services.cli (its argument types and helpers)."""
     default_model = os.environ.get("NOISEWISE_MODEL", "noisewise-demo@champion")
 
     flags = commands.add_parser(
@@ -87,13 +87,13 @@ def add_parsers(commands, common) -> None:
 
 
 def _cli():
-    from services import cli
+    from noisewise.services import cli
 
     return cli
 
 
 def _open_store():
-    from monitoring.store import Store, StoreError
+    from noisewise.monitoring.store import Store, StoreError
 
     try:
         return Store()
@@ -102,7 +102,7 @@ def _open_store():
 
 
 def _loaded(ref: str):
-    from models import registry
+    from noisewise.models import registry
 
     loaded = registry.load_model(ref)
     if loaded.calibration is None:
@@ -111,7 +111,7 @@ def _loaded(ref: str):
 
 
 def cmd_flags(args: argparse.Namespace) -> int:
-    from monitoring.feedback import suspects
+    from noisewise.monitoring.feedback import suspects
 
     cli = _cli()
     loaded = _loaded(args.model)
@@ -144,8 +144,8 @@ def cmd_flags(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from models.registry import home_dir
-    from monitoring.monitor import run_monitor
+    from noisewise.models.registry import home_dir
+    from noisewise.monitoring.monitor import run_monitor
 
     cli = _cli()
     loaded = _loaded(args.model)
@@ -224,8 +224,8 @@ def _monitor_text(report: dict, workspace: Path) -> str:
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    from models import registry
-    from monitoring.feedback import RecalibrationRefused, recalibrated_threshold
+    from noisewise.models import registry
+    from noisewise.monitoring.feedback import RecalibrationRefused, recalibrated_threshold
 
     cli = _cli()
     alias = args.model.split("@", 1)[1] if "@" in args.model else None

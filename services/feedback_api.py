@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from services.schemas import location
+from noisewise.services.schemas import location
 
 MAX_LABEL_CHARS = 256
 MAX_ANNOTATOR_CHARS = 128
@@ -100,8 +100,8 @@ def ingest(raw_items: list, store, class_names: Sequence[str], thresholds: np.nd
 
     Returns the response and, for the metrics, one dict per newly stored item (label, predicted, suspect,
     is_ood)."""
-    from monitoring.feedback import score_feedback
-    from monitoring.store import FeedbackRow
+    from noisewise.monitoring.feedback import score_feedback
+    from noisewise.monitoring.store import FeedbackRow
 
     results: list[FeedbackItemResult | None] = [None] * len(raw_items)
     valid: list[tuple[int, FeedbackItem, int]] = []

@@ -24,7 +24,7 @@ _STOP = object()
 
 
 class Recorder:
-    """``await recorder.record(rows)`` returns once ``rows`` (:class:`monitoring.store.PredictionRow`) are
+    """``await recorder.record(rows)`` returns once ``rows`` (:class:`noisewise.monitoring.store.PredictionRow`) are
     committed; raises the store's error if the commit failed."""
 
     def __init__(self, store, max_rows_per_commit: int = 4096):

@@ -18,14 +18,14 @@ With API keys configured (``services/auth.py``), ``/feedback``, ``/suspects`` an
 ``/metrics`` with ``NOISEWISE_AUTH_METRICS=1``); a missing or wrong key gets 401. Limits: body size, inputs
 per request and image pixels get 413, a prediction waiting past ``NOISEWISE_REQUEST_TIMEOUT_S`` 408.
 
-Bad input is answered with 400 and :class:`services.schemas.ErrorResponse` (``{"error": "inputs[3]:
+Bad input is answered with 400 and :class:`noisewise.services.schemas.ErrorResponse` (``{"error": "inputs[3]:
 expected ...", "detail": [...]}``), never a 500. Requests are merged across callers into one forward pass
 per batch (``services/batching.py``; ``NOISEWISE_BATCHING=0`` turns it off). Every prediction is stored
 before its response is sent (``services/recording.py``), so feedback can name it at once. Metrics:
 ``monitoring/metrics.py``. Configuration: ``services/settings.py``.
 
-Start-up: ``bentoml serve services.service:Noisewise`` first checks the model once, before any worker
-starts (``check_model``, which runs ``python -m services.service``): a missing, uncalibrated or broken model
+Start-up: ``bentoml serve noisewise.services.service:Noisewise`` first checks the model once, before any worker
+starts (``check_model``, which runs ``python -m noisewise.services.service``): a missing, uncalibrated or broken model
 prints one line and the server exits with status 3.
 """
 
@@ -49,13 +49,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from starlette.responses import JSONResponse
 
-from monitoring import metrics
-from services import bentoml_patches
-from services.auth import ApiKeyAuth
-from services.body_limit import BodyLimit
-from services.batching import Batcher, Overloaded
-from services.recording import Recorder
-from services.schemas import (
+from noisewise.monitoring import metrics
+from noisewise.services import bentoml_patches
+from noisewise.services.auth import ApiKeyAuth
+from noisewise.services.body_limit import BodyLimit
+from noisewise.services.batching import Batcher, Overloaded
+from noisewise.services.recording import Recorder
+from noisewise.services.schemas import (
     ErrorResponse,
     Guarantees,
     ImageUpload,
@@ -73,8 +73,8 @@ from services.schemas import (
     guarantees_from,
     images_batch,
 )
-from services.feedback_api import FeedbackRequest, FeedbackResponse, SuspectsRequest, ingest, response_status
-from services.settings import Settings, SettingsError
+from noisewise.services.feedback_api import FeedbackRequest, FeedbackResponse, SuspectsRequest, ingest, response_status
+from noisewise.services.settings import Settings, SettingsError
 
 EXIT_MODEL = 3
 log = logging.getLogger("bentoml.noisewise")  # under "bentoml" so that BentoML's server logging shows it
@@ -105,9 +105,9 @@ class Served:
 def load_served(settings: Settings) -> Served:
     """Load ``settings.model`` with its calibration, run it once, describe it; :class:`StartupError` if
     it is missing, uncalibrated or broken."""
-    from models.nets import pick_device
-    from models.predictor import Predictor
-    from models.registry import RegistryError, load_model
+    from noisewise.models.nets import pick_device
+    from noisewise.models.predictor import Predictor
+    from noisewise.models.registry import RegistryError, load_model
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in server logs
     ref = settings.model
@@ -280,7 +280,7 @@ class Noisewise:
             self.settings = Settings.from_env()
             served = load_served(self.settings)
             if self.settings.store:
-                from monitoring.store import Store, StoreError
+                from noisewise.monitoring.store import Store, StoreError
 
                 try:
                     self.store = Store()
@@ -320,8 +320,8 @@ class Noisewise:
         the CPU, so that the long-lived server process keeps neither torch nor a CUDA context."""
         root = str(Path(__file__).resolve().parents[1])  # where the `services` package lives, also in a Bento
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        status = subprocess.run([sys.executable, "-m", "services.service"], env={**os.environ, "PYTHONPATH": path},
-                                check=False).returncode
+        status = subprocess.run([sys.executable, "-m", "noisewise.services.service"],
+                                env={**os.environ, "PYTHONPATH": path}, check=False).returncode
         if status != 0:
             if status != EXIT_MODEL:
                 print(f"noisewise: error: the model check crashed (exit status {status})", file=sys.stderr,
@@ -442,7 +442,7 @@ class Noisewise:
             request = SuspectsRequest.model_validate(body.fields())
         except ValidationError as err:
             return _bad_request(err)
-        from monitoring.feedback import suspects
+        from noisewise.monitoring.feedback import suspects
 
         names = self.served.calibration.class_names
         if request.class_name is not None and request.class_name not in names:
@@ -471,7 +471,7 @@ class Noisewise:
         """Swap to the version the alias points to now, if it moved. Raises StartupError if it cannot be served."""
         if self.settings.alias is None:
             return False
-        from models.registry import resolve_version
+        from noisewise.models.registry import resolve_version
 
         with self._reload_lock:
             _, version, _ = resolve_version(self.settings.model)
@@ -512,7 +512,7 @@ class Noisewise:
 
     def refresh_gauges(self) -> None:
         """Noise rate, realized coverage, suspect share and drift gauges from the store."""
-        from monitoring.monitor import feedback_state
+        from noisewise.monitoring.monitor import feedback_state
 
         served = self.served
         frame = self.store.feedback_frame(window=self.settings.monitor_window, model_name=served.name)
@@ -553,13 +553,13 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _safe_url(url: str) -> str:
-    from monitoring.store import _safe
+    from noisewise.monitoring.store import _safe
 
     return _safe(url)
 
 
 def _stored_row(prediction: Prediction, served: Served, out):
-    from monitoring.store import PredictionRow
+    from noisewise.monitoring.store import PredictionRow
 
     return PredictionRow(
         id=prediction.id, model_name=served.name, model_version=served.version, weights=served.weights,
@@ -582,9 +582,9 @@ def _fail(message: str):
 
 
 def check_model_here() -> int:
-    """The start-up check (``python -m services.service``): 0 if NOISEWISE_MODEL can be served, else one line
+    """The start-up check (``python -m noisewise.services.service``): 0 if NOISEWISE_MODEL can be served, else one line
     on stderr and EXIT_MODEL."""
-    from models.nets import pick_device
+    from noisewise.models.nets import pick_device
 
     try:
         settings = Settings.from_env()

@@ -43,7 +43,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.auth import AuthConfig, auth_from_env
+from noisewise.services.auth import AuthConfig, auth_from_env
 
 DEFAULT_MODEL = "noisewise-demo@champion"
 SERVER_TIMEOUT_S = 60  # BentoML's traffic timeout (services/service.py): it answers 504 past this

@@ -16,7 +16,7 @@ trusted. It buys two things, and this module says how many items each needs (pur
   coverage ``1 - alpha`` plus that margin, so the margin is what a small audit costs in set size.
 
 :func:`audit_plan_table` tabulates both for a few audit sizes. Rates are flip rates (share of wrong
-labels), as everywhere in ``models.uncertainty.labelnoise``.
+labels), as everywhere in ``noisewise.models.uncertainty.labelnoise``.
 """
 
 from __future__ import annotations

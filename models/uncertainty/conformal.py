@@ -52,7 +52,7 @@ Label noise convention
 ----------------------
 ``eps`` is the uniform ("all") noise rate: ``P(y~ = j | y = i) = (1 - eps) 1[i = j] + eps / K``. A
 flip-to-another-class rate ``eps'`` converts as ``eps = eps' K / (K - 1)``
-(``models.uncertainty.labelnoise.flip_rate_to_uniform``).
+(``noisewise.models.uncertainty.labelnoise.flip_rate_to_uniform``).
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ class ConformalThreshold:
         return cls(**values)
 
     def config(self) -> dict[str, Any]:
-        """Same as :meth:`to_dict` (the storage convention of ``models.uncertainty``)."""
+        """Same as :meth:`to_dict` (the storage convention of ``noisewise.models.uncertainty``)."""
         return self.to_dict()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

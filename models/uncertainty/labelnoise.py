@@ -2,7 +2,7 @@
 
 Every noise rate this module returns is a **flip rate**: the share of observed labels that differ
 from the true one, ``r = P(y~ != y)``, for the point and for its interval alike. NACP and the
-abstention correction of ``models.uncertainty`` take the *uniform* convention instead (the label is
+abstention correction of ``noisewise.models.uncertainty`` take the *uniform* convention instead (the label is
 resampled from all ``K`` classes with probability ``eps``,
 ``P(y~ = j | y = i) = (1 - eps) 1[i = j] + eps / K``); under that model ``eps = r K / (K - 1)``,
 which :func:`flip_rate_to_uniform` computes where a guarantee needs it.

@@ -4,7 +4,7 @@ bigger network in the real-server batching test (``bentoml serve tests.e2e.slow_
 import os
 import time
 
-from services import service
+from noisewise.services import service
 
 _load_served = service.load_served
 

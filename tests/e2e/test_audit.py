@@ -28,7 +28,7 @@ N_AUDIT = 60
 
 
 def run(*argv: str) -> tuple[int, str, str]:
-    from services.cli import main
+    from noisewise.services.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -50,12 +50,12 @@ def server(ref, tmp_path_factory):
                      NOISEWISE_MONITOR_INTERVAL_S="3600")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NOISEWISE_STORE_URL", store_url)
-        with bentoml_serve("services.service:Noisewise", env, tmp / "serve.log") as url:
+        with bentoml_serve("noisewise.services.service:Noisewise", env, tmp / "serve.log") as url:
             yield url
 
 
 def feedback_count() -> int:
-    from monitoring.store import Store
+    from noisewise.monitoring.store import Store
 
     store = Store()
     try:
@@ -77,7 +77,7 @@ def write_csv(path, rows: list[dict]) -> None:
 
 
 def test_production_audit_counts_the_noise_rate_and_rectifies_recalibration(server, ref, tmp_path):
-    from models import registry
+    from noisewise.models import registry
 
     worklist = tmp_path / "worklist.csv"
     # nothing to audit before any feedback: a one-line refusal, exit 1, no worklist
@@ -173,8 +173,8 @@ def test_production_audit_counts_the_noise_rate_and_rectifies_recalibration(serv
 
 
 def test_calibration_audit_becomes_a_trusted_labels_file(ref, tmp_path):
-    from models import registry
-    from models.data import load_from_lineage
+    from noisewise.models import registry
+    from noisewise.models.data import load_from_lineage
 
     dataset = load_from_lineage(registry.load_model(ref).spec.lineage)
     cal = {int(i) for i in dataset.splits["cal"]}

@@ -22,7 +22,7 @@ def test_serve_prints_a_working_curl_and_demo_reports(tmp_path):
     ref = ensure_model()
     port = free_port()
     env = server_env()
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--model", ref, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "noisewise.services.cli", "serve", "--model", ref, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -42,7 +42,7 @@ def test_serve_prints_a_working_curl_and_demo_reports(tmp_path):
             assert key in prediction, key
         assert any(f"http://127.0.0.1:{port}/metrics" in line for line in lines)
 
-        demo = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--url", f"http://127.0.0.1:{port}",
+        demo = subprocess.run([sys.executable, "-m", "noisewise.services.cli", "demo", "--url", f"http://127.0.0.1:{port}",
                                "--model", ref, "--n", "30", "--batch", "4", "--json"],
                               capture_output=True, text=True, timeout=120, env=env)
         assert demo.returncode == 0, demo.stderr

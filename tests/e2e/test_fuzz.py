@@ -43,7 +43,7 @@ def served(tmp_path_factory):
     work = tmp_path_factory.mktemp("fuzz")
     env = server_env(NOISEWISE_MODEL=ensure_model(), NOISEWISE_STORE_URL=f"sqlite:///{work / 'store.db'}",
                      NOISEWISE_RELOAD_INTERVAL_S="0", NOISEWISE_MONITOR_INTERVAL_S="0")
-    with bentoml_serve("services.service:Noisewise", env, work / "bentoml-serve.log") as url:
+    with bentoml_serve("noisewise.services.service:Noisewise", env, work / "bentoml-serve.log") as url:
         yield url, schemathesis.openapi.from_url(f"{url}/docs.json")
 
 

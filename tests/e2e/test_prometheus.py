@@ -214,7 +214,7 @@ def send_feedback(url: str) -> dict:
     """Labelled feedback on fresh predictions, when the service has ``POST /feedback``: true labels, every
     fourth flipped (disagreements, suspects), feedback on OOD photo patches, one retried item (duplicate) and
     one unknown prediction id (rejected). Returns the response, or why none was sent."""
-    from models.data import load_ood
+    from noisewise.models.data import load_ood
 
     x, y = digits(40, start=1000)
     served = predict(url, x)
@@ -230,7 +230,7 @@ def send_feedback(url: str) -> dict:
 
 
 def run_demo(url: str, ref: str) -> dict:
-    from services.cli import main
+    from noisewise.services.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -246,7 +246,7 @@ def scraped(binaries, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     # refresh the feedback gauges and follow the alias every second (defaults: 10 s and 5 s)
     env = server_env(NOISEWISE_MODEL=ref, NOISEWISE_MONITOR_INTERVAL_S="1", NOISEWISE_RELOAD_INTERVAL_S="1")
-    with bentoml_serve("services.service:Noisewise", env, workdir / "bentoml-serve.log") as url:
+    with bentoml_serve("noisewise.services.service:Noisewise", env, workdir / "bentoml-serve.log") as url:
         # before the first scrape: labelled series (e.g. /predict's duration histogram) exist from the start,
         # so that rates over the test traffic see an increase rather than a new series
         predict(url, digits(8, start=1500)[0])

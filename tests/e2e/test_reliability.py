@@ -1,4 +1,4 @@
-"""Crash durability and hot reload under load, against a real ``bentoml serve services.service:Noisewise``.
+"""Crash durability and hot reload under load, against a real ``bentoml serve noisewise.services.service:Noisewise``.
 
 - SIGKILL durability: feedback streams in from several clients; the server and its worker (which holds the
   store) are SIGKILLed mid-stream. After a restart on the same store, every item acknowledged with a 2xx is
@@ -54,7 +54,7 @@ class Server:
         self.log = log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "services.service:Noisewise", "--host", "127.0.0.1",
+                [sys.executable, "-m", "bentoml", "serve", "noisewise.services.service:Noisewise", "--host", "127.0.0.1",
                  "--port", str(self.port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
@@ -189,7 +189,7 @@ def test_sigkill_mid_feedback_loses_no_acknowledged_item(model, tmp_path):
     assert not acked_at_kill & unanswered
     unsent = set(items) - acked_at_kill - unanswered
 
-    from monitoring.store import Store
+    from noisewise.monitoring.store import Store
 
     with running(env, tmp_path / "bentoml-serve-2.log") as restarted:
         db = Store(f"sqlite:///{store}")
@@ -243,8 +243,8 @@ def coverage_of(response: dict) -> float:
 
 
 def test_hot_reload_under_load_fails_no_request(model, tmp_path):
-    from models.registry import resolve_version, set_alias
-    from services.cli import main
+    from noisewise.models.registry import resolve_version, set_alias
+    from noisewise.services.cli import main
 
     _, v1, _ = resolve_version(model)
     env = env_for(model, tmp_path / "store.db", NOISEWISE_RELOAD_INTERVAL_S="1")

@@ -1,4 +1,4 @@
-"""A real ``bentoml serve services.service:Noisewise`` on a free loopback port: real HTTP, then stopped by
+"""A real ``bentoml serve noisewise.services.service:Noisewise`` on a free loopback port: real HTTP, then stopped by
 PID (terminate, kill after a timeout, never left running)."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def ref():
 @pytest.fixture(scope="module")
 def server(ref, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "bentoml-serve.log"
-    with bentoml_serve("services.service:Noisewise", server_env(NOISEWISE_MODEL=ref), log) as url:
+    with bentoml_serve("noisewise.services.service:Noisewise", server_env(NOISEWISE_MODEL=ref), log) as url:
         yield url
 
 
@@ -164,7 +164,7 @@ def test_batching_merges_concurrent_requests(ref, tmp_path):
 
 def test_missing_model_exits_non_zero_with_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "bentoml", "serve", "services.service:Noisewise", "--host", "127.0.0.1", "--port",
+        [sys.executable, "-m", "bentoml", "serve", "noisewise.services.service:Noisewise", "--host", "127.0.0.1", "--port",
          str(free_port())],
         cwd=ROOT, env=server_env(NOISEWISE_MODEL="no-such-model@champion"), capture_output=True, text=True,
         timeout=START_TIMEOUT_S, check=False,

@@ -20,10 +20,10 @@ REF = f"{NAME}@champion"
 def ensure_model(name: str = NAME) -> str:
     """``NAME@champion`` of the small digits test model, trained and promoted once per test session; another
     ``name`` gives a copy of it that a test may move aliases on without touching the shared one."""
-    from models.registry import has_alias
+    from noisewise.models.registry import has_alias
 
     if not has_alias(name):
-        from services.cli import main
+        from noisewise.services.cli import main
 
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -46,8 +46,8 @@ def digits(n: int, start: int = 0):
 
 def direct_predictions(ref: str, x):
     """The registered model's own predictions (models.predictor), to compare the service against."""
-    from models.predictor import Predictor
-    from models.registry import load_model
+    from noisewise.models.predictor import Predictor
+    from noisewise.models.registry import load_model
 
     loaded = load_model(ref, device="cpu")
     return Predictor(loaded.net, loaded.calibration, device="cpu").predict(x)
@@ -58,7 +58,7 @@ def asgi_app():
     """``Noisewise.to_asgi()``, built once per process: BentoML registers its Prometheus metrics when the app
     is built, and a second build in the same process fails with DuplicateTimeseries. Each TestClient
     context runs the app's lifespan again, i.e. creates a new service instance from the current environment."""
-    from services.service import Noisewise
+    from noisewise.services.service import Noisewise
 
     return Noisewise.to_asgi()
 

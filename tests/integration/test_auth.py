@@ -15,8 +15,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from services import auth
-from services.auth import (
+from noisewise.services import auth
+from noisewise.services.auth import (
     ADMIN_ROUTES,
     METRICS_ROUTE,
     OPEN_ROUTES,
@@ -26,7 +26,7 @@ from services.auth import (
     auth_from_env,
     hash_api_key,
 )
-from services.settings import Settings, SettingsError
+from noisewise.services.settings import Settings, SettingsError
 
 KEY, OTHER_KEY = "k" * 20 + "-first-key", "second-key-0123456789"
 WRONG = "w" * 30
@@ -334,7 +334,7 @@ def test_service_predict_and_metrics_need_a_key_when_configured(service_env):
 
 @pytest.mark.slow
 def test_bad_auth_configuration_stops_the_service_with_one_line(service_env, capsys):
-    from services.service import EXIT_MODEL, StartupError, check_model_here
+    from noisewise.services.service import EXIT_MODEL, StartupError, check_model_here
     from tests.integration.serving_model import asgi_app
 
     with pytest.MonkeyPatch.context() as mp:

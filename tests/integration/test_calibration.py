@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.calibrate import Calibration, CalibrationError, CalibrationSettings, fit_calibration
-from models.data import load_dataset, load_ood
-from models.evaluation import evaluate
-from models.predictor import REASON_LOW_CONFIDENCE, REASON_NONE, REASON_OOD, Predictor
-from models.train import load_recipe, train
+from noisewise.models.calibrate import Calibration, CalibrationError, CalibrationSettings, fit_calibration
+from noisewise.models.data import load_dataset, load_ood
+from noisewise.models.evaluation import evaluate
+from noisewise.models.predictor import REASON_LOW_CONFIDENCE, REASON_NONE, REASON_OOD, Predictor
+from noisewise.models.train import load_recipe, train
 from tests.integration.test_cli import run_cli
 
 

@@ -12,7 +12,7 @@ import pytest
 def run_cli(*args, home):
     env = {**os.environ, "NOISEWISE_HOME": str(home)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "noisewise.services.cli", *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
 

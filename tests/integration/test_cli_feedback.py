@@ -12,8 +12,8 @@ import uuid
 import numpy as np
 import pytest
 
-from monitoring.feedback import score_feedback
-from monitoring.store import FeedbackRow, PredictionRow, Store
+from noisewise.monitoring.feedback import score_feedback
+from noisewise.monitoring.store import FeedbackRow, PredictionRow, Store
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ REF = f"{NAME}@champion"
 
 
 def run(*argv: str) -> tuple[int, str, str]:
-    from services.cli import main
+    from noisewise.services.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -32,7 +32,7 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def model():
-    from models.registry import has_alias, load_model
+    from noisewise.models.registry import has_alias, load_model
 
     if not has_alias(NAME):
         status, out, _ = run("train", "--dataset", "digits", "--noise", "symmetric:0.2", "--recipe", "ce", "--epochs",
@@ -47,7 +47,7 @@ def store_env(model, tmp_path_factory):
     errors at known places) on all of them, and an auditor (true labels) on 150."""
     from sklearn.datasets import load_digits
 
-    from models.predictor import Predictor
+    from noisewise.models.predictor import Predictor
 
     url = f"sqlite:///{tmp_path_factory.mktemp('cli-store') / 'store.db'}"
     bunch = load_digits()
@@ -142,7 +142,7 @@ def test_monitor_reports_noise_rate_coverage_and_drift(store_env, tmp_path):
 
 
 def test_recalibrate_refuses_with_too_little_feedback_then_moves_the_alias(store_env, model):
-    from models import registry
+    from noisewise.models import registry
 
     status, _, err = run("recalibrate", "--model", REF, "--window", "50")
     assert status == 1 and "recalibration refused" in err and "items" in err

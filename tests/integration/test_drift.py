@@ -19,8 +19,8 @@ from evidently.ui.workspace import Workspace
 from scipy import stats
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from monitoring.drift import chi2_two_sample, drift_report, value_drift
-from monitoring.metrics import drift_gauge_values
+from noisewise.monitoring.drift import chi2_two_sample, drift_report, value_drift
+from noisewise.monitoring.metrics import drift_gauge_values
 
 NAMES = ["cat", "dog", "bird", "fish"]
 K = len(NAMES)

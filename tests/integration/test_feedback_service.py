@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from monitoring.store import Store
+from noisewise.monitoring.store import Store
 from tests.integration.serving_model import serve, digits, ensure_model
 
 pytestmark = pytest.mark.slow
@@ -200,8 +200,8 @@ def test_feedback_metrics_count_what_was_stored(client):
 def test_hot_reload_switches_version_without_failing_requests(client, store):
     """A new version behind the alias (here: a recalibration of the served one) is picked up by /reload while
     requests keep flowing; none fails, and each answer names the version that computed it."""
-    from models import registry
-    from services.cli import main
+    from noisewise.models import registry
+    from noisewise.services.cli import main
 
     ref = ensure_model()
     name = ref.split("@")[0]

@@ -20,14 +20,14 @@ from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 from starlette.testclient import TestClient
 
-from services.schemas import (
+from noisewise.services.schemas import (
     InputSpec,
     PredictRequest,
     decode_image,
     error_status,
     images_batch,
 )
-from services.settings import Settings
+from noisewise.services.settings import Settings
 
 SPEC = InputSpec(shape=(1, 8, 8), max_batch=4, max_image_pixels=100_000)
 
@@ -140,7 +140,7 @@ MAX_BODY, MAX_PIXELS, MAX_BATCH, TIMEOUT_S = 200_000, 100_000, 4, 0.5
 @contextlib.contextmanager
 def serve(env: dict, slow_passes: threading.Event | None = None, delay_s: float = 0.0):
     """The service in-process; while ``slow_passes`` is set, every forward pass takes ``delay_s`` longer."""
-    import services.service as service_module
+    import noisewise.services.service as service_module
     from tests.integration.serving_model import asgi_app, ensure_model
 
     with pytest.MonkeyPatch.context() as mp:
@@ -242,7 +242,7 @@ def test_service_body_over_the_limit_is_413_declared_or_chunked(client):
 
 @pytest.mark.slow
 def test_service_overlong_label_is_a_400_naming_the_field_and_the_limit(client):
-    from services.feedback_api import MAX_LABEL_CHARS
+    from noisewise.services.feedback_api import MAX_LABEL_CHARS
 
     prediction = client.post("/predict", json={"inputs": [ROW]}).json()["predictions"][0]["id"]
     items = [{"prediction_id": prediction, "label": "x" * (MAX_LABEL_CHARS + 1)},
@@ -261,8 +261,8 @@ def test_service_overlong_label_is_a_400_naming_the_field_and_the_limit(client):
 
 @pytest.mark.slow
 def test_service_prediction_past_the_timeout_is_408_and_feedback_is_never_cut_off(client, store_url, monkeypatch):
-    import services.service as service_module
-    from monitoring.store import Store
+    import noisewise.services.service as service_module
+    from noisewise.monitoring.store import Store
 
     prediction = client.post("/predict", json={"inputs": [ROW]})
     assert prediction.status_code == 200

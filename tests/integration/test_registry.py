@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import registry
-from models.data import load_dataset
-from models.train import load_recipe, train
+from noisewise.models import registry
+from noisewise.models.data import load_dataset
+from noisewise.models.train import load_recipe, train
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.registry import RegistryError, load_model, load_model_dir, save_model_dir
+from noisewise.models.registry import RegistryError, load_model, load_model_dir, save_model_dir
 from tests.integration.serving_model import ensure_model
 
 pytestmark = pytest.mark.slow
@@ -204,7 +204,7 @@ def test_registered_artifacts_hold_no_pickle(registered):
     from code, the weights and calibration are safetensors + JSON)."""
     import mlflow
 
-    from models.registry import tracking_uri
+    from noisewise.models.registry import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered.name}/{registered.version}"))
@@ -246,8 +246,8 @@ def test_a_flipped_byte_in_registered_tensor_data_is_refused(name):
     import contextlib
     import io
 
-    from models import registry
-    from services.cli import main
+    from noisewise.models import registry
+    from noisewise.services.cli import main
 
     model = f"tamper-test-{name.split('.')[0]}"
     with contextlib.redirect_stdout(io.StringIO()):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.schemas import InputSpec, PredictRequest
-from services.settings import Settings, SettingsError
+from noisewise.services.schemas import InputSpec, PredictRequest
+from noisewise.services.settings import Settings, SettingsError
 from tests.integration.serving_model import serve, digits, direct_predictions, ensure_model
 
 pytestmark = pytest.mark.slow

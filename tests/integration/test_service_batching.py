@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from starlette.testclient import TestClient
 
-import services.service as service_module
-from services.service import StartupError, load_served
-from services.settings import Settings
+import noisewise.services.service as service_module
+from noisewise.services.service import StartupError, load_served
+from noisewise.services.settings import Settings
 from tests.integration.serving_model import asgi_app, digits, direct_predictions, ensure_model
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_service_does_not_start_without_its_model(monkeypatch):
 
 
 def test_uncalibrated_model_is_refused(ref, monkeypatch):
-    from models import registry
+    from noisewise.models import registry
 
     real = registry.load_model
 
@@ -118,7 +118,7 @@ def test_uncalibrated_model_is_refused(ref, monkeypatch):
 
 
 def test_broken_model_is_refused(ref, monkeypatch):
-    from models import registry
+    from noisewise.models import registry
 
     real = registry.load_model
 

@@ -25,7 +25,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from monitoring.store import (
+from noisewise.monitoring.store import (
     FEEDBACK_COLUMNS,
     MIGRATIONS,
     PREDICTION_COLUMNS,
@@ -105,7 +105,7 @@ def feedback_rows(url: str) -> list[tuple]:
 WORKER = r"""
 import json, os, signal, sys, threading, time
 from pathlib import Path
-from monitoring.store import FeedbackRow, Store
+from noisewise.monitoring.store import FeedbackRow, Store
 args = json.loads(sys.argv[1])
 if not args.get("open_late"):
     store = Store(args["url"])

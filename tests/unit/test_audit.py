@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from models.uncertainty.audit import (
+from noisewise.models.uncertainty.audit import (
     WORST_CASE_RATE,
     audit_plan_table,
     audit_size_for_coverage_margin,
@@ -147,7 +147,7 @@ def test_margin_bounds_the_audit_rectified_thresholds_margin():
     """On synthetic scores with 20% uniform label noise, the margin the conditional audit-rectified threshold
     actually subtracts at its threshold, z * sqrt(v_d / m + F_n (1 - F_n) / n), stays below the planned bound
     (3 s.e. over 200 draws) and is not far below it: most wrong labels change the coverage indicator."""
-    from models.uncertainty.conformal import audit_rectified_threshold
+    from noisewise.models.uncertainty.conformal import audit_rectified_threshold
 
     rng = np.random.default_rng(2)
     n, k, m, rate, alpha, z = 2000, 10, 200, 0.2, 0.1, 1.645
@@ -229,7 +229,7 @@ def write(tmp_path, name, text):
 
 
 def test_prediction_worklist_rows_are_checked_line_by_line(tmp_path):
-    from services.cli_audit import check_prediction_rows, read_worklist
+    from noisewise.services.cli_audit import check_prediction_rows, read_worklist
 
     ids = [str(uuid.uuid4()) for _ in range(5)]
     text = ("prediction_id,observed_label,annotator,predicted_label,trusted_label\n"
@@ -253,7 +253,7 @@ def test_prediction_worklist_rows_are_checked_line_by_line(tmp_path):
 
 
 def test_calibration_worklist_rows_and_json_worklists(tmp_path):
-    from services.cli_audit import check_calibration_rows, read_worklist
+    from noisewise.services.cli_audit import check_calibration_rows, read_worklist
 
     doc = {"kind": "calibration", "model": "m@champion", "items": [
         {"index": 3, "observed_label": "cat", "trusted_label": "dog"},
@@ -281,7 +281,7 @@ def test_calibration_worklist_rows_and_json_worklists(tmp_path):
     ("w.json", '{"items": 3}', "expected a list of rows"),
 ])
 def test_unreadable_worklists_are_refused_whole(tmp_path, name, text, match):
-    from services.cli_audit import WorklistError, read_worklist
+    from noisewise.services.cli_audit import WorklistError, read_worklist
 
     with pytest.raises(WorklistError, match=match):
         read_worklist(write(tmp_path, name, text))
@@ -290,8 +290,8 @@ def test_unreadable_worklists_are_refused_whole(tmp_path, name, text, match):
 
 
 def audit_cli(*argv):
-    """``noisewise audit ...`` through the ``add_parsers(commands, common)`` contract services.cli uses."""
-    from services import cli, cli_audit
+    """``noisewise audit ...`` through the ``add_parsers(commands, common)`` contract noisewise.services.cli uses."""
+    from noisewise.services import cli, cli_audit
 
     parser = cli._Parser(prog="noisewise")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser)

@@ -48,8 +48,8 @@ def overhead_report(one_thread):
 
 
 def test_ood_report_structure(ood_report):
-    from models.data import OOD_DATASETS
-    from models.uncertainty.ood import OOD_SCORERS
+    from noisewise.models.data import OOD_DATASETS
+    from noisewise.models.uncertainty.ood import OOD_SCORERS
 
     runs = ood_report["runs"]
     quick = ood_bench.QUICK
@@ -122,8 +122,8 @@ def test_overhead_report_structure(overhead_report):
 def test_overhead_one_block_variant_when_the_bank_is_split(one_thread):
     # A served chunk_size smaller than the bank makes the one-block variant a different computation with
     # the same k-th cosine up to float rounding.
-    from models.nets import build_net
-    from models.predictor import Predictor
+    from noisewise.models.nets import build_net
+    from noisewise.models.predictor import Predictor
 
     torch.manual_seed(0)
     net = build_net("mlp", (1, 28, 28), 10).eval()
@@ -139,8 +139,8 @@ def test_overhead_one_block_variant_when_the_bank_is_split(one_thread):
 def test_overhead_predictor_matches_stages():
     # The timed calibration is a working Calibration: Predictor.forward returns sets, p-values and decisions
     # consistent with the stage closures the breakdown times.
-    from models.nets import build_net
-    from models.predictor import Predictor
+    from noisewise.models.nets import build_net
+    from noisewise.models.predictor import Predictor
 
     torch.manual_seed(0)
     net = build_net("mlp", (1, 28, 28), 10).eval()

@@ -10,7 +10,7 @@ from mapie.classification import SplitConformalClassifier
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedShuffleSplit
 
-from models.uncertainty.conformal import (
+from noisewise.models.uncertainty.conformal import (
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
     ConformalThreshold,
@@ -24,7 +24,7 @@ from models.uncertainty.conformal import (
     raps_scores,
     split_conformal_threshold,
 )
-from models.uncertainty.labelnoise import flip_rate_to_uniform
+from noisewise.models.uncertainty.labelnoise import flip_rate_to_uniform
 
 # Parameters that make every registry entry a proper score for K = 10 (RAPS penalizes rank > 3).
 SCORE_PARAMS = {"lac": {}, "aps": {}, "raps": {"lam": 0.01, "k_reg": 3}}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from models.data import (
+from noisewise.models.data import (
     DataError,
     inject_noise,
     load_dataset,

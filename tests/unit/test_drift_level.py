@@ -12,7 +12,7 @@ from evidently.legacy.calculations.stattests import chi_stat_test
 from evidently.legacy.core import ColumnType
 from scipy import stats
 
-from monitoring.drift import MIN_EXPECTED, chi2_two_sample
+from noisewise.monitoring.drift import MIN_EXPECTED, chi2_two_sample
 
 K = 10
 N_REFERENCE, N_CURRENT = 1250, 300

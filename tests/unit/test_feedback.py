@@ -17,10 +17,10 @@ from cleanlab.count import compute_confident_joint, get_confident_thresholds
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 
-from models.calibrate import Calibration
-from models.uncertainty.conformal import ConformalThreshold
-from models.uncertainty.labelnoise import flip_rate_to_uniform, noise_rate_direct, uniform_to_flip_rate
-from monitoring.feedback import (
+from noisewise.models.calibrate import Calibration
+from noisewise.models.uncertainty.conformal import ConformalThreshold
+from noisewise.models.uncertainty.labelnoise import flip_rate_to_uniform, noise_rate_direct, uniform_to_flip_rate
+from noisewise.monitoring.feedback import (
     FEEDBACK_COLUMNS,
     MIN_AUDIT_ITEMS,
     MIN_AUDITED_FOR_RECTIFIED,

@@ -12,7 +12,7 @@ from cleanlab.count import compute_confident_joint, estimate_joint, get_confiden
 from cleanlab.rank import get_label_quality_scores
 from scipy import stats
 
-from models.uncertainty.labelnoise import (
+from noisewise.models.uncertainty.labelnoise import (
     LABEL_QUALITY_SCORES,
     NOISE_RATE_ESTIMATORS,
     PER_CLASS_KEYS,

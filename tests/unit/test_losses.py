@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.losses import (
+from noisewise.models.losses import (
     LOSSES,
     EarlyLearningRegularization,
     GeneralizedCrossEntropy,

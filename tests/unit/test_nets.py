@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.nets import NETS, arch_name, build_net, default_arch, pick_device
+from noisewise.models.nets import NETS, arch_name, build_net, default_arch, pick_device
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (3, 16, 16), "resnet18": (3, 32, 32)}
 FEATURE_DIMS = {"mlp": 512, "cnn": 128, "resnet18": 512}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
-from models.uncertainty.ood import (
+from noisewise.models.uncertainty.ood import (
     OOD_SCORERS,
     KNNScorer,
     MahalanobisScorer,

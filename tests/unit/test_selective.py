@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from models.uncertainty.selective import (
+from noisewise.models.uncertainty.selective import (
     CONFIDENCE_FUNCTIONS,
     DEFAULT_RISK_GRID,
     PNORM_GRID,

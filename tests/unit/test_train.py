@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import load_dataset
-from models.train import RECIPES, SAM, load_recipe, train
+from noisewise.models.data import load_dataset
+from noisewise.models.train import RECIPES, SAM, load_recipe, train
 
 
 @pytest.fixture(scope="module")
