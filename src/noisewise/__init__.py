@@ -36,6 +36,8 @@ _PUBLIC = {
     "GUARANTEE_KINDS": "noisewise.models.calibrate",
     "Predictor": "noisewise.models.predictor",
     "evaluate": "noisewise.models.evaluation",
+    "NoiseAwareClassifier": "noisewise.models.arrays",
+    "NotConformalizedError": "noisewise.models.arrays",
 }
 
 __all__ = ["__version__", *_PUBLIC]
@@ -55,6 +57,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from noisewise.models.calibrate import GUARANTEE_KINDS, Calibration, CalibrationSettings, fit_calibration
+    from noisewise.models.arrays import NoiseAwareClassifier, NotConformalizedError
     from noisewise.models.data import Dataset, load_dataset
     from noisewise.models.evaluation import evaluate
     from noisewise.models.predictor import Predictor
