@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: run test venv demo-model benchmarks clean
+.PHONY: run test venv demo-model bento benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,15 @@ run: demo-model
 test: venv
 	$(BIN)/python -m pytest
 
+# The Bento: the noisewise wheel (its metadata carries pyproject.toml's dependencies) and bentofile.yaml's service
+# and image settings. `bentoml containerize noisewise:latest` then builds the image.
+bento: venv
+	rm -f dist/noisewise-*.whl
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir dist .
+	$(BIN)/bentoml build -f bentofile.yaml .
+
 benchmarks: venv
 	$(BIN)/python benchmarks/recipes.py
 
 clean:
-	rm -rf $(VENV) .noisewise .pytest_cache
+	rm -rf $(VENV) .noisewise .pytest_cache build dist

@@ -56,7 +56,7 @@ from noisewise.models.uncertainty.labelnoise import (
     noise_rate_direct,
     per_class_thresholds,
 )
-from noisewise.models.uncertainty.ood import OODGate, OODScorer, build_ood_scorer
+from noisewise.models.uncertainty.ood import OOD_SCORERS, OODGate, OODScorer, build_ood_scorer
 from noisewise.models.uncertainty.selective import (
     CertifiedThreshold,
     FrontierPoint,
@@ -367,10 +367,11 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
 
     # OOD: bank on the training features, gate on the held-out calibration scores (no labels involved)
     if base is None:
+        scorer = build_ood_scorer(settings.ood_scorer, **settings.ood_params)
+        head = _ood_head(net, scorer)  # before any forward pass: a scorer the model cannot feed fails at once
         x_tr, y_tr, _ = dataset.split("train")
         f_tr, z_tr = features_and_logits(net, x_tr, device)
-        scorer = build_ood_scorer(settings.ood_scorer, **settings.ood_params).fit(
-            f_tr, z_tr, torch.as_tensor(y_tr, device=device), head=(net.head.weight.detach(), net.head.bias.detach()))
+        scorer.fit(f_tr, z_tr, torch.as_tensor(y_tr, device=device), head=head)
     else:
         scorer = base.ood_scorer.to(device)
     f_cal, z_cal = features_and_logits(net, x_cal, device)
@@ -405,11 +406,12 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     guarantees = {
         "prediction_set": set_guarantee,
         "abstention": abstention_guarantee,
-        "ood": {"kind": "valid", "condition": "served in-distribution inputs are exchangeable with the calibration "
-                "inputs (no labels involved, so label noise cannot bias it)"},
+        "ood": _ood_guarantee(net, scorer),
     }
     assumptions += [f"{part.replace('_', ' ')}: {g['kind']}: {g['condition']}" for part, g in guarantees.items()
                     if part != "ood"]
+    if getattr(net, "logits_only", False):
+        assumptions.append(f"ood: {guarantees['ood']['condition']}")
     if not certified.certified:
         assumptions.append("abstention: " + frontier_sentence(frontier, settings.risk))
     return Calibration(
@@ -422,6 +424,46 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
                   "min_accepted": min_accepted},
         assumptions=assumptions, guarantees=guarantees, frontier=[point.to_dict() for point in frontier],
     )
+
+
+def _logit_scorers() -> list[str]:
+    return sorted(name for name, cls in OOD_SCORERS.items() if "features" not in cls.uses and not cls.requires_fit)
+
+
+def _ood_head(net: Classifier, scorer: OODScorer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The final linear layer ``(weight [K, D], bias [K])`` for the scorers that need it (ViM, ReAct), or None.
+
+    A network that exposes no features (``logits_only``, an imported model without ``forward_features``) gets
+    only the logit scorers; one whose head is not a linear layer (``linear_head()`` says None) cannot use ViM or
+    ReAct, which assume ``z = W f + b``.
+    """
+    if getattr(net, "logits_only", False) and (scorer.requires_fit or "features" in scorer.uses):
+        raise CalibrationError(f"--ood-scorer {scorer.name}: this model is logits-only (it exposes no penultimate "
+                               "features), so feature-space scorers are not available; use one of "
+                               f"{', '.join(_logit_scorers())}")
+    linear_head = getattr(net, "linear_head", None)
+    if callable(linear_head):
+        head = linear_head()
+    else:
+        layer = getattr(net, "head", None)
+        head = (layer.weight.detach(), layer.bias.detach()) if isinstance(layer, torch.nn.Linear) else None
+    if scorer.needs_head and head is None:
+        raise CalibrationError(f"--ood-scorer {scorer.name} needs the network's final linear layer (logits = W f + b), "
+                               "which this model does not expose; use knn or mahalanobis (features) or one of "
+                               f"{', '.join(_logit_scorers())}")
+    return head
+
+
+def _ood_guarantee(net: Classifier, scorer: OODScorer) -> dict:
+    """The OOD gate's guarantee: it holds for any scorer; a logits-only model says which score it rests on."""
+    exchangeable = ("served in-distribution inputs are exchangeable with the calibration inputs (no labels involved, "
+                    "so label noise cannot bias it)")
+    if not getattr(net, "logits_only", False):
+        return {"kind": "valid", "condition": exchangeable}
+    return {"kind": "valid", "condition": f"{scorer.name} score of the logits: this model is logits-only (no features "
+            "available), so feature-space scorers (knn, mahalanobis, vim, react) cannot be used and, under label "
+            "noise, a logit score tells OOD inputs apart less well (the false-OOD rate bound still holds); "
+            + exchangeable}
 
 
 def min_accepted_for(n: int, risk: float, delta: float) -> int:

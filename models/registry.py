@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from noisewise.models import imported
 from noisewise.models.nets import Classifier, arch_name, build_net
 
 if TYPE_CHECKING:
     from noisewise.models.calibrate import Calibration
+    from noisewise.models.data import Dataset
 
 EXPERIMENT = "noisewise"
 CHAMPION = "champion"
@@ -99,6 +102,10 @@ class ModelSpec:
     input_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     lineage: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
+    #: imported models: what turns an input shaped ``input_shape`` into what the network takes (network
+    #: ``input_shape``, ``resize``, ``mean``, ``std``: noisewise.models.imported.Preprocess); {} for noisewise's
+    #: own networks, which standardize their inputs themselves (absent from older model.json files)
+    preprocess: dict = field(default_factory=dict)
     format: str = MODEL_FORMAT
 
     @property
@@ -146,13 +153,15 @@ class RegisteredVersion:
 
 def save_model_dir(net: Classifier, spec: ModelSpec, directory: Path,
                    calibration: "Calibration | None" = None) -> dict[str, str]:
-    """Write ``weights.safetensors``, ``model.json`` and the calibration files; returns MLflow's
-    artifacts mapping (name -> path)."""
+    """Write ``weights.safetensors``, ``model.json`` and the calibration files (and an imported model's
+    original archive); returns MLflow's artifacts mapping (name -> path)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(directory / "weights.safetensors"))
     (directory / "model.json").write_text(spec.to_json())
     artifacts = {"weights": str(directory / "weights.safetensors"), "spec": str(directory / "model.json")}
+    if isinstance(net, imported.ImportedModel):
+        artifacts.update(net.save_artifacts(directory))
     if calibration is not None:
         for path in calibration.save(directory):
             artifacts[path.name.replace(".", "_")] = str(path)
@@ -167,7 +176,13 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Loade
         if not f.is_file():
             raise RegistryError(f"model artifacts in {directory} lack {f.name}")
     spec = ModelSpec.from_json(spec_file.read_text())
-    net = build_net(spec.arch, tuple(spec.input_shape), spec.num_classes, **spec.arch_kwargs)
+    if imported.is_imported(spec.arch):
+        try:  # checks the archive against the sha256 in model.json; never unpickles
+            net = imported.load_imported(spec, directory)
+        except imported.ImportedModelError as err:
+            raise RegistryError(str(err)) from None
+    else:
+        net = build_net(spec.arch, tuple(spec.input_shape), spec.num_classes, **spec.arch_kwargs)
     try:
         state = load_file(str(weights_file), device=str(device))
         net.load_state_dict(state, strict=True)
@@ -183,7 +198,10 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Loade
             raise RegistryError(str(err)) from None
         if calibration.class_names != spec.class_names:
             raise RegistryError("calibration.json: class_names differ from model.json")
-    return LoadedModel(net.to(device).eval(), spec, calibration, weights=_sha256(weights_file))
+    weights = _sha256(weights_file)
+    if isinstance(net, imported.ImportedModel):  # the archive and the preprocessing compute the outputs too
+        weights = net.version_digest(weights)
+    return LoadedModel(net.to(device).eval(), spec, calibration, weights=weights)
 
 
 def log_training_run(
@@ -196,10 +214,22 @@ def log_training_run(
     promote: bool = False,
     calibration: "Calibration | None" = None,
     tags: dict | None = None,
+    *,
+    dataset: "Dataset | None" = None,
+    reference: "VersionReference | None" = None,
 ) -> RegisteredVersion:
     """Log params, per-epoch metrics, final metrics, the model and its calibration; optionally register
     and promote. A recalibration logs a new run (and version) with the same weights: versions are
-    immutable, and the service follows the alias."""
+    immutable, and the service follows the alias.
+
+    What serving, monitoring and evaluation read instead of the training data (:class:`VersionReference`) is
+    stored under ``reference/``: computed from ``dataset`` (its calibration and test splits), with the parts it
+    lacks taken from ``reference`` (the stored reference of the version this one derives from, loaded with
+    ``load_reference(..., test=True)``); ``reference`` alone is stored as it is. With neither, the version
+    stores no reference and those commands need the data (or ``--dataset``).
+    """
+    if dataset is not None:
+        reference = reference_from_dataset(net, dataset, base=reference)
     mlflow = _mlflow()
     from mlflow.entities import Metric
 
@@ -224,9 +254,12 @@ def log_training_run(
             # digests of the tensor files, checked at load: safetensors cannot tell a flipped byte in tensor data
             mlflow.set_tags({f"{DIGEST_TAG}{Path(path).name}": _sha256(Path(path)) for path in artifacts.values()
                              if path.endswith(".safetensors")})
+            if reference is not None:
+                written = save_reference(reference, Path(tmp) / REFERENCE_DIR)
+                mlflow.log_artifacts(str(Path(tmp) / REFERENCE_DIR), artifact_path=REFERENCE_DIR)
+                mlflow.set_tags({f"{DIGEST_TAG}{REFERENCE_DIR}/{path.name}": _sha256(path) for path in written})
             from mlflow.models.signature import ModelSignature
             from mlflow.types.schema import Schema, TensorSpec
-            import numpy as np
 
             signature = ModelSignature(
                 inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *spec.input_shape))]),
@@ -237,7 +270,10 @@ def log_training_run(
                 signature=signature,
                 python_model=str(_PYFUNC_CODE),
                 artifacts=artifacts,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "noisewise"],
+                # noisewise is on no package index: its loader code travels in the model (code/noisewise), and
+                # the requirements are its dependencies, which an index serves
+                code_paths=[str(_model_code(Path(tmp) / "code"))],
+                pip_requirements=pip_requirements(extras=_arch_extras(spec.arch)),
                 registered_model_name=register_as,
             )
     version = None
@@ -246,6 +282,68 @@ def log_training_run(
         if promote:
             set_alias(register_as, version, CHAMPION)
     return RegisteredVersion(run.info.run_id, register_as, version, bool(register_as and promote))
+
+
+def pip_requirements(extras: tuple[str, ...] = ()) -> list[str]:
+    """The pip requirements of a logged MLflow model: noisewise's runtime dependencies as its installed metadata
+    lists them (``[project] dependencies`` of pyproject.toml, plus those of the optional ``extras``), each pinned
+    to the version installed when the model is logged (torch without its local ``+cpu`` tag, which no index
+    serves).
+
+    Why this list: it is the one pyproject.toml declares (no second list to keep in sync), every name on it is
+    served by PyPI, and exact pins rebuild the environment the version was logged and tested in (MLflow's own
+    convention for inferred requirements). ``noisewise`` itself is not on it, since no package index serves it:
+    the model carries its loader code instead (``code/noisewise``: the package's ``__init__`` and
+    ``noisewise.models``, all that the pyfunc loader imports), which MLflow puts on ``sys.path`` when it loads
+    the model.
+    """
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        declared = requires("noisewise") or []
+    except PackageNotFoundError:  # a source tree that was never installed: what noisewise.models imports
+        declared = ["torch", "numpy", "safetensors", "scipy", "scikit-learn", "pyyaml", "mlflow"]
+    pinned = set()
+    for line in declared:
+        requirement = Requirement(line)
+        if canonicalize_name(requirement.name) == "noisewise":
+            continue  # an extra that names another extra of noisewise
+        if requirement.marker is not None and not any(requirement.marker.evaluate({"extra": extra})
+                                                      for extra in ("", *extras)):
+            continue
+        try:
+            installed = version(requirement.name).split("+")[0]
+        except PackageNotFoundError:
+            pinned.add(str(requirement).split(";")[0].strip())
+            continue
+        extras_text = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+        pinned.add(f"{requirement.name}{extras_text}=={installed}")
+    return sorted(pinned, key=str.lower)
+
+
+def _arch_extras(arch: str) -> tuple[str, ...]:
+    """The optional extras of noisewise an architecture needs at load time (``torchvision:NAME``, ``timm:NAME``)."""
+    kind = arch.split(":", 1)[0]
+    return (kind,) if kind in ("torchvision", "timm") else ()
+
+
+def _model_code(directory: Path) -> Path:
+    """``directory/noisewise``: the package's ``__init__`` and ``noisewise.models`` laid out as installed, for
+    MLflow's ``code_paths`` (the pyfunc loader imports nothing else of noisewise)."""
+    import shutil
+
+    import noisewise
+    import noisewise.models
+
+    target = directory / "noisewise"
+    target.mkdir(parents=True)
+    shutil.copy2(Path(noisewise.__file__), target / "__init__.py")
+    shutil.copytree(Path(noisewise.models.__file__).parent, target / "models",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
 
 
 def _param_value(value) -> str:
@@ -336,3 +434,321 @@ def spec_from_training(net: Classifier, dataset, recipe, arch_kwargs: dict | Non
         lineage={**dataset.lineage, "dataset": dataset.name, "realized_noise_rate": dataset.noise.realized_rate},
         recipe=asdict(recipe),
     )
+
+
+# --- What a version carries besides the network ---------------------------------------------------------------
+# Serving, monitoring and evaluation must keep working when the training data is moved or deleted, so a version
+# stores, as artifacts of its run under ``reference/`` (JSON + safetensors: loading executes no code), an example
+# input, the drift reference and a held-out test sample. They are kept out of the pyfunc model folder so that
+# loading a model (service start-up, every reload) does not download the test sample.
+
+REFERENCE_DIR = "reference"
+REFERENCE_FORMAT = "noisewise-reference/1"
+#: Test items stored with a version: a uniform random sample of the test split of at most this many items.
+#: Coverage near 0.9 measured on m items has a standard error of sqrt(0.09 / m): 0.0067 at m = 2000, i.e.
+#: +-1.3 points at two standard errors, below the spread of the conformal threshold over calibration draws
+#: (sqrt(alpha (1 - alpha) / n_cal) = 0.0085 for mnist5k's 1250 calibration items); more items buy little.
+TEST_SAMPLE_MAX_ITEMS = 2000
+#: ... and at most this many bytes of inputs (a large-input model stores fewer items; 3 x 224 x 224 images
+#: quantized to 1/255 take 150 KB each, so about 220 of them fit).
+TEST_SAMPLE_MAX_BYTES = 32 * 2**20
+#: Fewer items than this give a coverage estimate with a standard error above 3 points: such a sample is not
+#: stored, and ``noisewise evaluate`` asks for ``--dataset`` instead of printing numbers that mislead.
+TEST_SAMPLE_MIN_ITEMS = 100
+_TEST_SAMPLE_SEED = 0
+
+
+@dataclass
+class VersionReference:
+    """What a version stores so that serving, monitoring and evaluation need no training data.
+
+    Attributes
+    ----------
+    example : float32 ndarray of shape (1, *input_shape)
+        One test input: the example request that ``noisewise serve`` prints.
+    cal_labels : int64 ndarray of shape (n_cal,)
+        The observed calibration labels: the reference of the label drift test.
+    cal_predicted : int64 ndarray of shape (n_cal,)
+        The network's class on each calibration input: the reference of the prediction drift test.
+    test_x : float32 ndarray of shape (m, *input_shape) or None
+        A uniform random sample of the test split (``None``: not stored, or not loaded).
+    test_y : int64 ndarray of shape (m,) or None
+        Their observed labels.
+    test_y_clean : int64 ndarray of shape (m,) or None
+        Their reference labels, ``-1`` where unknown; ``None`` when the data has none.
+    info : dict
+        ``reference.json``: where the arrays come from (``dataset``, ``source``, ``sha256``), ``n_cal`` and
+        ``test`` (``n_split``: items of the test split; ``n_stored``; ``reason`` when nothing is stored).
+    """
+
+    example: np.ndarray
+    cal_labels: np.ndarray
+    cal_predicted: np.ndarray
+    test_x: np.ndarray | None = None
+    test_y: np.ndarray | None = None
+    test_y_clean: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def test_stored(self) -> bool:
+        """Whether the version holds a test sample (loaded or not)."""
+        return int(self.info.get("test", {}).get("n_stored", 0)) > 0
+
+    def test_dataset(self, spec: ModelSpec) -> "Dataset":
+        """The stored test sample as a :class:`~noisewise.models.data.Dataset` whose only split is ``test``."""
+        from noisewise.models.data import Dataset, NoiseReport
+
+        if self.test_x is None:
+            raise RegistryError("the test sample was not loaded (load_reference(..., test=True)) or not stored")
+        n = len(self.test_x)
+        flipped, known = 0, 0
+        if self.test_y_clean is not None:
+            mask = self.test_y_clean >= 0
+            known, flipped = int(mask.sum()), int((self.test_y[mask] != self.test_y_clean[mask]).sum())
+        empty = np.empty(0, dtype=np.int64)
+        return Dataset(
+            name=str(self.info.get("dataset") or spec.lineage.get("dataset") or "stored test sample"),
+            x=self.test_x, y=self.test_y, y_clean=self.test_y_clean, class_names=list(spec.class_names),
+            splits={"train": empty, "val": empty, "cal": empty, "test": np.arange(n, dtype=np.int64)},
+            noise=NoiseReport(str(spec.lineage.get("noise", "none")), flipped / max(known, 1), flipped, known),
+            lineage=dict(spec.lineage))
+
+
+@torch.no_grad()
+def _predicted_classes(net: Classifier, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """The network's class ``[N]`` on ``x`` ``[N, *input_shape]``, in eval mode on the network's device."""
+    device = next(net.parameters()).device
+    training = net.training
+    net.eval()
+    try:
+        parts = [net(torch.as_tensor(x[i : i + batch_size]).to(device)).argmax(1).cpu()
+                 for i in range(0, len(x), batch_size)]
+    finally:
+        net.train(training)
+    return torch.cat(parts).numpy().astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+
+def _quantized_255(x: np.ndarray) -> np.ndarray | None:
+    """``x`` as uint8 when every value is exactly ``k / 255`` as float32 (pixels read from 8-bit images),
+    else ``None``; lossless, and a quarter of the float32 size."""
+    scaled = np.rint(x.astype(np.float64) * 255.0)
+    if scaled.size and (scaled.min() < 0 or scaled.max() > 255):
+        return None
+    as_uint8 = scaled.astype(np.uint8)
+    return as_uint8 if np.array_equal((as_uint8 / 255.0).astype(np.float32), x) else None
+
+
+def _test_sample(dataset: "Dataset") -> tuple[dict[str, np.ndarray], dict]:
+    """A seeded uniform random sample of the test split within the size caps, and its ``info`` record."""
+    idx = np.asarray(dataset.splits.get("test", np.empty(0, dtype=np.int64)), dtype=np.int64)
+    info: dict = {"n_split": int(len(idx)), "n_stored": 0, "seed": _TEST_SAMPLE_SEED}
+    if len(idx) == 0:
+        info["reason"] = "the data had no test split"
+        return {}, info
+    size = int(np.prod(dataset.x.shape[1:], dtype=np.int64))
+    # at most as many candidates as fit when quantized to bytes: bounds the float32 copy at 4 x the byte cap
+    n_candidates = min(len(idx), TEST_SAMPLE_MAX_ITEMS, TEST_SAMPLE_MAX_BYTES // max(size, 1))
+    order = np.random.default_rng(_TEST_SAMPLE_SEED).permutation(len(idx))[:n_candidates]
+    x = np.ascontiguousarray(dataset.x[idx[order]], dtype=np.float32)
+    encoded = _quantized_255(x)
+    stored_x = encoded if encoded is not None else x
+    item_bytes = size * stored_x.itemsize
+    m = min(len(order), TEST_SAMPLE_MAX_BYTES // max(item_bytes, 1))
+    if m < min(len(idx), TEST_SAMPLE_MIN_ITEMS):
+        info["reason"] = (f"{item_bytes} bytes per input: only {m} test items fit in {TEST_SAMPLE_MAX_BYTES // 2**20} MB, "
+                          f"fewer than {TEST_SAMPLE_MIN_ITEMS}")
+        return {}, info
+    # the first m of a uniform permutation are a uniform sample; stored in dataset order
+    in_order = np.argsort(order[:m], kind="stable")
+    chosen = order[:m][in_order]
+    arrays = {"test_x": np.ascontiguousarray(stored_x[:m][in_order]),
+              "test_y": np.ascontiguousarray(dataset.y[idx[chosen]], dtype=np.int64)}
+    if dataset.y_clean is not None:
+        arrays["test_y_clean"] = np.ascontiguousarray(dataset.y_clean[idx[chosen]], dtype=np.int64)
+    info.update({"n_stored": int(m), "x_encoding": "uint8/255" if encoded is not None else "float32",
+                 "bytes": int(sum(a.nbytes for a in arrays.values()))})
+    return arrays, info
+
+
+def reference_from_dataset(net: Classifier, dataset: "Dataset",
+                           base: VersionReference | None = None) -> VersionReference:
+    """The :class:`VersionReference` of ``net`` on ``dataset``: the calibration split gives the drift reference
+    (observed labels and the network's classes), the test split the example and the test sample.
+
+    A part the dataset lacks (no calibration or no test split, as when a version is calibrated on a file whose
+    every item calibrates) is taken from ``base``, the reference of the version it derives from.
+    """
+    info: dict = {"format": REFERENCE_FORMAT, "dataset": dataset.name, "source": dataset.lineage.get("source"),
+                  "sha256": dataset.lineage.get("sha256"), "class_names": list(dataset.class_names),
+                  "input_shape": list(dataset.input_shape)}
+    x_cal, y_cal, _ = dataset.split("cal")
+    if len(y_cal):
+        cal_labels, cal_predicted = np.asarray(y_cal, dtype=np.int64), _predicted_classes(net, x_cal)
+        info["cal_from"] = dataset.name
+    elif base is not None:
+        cal_labels, cal_predicted = base.cal_labels, base.cal_predicted
+        info["cal_from"] = base.info.get("cal_from", base.info.get("dataset"))
+    else:
+        cal_labels = cal_predicted = np.empty(0, dtype=np.int64)
+    arrays, test_info = _test_sample(dataset)
+    x_test = dataset.split("test")[0]
+    if len(x_test):
+        example = np.ascontiguousarray(x_test[:1], dtype=np.float32)
+    elif base is not None:
+        example, test_info = base.example, dict(base.info.get("test", {}))
+        arrays = {} if base.test_x is None else {
+            "test_x": base.test_x, "test_y": base.test_y,
+            **({} if base.test_y_clean is None else {"test_y_clean": base.test_y_clean})}
+        if base.test_x is None:
+            test_info.update(n_stored=0, reason=test_info.get("reason") or "the base version's test sample was not loaded")
+        info["test_from"] = base.info.get("test_from", base.info.get("dataset"))
+    else:
+        example = np.ascontiguousarray(x_cal[:1], dtype=np.float32)
+    info.update(n_cal=int(len(cal_labels)), test=test_info)
+    info.setdefault("test_from", dataset.name if test_info.get("n_stored") else None)
+    return VersionReference(example=example, cal_labels=cal_labels, cal_predicted=cal_predicted,
+                            test_x=arrays.get("test_x"), test_y=arrays.get("test_y"),
+                            test_y_clean=arrays.get("test_y_clean"), info=info)
+
+
+def save_reference(reference: VersionReference, directory: Path) -> list[Path]:
+    """Write ``reference.json``, ``reference.safetensors`` and, when a test sample is held,
+    ``test.safetensors`` into ``directory``; returns the paths written."""
+    from safetensors.numpy import save_file as save_arrays
+
+    directory.mkdir(parents=True, exist_ok=True)
+    info = dict(reference.info, format=REFERENCE_FORMAT)
+    paths = [directory / "reference.json", directory / "reference.safetensors"]
+    save_arrays({"example": np.ascontiguousarray(reference.example, dtype=np.float32),
+                 "cal_labels": np.ascontiguousarray(reference.cal_labels, dtype=np.int64),
+                 "cal_predicted": np.ascontiguousarray(reference.cal_predicted, dtype=np.int64)}, str(paths[1]))
+    test = dict(info.get("test", {}))
+    if reference.test_x is not None:
+        x = reference.test_x
+        encoded = x if x.dtype == np.uint8 else _quantized_255(x)
+        arrays = {"test_x": np.ascontiguousarray(encoded if encoded is not None else x),
+                  "test_y": np.ascontiguousarray(reference.test_y, dtype=np.int64)}
+        if reference.test_y_clean is not None:
+            arrays["test_y_clean"] = np.ascontiguousarray(reference.test_y_clean, dtype=np.int64)
+        save_arrays(arrays, str(directory / "test.safetensors"))
+        paths.append(directory / "test.safetensors")
+        test.update(n_stored=int(len(x)), x_encoding="uint8/255" if encoded is not None else "float32",
+                    bytes=int(sum(a.nbytes for a in arrays.values())))
+    else:
+        test.update(n_stored=0)
+    info["test"] = test
+    paths[0].write_text(json.dumps(info, indent=1, sort_keys=True))
+    return paths
+
+
+def read_reference(directory: Path, spec: ModelSpec | None = None, test: bool = True) -> VersionReference:
+    """Read what :func:`save_reference` wrote (the test sample only with ``test``), checked against ``spec``."""
+    from safetensors.numpy import load_file as load_arrays
+
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / "reference.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RegistryError(f"reference.json: cannot read it ({err})") from None
+    if not isinstance(info, dict) or info.get("format") != REFERENCE_FORMAT:
+        raise RegistryError(f"reference.json: expected format {REFERENCE_FORMAT!r}")
+    names = list(info.get("class_names") or (spec.class_names if spec else []))
+    shape = list(info.get("input_shape") or (spec.input_shape if spec else []))
+    if spec is not None and (names != list(spec.class_names) or shape != list(spec.input_shape)):
+        raise RegistryError("reference.json: class names or input shape differ from model.json")
+    k = len(names)
+
+    def load(name: str) -> dict[str, np.ndarray]:
+        try:
+            return load_arrays(str(directory / name))
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise RegistryError(f"{name}: cannot read it ({err})") from None
+
+    def labels(array: np.ndarray | None, what: str, lowest: int = 0) -> np.ndarray | None:
+        if array is None:
+            return None
+        if array.ndim != 1 or array.dtype != np.int64 or (array.size and (array.min() < lowest or array.max() >= k)):
+            raise RegistryError(f"{what}: expected int64 class indices in [{lowest}, {k}), shape (n,)")
+        return array
+
+    arrays = load("reference.safetensors")
+    example = arrays.get("example")
+    if example is None or example.dtype != np.float32 or list(example.shape) != [1, *shape]:
+        raise RegistryError(f"reference.safetensors: 'example' must be float32 of shape {[1, *shape]}")
+    cal_labels = labels(arrays.get("cal_labels"), "reference.safetensors: 'cal_labels'")
+    cal_predicted = labels(arrays.get("cal_predicted"), "reference.safetensors: 'cal_predicted'")
+    if cal_labels is None or cal_predicted is None or len(cal_labels) != len(cal_predicted):
+        raise RegistryError("reference.safetensors: 'cal_labels' and 'cal_predicted' must be of equal length")
+    reference = VersionReference(example=example, cal_labels=cal_labels, cal_predicted=cal_predicted, info=info)
+    if test and int(info.get("test", {}).get("n_stored", 0)) > 0:
+        sample = load("test.safetensors")
+        x = sample.get("test_x")
+        if x is None or list(x.shape[1:]) != shape or x.dtype not in (np.uint8, np.float32):
+            raise RegistryError(f"test.safetensors: 'test_x' must be uint8 or float32 of shape [m, {', '.join(map(str, shape))}]")
+        reference.test_x = (x / 255.0).astype(np.float32) if x.dtype == np.uint8 else x
+        reference.test_y = labels(sample.get("test_y"), "test.safetensors: 'test_y'")
+        reference.test_y_clean = labels(sample.get("test_y_clean"), "test.safetensors: 'test_y_clean'", lowest=-1)
+        if reference.test_y is None or len(reference.test_y) != len(x) or (
+                reference.test_y_clean is not None and len(reference.test_y_clean) != len(x)):
+            raise RegistryError("test.safetensors: 'test_y' (and 'test_y_clean') must have one label per input")
+    return reference
+
+
+def load_reference(loaded: LoadedModel, *, test: bool = False) -> VersionReference | None:
+    """The :class:`VersionReference` stored with a registered version (its test sample only with ``test``), or
+    ``None`` for a version that stores none (registered by an older noisewise, or without data). Files whose
+    sha256 differs from the one recorded at registration are refused."""
+    if loaded.run_id is None:
+        return None
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    try:
+        present = {Path(a.path).name for a in client.list_artifacts(loaded.run_id, REFERENCE_DIR)}
+    except Exception as err:
+        raise RegistryError(f"cannot list the artifacts of {loaded.name}/{loaded.version}: {_first_line(err)}") from None
+    if "reference.json" not in present:
+        return None
+    wanted = ["reference.json", "reference.safetensors"] + (["test.safetensors"] if test and "test.safetensors" in present
+                                                              else [])
+    tags = client.get_run(loaded.run_id).data.tags
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in wanted:
+            try:  # each file by itself (the test sample only when asked for), into one folder
+                local = Path(mlflow.artifacts.download_artifacts(
+                    run_id=loaded.run_id, artifact_path=f"{REFERENCE_DIR}/{name}", dst_path=tmp)).replace(
+                    Path(tmp) / name)
+            except Exception as err:
+                raise RegistryError(f"cannot download {REFERENCE_DIR}/{name} of {loaded.name}/{loaded.version}: "
+                                    f"{_first_line(err)}") from None
+            expected = tags.get(f"{DIGEST_TAG}{REFERENCE_DIR}/{name}")
+            if expected is not None and _sha256(local) != expected:
+                raise RegistryError(f"{loaded.name}/{loaded.version}: {REFERENCE_DIR}/{name} does not match the sha256 "
+                                    "recorded when it was registered (tampered or corrupted artifact)")
+        return read_reference(Path(tmp), loaded.spec, test=test)
+
+
+def training_data(loaded: LoadedModel, *, needed_by: str, alternative: str, trusted: str | Path | None = None):
+    """The dataset ``loaded`` was trained on, rebuilt from its lineage (:func:`~noisewise.models.data.load_from_lineage`).
+
+    Raises
+    ------
+    DataError
+        In one line, when the data (or the trusted-labels file it recorded) is no longer where it was: what needs
+        it (``needed_by``), the path, and ``alternative`` (what to do instead, e.g. pass ``--dataset``).
+    """
+    from noisewise.models.data import BUILTIN_DATASETS, DataError, load_from_lineage
+
+    lineage = loaded.spec.lineage
+    which = f"{loaded.name}/{loaded.version}" if loaded.name else "the model"
+    if lineage.get("dataset") not in BUILTIN_DATASETS:
+        source = lineage.get("source")
+        if not source:
+            raise DataError(f"{needed_by} needs the training data of {which}, and its lineage names none; {alternative}")
+        gone = [("training data", source)] if not Path(source).exists() else []
+        if trusted is None and lineage.get("trusted") and not Path(lineage["trusted"]).exists():
+            gone.append(("trusted labels", lineage["trusted"]))
+        if gone:
+            what, path = gone[0]
+            raise DataError(f"{needed_by} needs the {what} of {which}, but {path} no longer exists (moved or deleted): "
+                            f"restore it there, or {alternative}")
+    return load_from_lineage(lineage, trusted=trusted)

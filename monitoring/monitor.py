@@ -43,18 +43,37 @@ def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
 
 
 def reference_frame(loaded) -> pd.DataFrame:
-    """Calibration labels and the model's predictions on the calibration inputs (the drift reference)."""
-    import torch
+    """The drift reference: calibration labels (``label``) and the model's classes on the calibration inputs
+    (``predicted``), as stored with the version, so that monitoring needs no training data.
 
-    from noisewise.models.calibrate import features_and_logits
-    from noisewise.models.data import load_from_lineage
+    A version that stores none (registered by an older noisewise) computes them from its data on disk.
 
-    dataset = load_from_lineage(loaded.spec.lineage)
-    x_cal, y_cal, _ = dataset.split("cal")
-    with torch.no_grad():
-        _, logits = features_and_logits(loaded.net, x_cal, torch.device("cpu"))
-    return pd.DataFrame({"label": np.asarray(y_cal, dtype=np.int64),
-                         "predicted": logits.argmax(1).cpu().numpy().astype(np.int64)})
+    Raises
+    ------
+    DataError
+        For such a version whose data is gone (one line naming the path).
+    ValueError
+        When the version stores no calibration items (nothing to compare the feedback with).
+    """
+    from noisewise.models import registry
+
+    reference = registry.load_reference(loaded)
+    if reference is None:
+        import torch
+
+        from noisewise.models.calibrate import features_and_logits
+
+        dataset = registry.training_data(loaded, needed_by="monitor (the drift reference)",
+                                         alternative="recalibrate the version (`noisewise calibrate --dataset FILE`) so "
+                                         "that it stores its drift reference")
+        x_cal, y_cal, _ = dataset.split("cal")
+        with torch.no_grad():
+            _, logits = features_and_logits(loaded.net, x_cal, next(loaded.net.parameters()).device)
+        return pd.DataFrame({"label": np.asarray(y_cal, dtype=np.int64),
+                             "predicted": logits.argmax(1).cpu().numpy().astype(np.int64)})
+    if len(reference.cal_labels) == 0:
+        raise ValueError(f"{loaded.name}/{loaded.version} stores no calibration items to compare the feedback with")
+    return pd.DataFrame({"label": reference.cal_labels, "predicted": reference.cal_predicted})
 
 
 def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit: int = 20) -> dict[str, Any]:

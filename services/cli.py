@@ -189,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     demo.set_defaults(handler=cmd_demo)
 
-    from noisewise.services import cli_audit, cli_feedback
+    from noisewise.services import cli_audit, cli_feedback, cli_import
 
     cli_feedback.add_parsers(commands, sys.modules[__name__])
     cli_audit.add_parsers(commands, sys.modules[__name__])
+    cli_import.add_parsers(commands, sys.modules[__name__])
     return parser
 
 
@@ -387,7 +388,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     logged = registry.log_training_run(result.net.cpu(), spec, params, result.history,
                                        {**result.metrics, **flat_metrics(evaluation)}, register_as=args.register,
-                                       promote=args.promote, calibration=calibration)
+                                       promote=args.promote, calibration=calibration, dataset=dataset)
     m = result.metrics
     payload = {
         "run_id": logged.run_id,
@@ -424,22 +425,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from noisewise.models import registry
-    from noisewise.models.data import load_from_lineage
     from noisewise.models.evaluation import flat_metrics
     from noisewise.models.nets import pick_device
 
     settings = _calibration_settings(args)
     device = pick_device(args.device)
     source = registry.load_model(args.model, device=device)
-    base = None
+    base = reference = None
     if args.dataset is None:
-        dataset = load_from_lineage(source.spec.lineage, trusted=args.trusted)
+        dataset = registry.training_data(source, needed_by="calibrate", trusted=args.trusted,
+                                         alternative="pass --dataset FILE (labelled data with the model's input shape "
+                                         "and classes) to calibrate on it")
     else:
         if source.calibration is None:
             raise UsageError(f"--dataset keeps the OOD bank of {args.model}, which has no calibration: calibrate it "
                              "on its own data first")
         dataset = _whole_file(args.dataset, source, split="cal", trusted=args.trusted)
         base = source.calibration
+        reference = registry.load_reference(source, test=True)  # keeps the source's example and test sample
     calibration, evaluation = _calibrate_and_evaluate(source.net, dataset, settings, device, base=base)
     params = {**{f"calibration.{k}": v for k, v in settings.__dict__.items()},
               "calibrated_from": f"{source.name}/{source.version}", "source_run_id": source.run_id}
@@ -450,7 +453,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     logged = registry.log_training_run(
         source.net.cpu(), source.spec, params, history=[], metrics=flat_metrics(evaluation), register_as=source.name,
         promote=args.promote, calibration=calibration,
-        tags={"noisewise.calibrated_from": f"{source.name}/{source.version}"})
+        tags={"noisewise.calibrated_from": f"{source.name}/{source.version}"}, dataset=dataset, reference=reference)
     payload = {"model_name": logged.name, "model_version": logged.version, "calibrated_from": source.version,
                "calibration_data": dataset.name, "n_calibration": int(len(dataset.splits["cal"])),
                "promoted": logged.promoted, "run_id": logged.run_id, **_calibration_payload(calibration, evaluation)}
@@ -483,7 +486,6 @@ def _whole_file(path: str, loaded, split: str, trusted: str | None = None):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from noisewise.models import registry
-    from noisewise.models.data import load_from_lineage
     from noisewise.models.evaluation import evaluate
     from noisewise.models.nets import pick_device
     from noisewise.models.predictor import Predictor
@@ -492,11 +494,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loaded = registry.load_model(args.model, device=device)
     if loaded.calibration is None:
         raise UsageError(f"{args.model} has no calibration: run `noisewise calibrate --model {args.model}` first")
-    dataset = (load_from_lineage(loaded.spec.lineage) if args.dataset is None
-               else _whole_file(args.dataset, loaded, split="test"))
+    if args.dataset is not None:
+        dataset, items = _whole_file(args.dataset, loaded, split="test"), "every item of the file"
+    else:
+        dataset, items = _stored_test_split(loaded)
     result = evaluate(Predictor(loaded.net, loaded.calibration, device=device), dataset)
     payload = {"model_name": loaded.name, "model_version": loaded.version, "dataset": dataset.name,
-               "items": "every item of the file" if args.dataset is not None else "the test split",
+               "items": items,
                **_round_all({k: v for k, v in result.items() if k != "assumptions"}),
                "assumptions": result["assumptions"]}
     noise = ("" if result["realized_noise_rate"] is None else
@@ -507,18 +511,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_test_split(loaded):
+    """``(dataset, description)``: the test sample stored with the version; for a version that stores no
+    reference (registered by an older noisewise), the test split of its data on disk."""
+    from noisewise.models import registry
+
+    reference = registry.load_reference(loaded, test=True)
+    if reference is None:
+        dataset = registry.training_data(loaded, needed_by="evaluate", alternative="pass --dataset FILE (an .npz or "
+                                         "image folder with the model's input shape and classes) to evaluate on it")
+        return dataset, "the test split"
+    test = reference.info.get("test", {})
+    if reference.test_x is None:
+        raise UsageError(f"{loaded.name}/{loaded.version} stores no test sample ({test.get('reason') or 'none was stored'})"
+                         ": pass --dataset FILE (an .npz or image folder with the model's input shape and classes) to "
+                         "evaluate on it")
+    n, total = len(reference.test_x), int(test.get("n_split") or len(reference.test_x))
+    items = ("the test split (stored with the version)" if n == total
+             else f"a random sample of {n} of the {total} test items (stored with the version)")
+    return reference.test_dataset(loaded.spec), items
+
+
 def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
 def _example_request(ref: str) -> Path:
-    """Write one clean test input of the model's dataset as a JSON body; returns its path."""
+    """Write the example input stored with the version (a test input of its data) as a JSON body; returns its
+    path. A version that stores none (registered by an older noisewise) takes a test input of its data when the
+    data is still there, else a blank input (the lowest value of the input range)."""
+    import numpy as np
+
     from noisewise.models import registry
-    from noisewise.models.data import load_from_lineage
+    from noisewise.models.data import DataError
 
     loaded = registry.load_model(ref)
-    dataset = load_from_lineage(loaded.spec.lineage)
-    x = dataset.split("test")[0][:1]
+    reference = registry.load_reference(loaded)
+    if reference is not None:
+        x = reference.example
+    else:
+        try:
+            x = registry.training_data(loaded, needed_by="the example request", alternative="").split("test")[0][:1]
+        except DataError:
+            x = np.empty(0)
+        if len(x) == 0:
+            x = np.full((1, *loaded.spec.input_shape), float(loaded.spec.input_range[0]), dtype=np.float32)
     path = registry.home_dir() / "example-request.json"
     path.write_text(json.dumps({"inputs": [[round(float(v), 4) for v in x[0].ravel()]]}))
     return path
@@ -578,17 +615,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     from noisewise.models import registry
-    from noisewise.models.data import load_from_lineage, load_ood
+    from noisewise.models.data import load_ood
 
     loaded = registry.load_model(args.model)
-    dataset = load_from_lineage(loaded.spec.lineage)
-    x_test, _, y_clean = dataset.split("test")
+    class_names, input_shape = list(loaded.spec.class_names), tuple(loaded.spec.input_shape)
+    reference = registry.load_reference(loaded, test=True)
+    if reference is not None and reference.test_x is not None:
+        x_test, y_clean = reference.test_x, reference.test_y_clean
+    elif reference is not None:
+        raise UsageError(f"demo sends the test inputs stored with {loaded.name}/{loaded.version}, which stores none "
+                         f"({reference.info.get('test', {}).get('reason') or 'none was stored'}); serve a version "
+                         "trained with a test split")
+    else:  # a version registered by an older noisewise: the test split of its data on disk
+        dataset = registry.training_data(loaded, needed_by="demo", alternative="serve a version that stores its test "
+                                         "sample (train or calibrate it again)")
+        x_test, _, y_clean = dataset.split("test")
+    if y_clean is not None:  # only items with a reference label can be scored and labelled by the annotators
+        known = y_clean >= 0
+        x_test, y_clean = (x_test[known], y_clean[known]) if known.any() else (x_test, None)
     rng = np.random.default_rng(0)
     pick = rng.choice(len(x_test), size=min(args.n, len(x_test)), replace=False)
     streams = {"id": (x_test[pick], None if y_clean is None else y_clean[pick])}
-    if len(dataset.input_shape) == 3:
+    if len(input_shape) == 3:
         for name in ("photos", "other-digits"):
-            streams[name] = (load_ood(name, dataset.input_shape, n=max(1, args.n // 3), seed=1), None)
+            streams[name] = (load_ood(name, input_shape, n=max(1, args.n // 3), seed=1), None)
     summary: dict = {}
     served_predictions: dict = {}
     with httpx.Client(base_url=args.url, timeout=120) as client:
@@ -605,7 +655,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     raise UsageError(f"/predict answered {response.status_code}: {response.text[:200]}")
                 predictions += response.json()["predictions"]
             served_predictions[name] = predictions
-            names = dataset.class_names
+            names = class_names
             stats = {
                 "sent": len(predictions),
                 "accepted": sum(p["decision"] == "accept" for p in predictions),
@@ -633,7 +683,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             lines.append(line)
         if not args.no_feedback and y_clean is not None:
             feedback_payload, feedback_lines = _demo_feedback(args, client, loaded, served_predictions,
-                                                              streams["id"][1], dataset.class_names, rng)
+                                                              streams["id"][1], class_names, rng)
             payload["feedback"] = feedback_payload
             lines += feedback_lines
     _emit(args, payload, "\n".join(lines))

@@ -315,11 +315,14 @@ def _plan_calibration(args: argparse.Namespace) -> int:
     import numpy as np
 
     from noisewise.models import registry
-    from noisewise.models.data import load_from_lineage
 
     cli = _cli()
     loaded = registry.load_model(args.model)
-    dataset = load_from_lineage(loaded.spec.lineage)
+    # the worklist's rows are rows of the data file: drawing them needs the file itself
+    dataset = registry.training_data(
+        loaded, needed_by="audit plan --from calibration",
+        alternative=f"draw served predictions instead (--from predictions), or calibrate on labelled data you hold "
+        f"(`noisewise calibrate --model {args.model} --dataset FILE`)")
     names = list(dataset.class_names)
     cal = np.asarray(dataset.splits["cal"], dtype=np.int64)
     trusted = getattr(dataset, "trusted", None)
@@ -654,13 +657,15 @@ def _submit_calibration(args: argparse.Namespace, worklist: Worklist) -> int:
     import numpy as np
 
     from noisewise.models import registry
-    from noisewise.models.data import load_from_lineage
     from noisewise.models.uncertainty.labelnoise import noise_rate_direct
 
     cli = _cli()
     ref = args.model or worklist.meta.get("model") or args.default_model
     loaded = registry.load_model(ref)
-    dataset = load_from_lineage(loaded.spec.lineage)
+    dataset = registry.training_data(
+        loaded, needed_by="audit submit (calibration worklist)",
+        alternative=f"calibrate on labelled data you hold (`noisewise calibrate --model {ref} --dataset FILE "
+        "--trusted FILE`)")
     names = list(dataset.class_names)
     items, skipped, errors = check_calibration_rows(worklist, names, len(dataset.y), dataset.splits["cal"])
     if errors:

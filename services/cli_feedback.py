@@ -267,7 +267,8 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     logged = registry.log_training_run(
         loaded.net.cpu(), loaded.spec, params, history=[],
         metrics={"recalibration_q": recal.threshold.q, "recalibration_n": recal.n}, register_as=loaded.name,
-        calibration=calibration, tags={"noisewise.recalibrated_from": f"{loaded.name}/{loaded.version}"})
+        calibration=calibration, tags={"noisewise.recalibrated_from": f"{loaded.name}/{loaded.version}"},
+        reference=registry.load_reference(loaded, test=True))  # same network: its drift reference and test sample
     moved = False
     if not args.no_promote:
         registry.set_alias(loaded.name, logged.version, alias)

@@ -469,6 +469,10 @@ class InputInfo(BaseModel):
     range: list[float] = Field(description="value range the model was trained on; images are scaled to it")
     images: bool = Field(description="whether PNG/JPEG images are accepted")
     image_mode: str | None = Field(None, description="L (grayscale) or RGB")
+    preprocess: dict[str, Any] | None = Field(
+        None, description="imported models: how an input of `shape` becomes what the network takes, applied by the "
+        "version to arrays and decoded images alike (network input_shape; resize: shorter side before a center crop, "
+        "null = straight to H x W; mean/std per channel, null = none); null for noisewise's own networks")
 
 
 class ServingInfo(BaseModel):
