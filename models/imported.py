@@ -40,9 +40,10 @@ import io
 import json
 import math
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -237,7 +238,7 @@ class Preprocess:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocess":
+    def from_dict(cls, data: dict) -> Preprocess:
         try:
             return cls(input_shape=tuple(int(s) for s in data["input_shape"]),
                        resize=None if data.get("resize") is None else int(data["resize"]),
@@ -262,10 +263,11 @@ class Preprocess:
                 raise ImportedModelError(f"--resize: {self.resize} is smaller than the crop {net[1]}x{net[2]}")
         else:
             if net != served:
-                raise ImportedModelError(f"--input-shape: vectors cannot be resized ({list(served)} -> {list(net)})")
+                raise ImportedModelError(f"--input-shape: only images [C, H, W] are converted; the dataset's items "
+                                         f"are {list(served)}, not {list(net)}")
             if self.resize is not None:
                 raise ImportedModelError("--resize applies to images only")
-        width = net[0]
+        width = _stat_shape(net)[0]
         for flag, values in (("--mean", self.mean), ("--std", self.std)):
             if values is not None:
                 if len(values) not in (1, width):
@@ -306,8 +308,7 @@ class ImportedModel(Classifier):
         super().__init__(tuple(input_shape), num_classes)
         preprocess.check(self.input_shape)
         self.preprocess = preprocess
-        net = preprocess.input_shape
-        stat_shape = (net[0], 1, 1) if len(net) == 3 else (net[0],)
+        stat_shape = _stat_shape(preprocess.input_shape)
         # the Classifier's standardization buffers, re-registered on the network's side of the conversion
         self.register_buffer("input_mean", _stat(preprocess.mean, 0.0, stat_shape))
         self.register_buffer("input_std", _stat(preprocess.std, 1.0, stat_shape))
@@ -380,6 +381,12 @@ class ImportedModel(Classifier):
         document = {"arch": self.arch, "weights": weights_sha256, "preprocess": self.preprocess.to_dict(),
                     "archive": None if self.archive is None else sha256_bytes(self.archive)}
         return sha256_bytes(json.dumps(document, sort_keys=True).encode())
+
+
+def _stat_shape(net: Sequence[int]) -> tuple[int, ...]:
+    """Shape of mean/std: per channel for images ``[C, 1, 1]``, per feature for vectors ``[D]``, one value
+    for inputs of other ranks."""
+    return (net[0], 1, 1) if len(net) == 3 else (net[0],) if len(net) == 1 else (1,)
 
 
 def _stat(values: Sequence[float] | None, default: float, shape: tuple[int, ...]) -> torch.Tensor:

@@ -517,7 +517,7 @@ class VersionReference:
 @torch.no_grad()
 def _predicted_classes(net: Classifier, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """The network's class ``[N]`` on ``x`` ``[N, *input_shape]``, in eval mode on the network's device."""
-    device = next(net.parameters()).device
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
     training = net.training
     net.eval()
     try:

@@ -64,11 +64,13 @@ def reference_frame(loaded) -> pd.DataFrame:
         from noisewise.models.calibrate import features_and_logits
 
         dataset = registry.training_data(loaded, needed_by="monitor (the drift reference)",
-                                         alternative="recalibrate the version (`noisewise calibrate --dataset FILE`) so "
-                                         "that it stores its drift reference")
+                                         alternative=f"calibrate it on labelled data you hold (`noisewise calibrate "
+                                         f"--model {loaded.name}/{loaded.version} --dataset FILE`): the new version "
+                                         "stores its drift reference")
         x_cal, y_cal, _ = dataset.split("cal")
         with torch.no_grad():
-            _, logits = features_and_logits(loaded.net, x_cal, next(loaded.net.parameters()).device)
+            device = next((p.device for p in loaded.net.parameters()), torch.device("cpu"))
+            _, logits = features_and_logits(loaded.net, x_cal, device)
         return pd.DataFrame({"label": np.asarray(y_cal, dtype=np.int64),
                              "predicted": logits.argmax(1).cpu().numpy().astype(np.int64)})
     if len(reference.cal_labels) == 0:

@@ -338,6 +338,11 @@ def _safe(url: str) -> str:
 
 def _engine(url: str, begin: str = "BEGIN") -> sa.Engine:
     parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        try:
+            import psycopg  # noqa: F401  (the driver is an optional extra)
+        except ImportError:
+            raise StoreError("a PostgreSQL store needs its driver: pip install 'noisewise[postgres]'") from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -290,11 +290,11 @@ def test_missing_torchvision_in_a_real_process(home, tmp_path):
     env = {**os.environ, "NOISEWISE_HOME": str(home)}
     proc = subprocess.run([sys.executable, "-m", "noisewise.services.cli", "import", "--arch", "torchvision:resnet18",
                            "--weights", str(weights), "--dataset", "digits", "--register", "never"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [
+    assert proc.stderr.strip().splitlines() == [(
         "noisewise: error: --arch torchvision:resnet18: torchvision is not installed; install the extra: pip install "
-        "'noisewise[torchvision]'"]
+        "'noisewise[torchvision]'")]
 
 
 @pytest.mark.parametrize("options, message", [
@@ -422,10 +422,9 @@ def test_torchvision_resnet_is_split_at_avgpool_and_fc(home, tmp_path, monkeypat
 
 def test_timm_model_is_split_at_pre_logits(monkeypatch, tmp_path, digits_test):
     class TinyTimm(nn.Module):
-        pretrained_cfg = {"input_size": (3, 224, 224), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-
         def __init__(self, num_classes):
             super().__init__()
+            self.pretrained_cfg = {"input_size": (3, 224, 224), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
             self.stem = nn.Conv2d(3, 5, 3, padding=1)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.head = nn.Linear(5, num_classes)
@@ -485,3 +484,7 @@ def test_preprocessing_converts_channels_and_sizes():
     assert torch.equal(crop, rgb[:, :, 3:7, 1:5])
     up = Identity((1, 4, 4), 1, imported.Preprocess((3, 8, 8), mean=(0.5,), std=(2.0,))).prepare(torch.ones(1, 1, 4, 4))
     assert up.shape == (1, 3, 8, 8) and torch.allclose(up, torch.full_like(up, 0.25))
+    vectors = Identity((4,), 1, imported.Preprocess((4,), mean=(1.0, 2.0, 3.0, 4.0), std=(2.0,))).prepare(torch.ones(2, 4))
+    assert torch.equal(vectors, torch.tensor([[0.0, -0.5, -1.0, -1.5]] * 2))
+    with pytest.raises(imported.ImportedModelError, match="only images"):
+        imported.Preprocess((3,)).check((4,))

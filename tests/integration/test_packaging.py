@@ -59,7 +59,7 @@ def built(tmp_path_factory):
 
 
 def test_wheel_holds_one_package_with_its_data(built):
-    root, wheel = built
+    _, wheel = built
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert {n.split("/")[0] for n in names} == {"noisewise", wheel.name.split("-py3")[0] + ".dist-info"}
@@ -200,10 +200,8 @@ def test_bento_installs_the_wheel_and_its_requirements_cover_every_import(built,
 def test_mlflow_model_installs_from_an_index_and_loads_without_noisewise(tmp_path):
     """The pyfunc model's requirements.txt names only distributions an index serves (pinned), and the model
     loads and predicts in a process where `noisewise` is importable only from the model's own code folder."""
-    import mlflow
     import numpy as np
     import torch
-
     from noisewise.models import registry
     from noisewise.models.nets import arch_name, build_net
 

@@ -12,9 +12,9 @@ import json
 
 import numpy as np
 import pytest
-
 from noisewise.models import registry
 from noisewise.models.data import load_dataset
+
 from tests.integration.serving_model import serve
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def moved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("user-data")
     path = folder / "digits.npz"
     digits_npz(path)
-    status, out, err = run("train", "--dataset", str(path), "--noise", NOISE, "--recipe", "ce", "--epochs", "3",
+    status, _, err = run("train", "--dataset", str(path), "--noise", NOISE, "--recipe", "ce", "--epochs", "3",
                            "--risk", "0.25", "--register", NAME, "--promote", "--json", "--quiet")
     assert status == 0, err
     dataset = load_dataset(str(path), NOISE, seed=0)
@@ -184,7 +184,7 @@ def test_a_version_without_stored_reference_falls_back_to_the_data(moved, tmp_pa
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert str(moved["path"]) in err and "--dataset" in err
     monkeypatch.setenv("NOISEWISE_STORE_URL", f"sqlite:///{tmp_path / 'store.db'}")
-    status, out, err = run("monitor", "--model", ref, "--workspace", str(tmp_path / "ws"))
+    status, _, err = run("monitor", "--model", ref, "--workspace", str(tmp_path / "ws"))
     assert status == 2 and str(moved["path"]) in err and len(err.strip().splitlines()) == 1
     body = json.loads(_example_request(ref).read_text())  # a blank input of the right size, still a valid request
     assert body["inputs"] == [[0.0] * 64]
