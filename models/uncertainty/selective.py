@@ -702,8 +702,12 @@ def certify_threshold(
     # a run, and only those points need the (costly) CDF. Exact, not an approximation.
     run_start = np.flatnonzero(np.r_[True, t_c[1:] != t_c[:-1]]) if t_c.size else t_c
     p_start = special.bdtr(t_c[run_start], t_n[run_start], r_eff)  # c_j <= n_j
-    failed = run_start[p_start > delta]
-    n_certified = int(failed[0]) if failed.size else t_thr.shape[0]
+    # The step itself is MAPIE's fixed-sequence procedure (Learn then Test): it rejects the leading
+    # run of hypotheses with p <= delta and stops at the first failure.
+    from mapie.risk_control import control_fwer
+
+    passed = control_fwer(p_start, float(delta), "fixed_sequence").size if p_start.size else 0
+    n_certified = int(run_start[passed]) if passed < run_start.size else t_thr.shape[0]
     n_tested = min(n_certified + 1, t_thr.shape[0])
     common = dict(
         risk=float(risk),
