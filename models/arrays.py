@@ -54,17 +54,14 @@ from noisewise.models.calibrate import (
     Calibration,
     CalibrationSettings,
     NoiseKnowledge,
-    _noise_record,
-    fit_abstention,
-    fit_set_threshold,
+    assemble_calibration,
     noise_knowledge,
 )
 from noisewise.models.data import DataError, parse_noise_spec
-from noisewise.models.uncertainty.conformal import CONFORMITY_SCORES, MAPIE_CONVENTION, prediction_sets
-from noisewise.models.uncertainty.labelnoise import per_class_thresholds
+from noisewise.models.uncertainty.conformal import CONFORMITY_SCORES, prediction_sets
 from noisewise.models.uncertainty.ood import OOD_SCORERS, OODGate, build_ood_scorer
 from noisewise.models.uncertainty.selective import confidence as confidence_fn
-from noisewise.models.uncertainty.selective import frontier_sentence, select_pnorm
+from noisewise.models.uncertainty.selective import select_pnorm
 
 __all__ = ["INPUT_KINDS", "REASONS", "NoiseAwareClassifier", "NotConformalizedError"]
 
@@ -458,21 +455,8 @@ class NoiseAwareClassifier:
         f_cal = self._features(scorer, features, n, "features")
         gate = OODGate(scorer.score(f_cal, z_cal), alpha_ood=self.ood_alpha)
 
-        probs_np = probs_cal.double().cpu().numpy()
-        pred_cal = probs_np.argmax(1)
-        noise, assumptions = _noise_record(settings, knowledge, y_cal, audit_index, audit_labels, probs_np, k)
-        if len(audit_index):
-            note = (f"audit: {len(audit_index)} calibration items carry trusted labels; they are assumed to be a "
-                    "random sample of the calibration items")
-            assumptions = [note, *assumptions]
-
-        # MAPIE's convention: randomized scores at calibration, include-last-label sets at serving.
-        convention = MAPIE_CONVENTION[self.score]
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        params = {**convention["calibration"], **({"generator": generator} if convention["calibration"] else {})}
-        scores = CONFORMITY_SCORES[self.score](probs_cal.double(), **params).cpu().numpy()
-        threshold, set_guarantee = fit_set_threshold(settings, knowledge, scores, y_cal, audit_index, audit_labels, k)
-
+        notes = ([f"audit: {len(audit_index)} calibration items carry trusted labels; they are assumed to be a "
+                  "random sample of the calibration items"] if len(audit_index) else [])
         confidence_name, confidence_params = "msp", {}
         if confidence_tuning is not None:
             if not (isinstance(confidence_tuning, (tuple, list)) and len(confidence_tuning) == 2):
@@ -483,22 +467,11 @@ class NoiseAwareClassifier:
             p = select_pnorm(z_val, z_val.argmax(1).cpu().numpy() == y_val)
             confidence_name, confidence_params = ("msp", {}) if p is None else ("maxlogit_pnorm", {"p": int(p)})
         conf_cal = self._confidence(z_cal, probs_cal, confidence_name, confidence_params).double().cpu().numpy()
-        certified, frontier, abstention_guarantee, min_accepted = fit_abstention(
-            settings, knowledge, conf_cal, pred_cal, y_cal, audit_index, audit_labels, k)
-
-        guarantees = {"prediction_set": set_guarantee, "abstention": abstention_guarantee, "ood": dict(_OOD_GUARANTEE)}
-        assumptions += [f"{part.replace('_', ' ')}: {g['kind']}: {g['condition']}" for part, g in guarantees.items()
-                        if part != "ood"]
-        if not certified.certified:
-            assumptions.append("abstention: " + frontier_sentence(frontier, self.risk))
-        self.calibration_ = Calibration(
-            class_names=class_names, ood_scorer=scorer, ood_gate=gate, conformity_score=self.score,
-            conformity_params=dict(convention["serving"]), threshold=threshold, noise=noise,
-            confidence_name=confidence_name, confidence_params=confidence_params, certified=certified,
-            cl_thresholds=[float(t) for t in per_class_thresholds(probs_np, y_cal, k)],
-            settings={**settings.__dict__, "ood_scorer": scorer.name, "n_calibration": n, "n_audited": len(audit_index),
-                      "min_accepted": min_accepted, "inputs": self.inputs},
-            assumptions=assumptions, guarantees=guarantees, frontier=[point.to_dict() for point in frontier])
+        self.calibration_ = assemble_calibration(
+            settings, knowledge, class_names=class_names, scorer=scorer, gate=gate, probs_cal=probs_cal,
+            conf_cal=conf_cal, y_cal=y_cal, audit_index=audit_index, audit_labels=audit_labels,
+            confidence_name=confidence_name, confidence_params=confidence_params, ood_guarantee=dict(_OOD_GUARANTEE),
+            notes=notes, extra_settings={"ood_scorer": scorer.name, "inputs": self.inputs})
         self.ood_scorer_ = scorer
         self.n_classes_ = k
         return self

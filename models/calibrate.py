@@ -134,7 +134,8 @@ class Calibration:
                 "can_certify": frontier_sentence([FrontierPoint.from_dict(p) for p in self.frontier], c.risk)
                 if self.frontier and not c.certified else None,
             },
-            "ood": {"kind": kinds["ood"]["kind"], "condition": kinds["ood"]["condition"], "scorer": self.ood_scorer.name, "alpha_ood": self.ood_gate.alpha_ood, "n_calibration": self.ood_gate.n},
+            "ood": {"kind": kinds["ood"]["kind"], "condition": kinds["ood"]["condition"],
+                    "scorer": self.ood_scorer.name, "alpha_ood": self.ood_gate.alpha_ood, "n_calibration": self.ood_gate.n},
             "noise": self.noise,
             "assumptions": self.assumptions,
         }
@@ -357,7 +358,6 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     settings.check()
     device = torch.device(device)
     net = net.to(device).eval()
-    k = dataset.num_classes
     x_cal, y_cal, _ = dataset.split("cal")
     n_cal = len(y_cal)
     if n_cal == 0:
@@ -377,20 +377,6 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     f_cal, z_cal = features_and_logits(net, x_cal, device)
     gate = OODGate(scorer.score(f_cal, z_cal), alpha_ood=settings.ood_alpha)
 
-    probs_cal = torch.softmax(z_cal, dim=1)
-    probs_np = probs_cal.double().cpu().numpy()
-    pred_cal = probs_np.argmax(1)
-    noise, assumptions = _noise_record(settings, knowledge, y_cal, audit_index, audit_labels, probs_np, k)
-    assumptions = audit_note + assumptions
-
-    # MAPIE's convention: randomized scores at calibration, include-last-label sets at serving, so that
-    # at eps = 0 our sets are exactly MAPIE's SplitConformalClassifier sets.
-    convention = MAPIE_CONVENTION[settings.score]
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    calibration_params = {**convention["calibration"], **({"generator": generator} if convention["calibration"] else {})}
-    scores = CONFORMITY_SCORES[settings.score](probs_cal.double(), **calibration_params).cpu().numpy()
-    threshold, set_guarantee = fit_set_threshold(settings, knowledge, scores, y_cal, audit_index, audit_labels, k)
-
     if base is None:
         # Confidence function tuned on the validation split; certification on the calibration split.
         x_val, y_val, _ = dataset.split("val")
@@ -400,28 +386,71 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     else:
         confidence_name, confidence_params = base.confidence_name, dict(base.confidence_params)
     conf_cal = confidence_fn(z_cal, confidence_name, **confidence_params).double().cpu().numpy()
+    ood_guarantee = _ood_guarantee(net, scorer)
+    return assemble_calibration(
+        settings, knowledge, class_names=list(dataset.class_names), scorer=scorer, gate=gate,
+        probs_cal=torch.softmax(z_cal, dim=1), conf_cal=conf_cal, y_cal=y_cal, audit_index=audit_index,
+        audit_labels=audit_labels, confidence_name=confidence_name, confidence_params=confidence_params,
+        ood_guarantee=ood_guarantee, notes=audit_note,
+        ood_note=ood_guarantee["condition"] if getattr(net, "logits_only", False) else None)
+
+
+def assemble_calibration(settings: CalibrationSettings, knowledge: NoiseKnowledge, *, class_names: list[str],
+                         scorer: OODScorer, gate: OODGate, probs_cal: torch.Tensor, conf_cal: np.ndarray,
+                         y_cal: np.ndarray, audit_index: np.ndarray, audit_labels: np.ndarray,
+                         confidence_name: str, confidence_params: dict, ood_guarantee: dict,
+                         notes: list[str] = (), ood_note: str | None = None,
+                         extra_settings: dict | None = None) -> Calibration:
+    """The calibration-split half of :func:`fit_calibration`, on arrays: noise record, conformal threshold,
+    certified abstention and frontier, guarantees and assumptions, assembled into a :class:`Calibration`.
+
+    Shared by :func:`fit_calibration` and the array API (``noisewise.models.arrays``), so both state the same
+    guarantees for the same outputs.
+
+    Parameters
+    ----------
+    probs_cal : Tensor [n, K]
+        Class probabilities of the calibration items.
+    conf_cal : float array [n]
+        Their confidences (the served confidence function).
+    y_cal : int array [n]
+        Observed labels. ``audit_index``, ``audit_labels``: int arrays [m], audited rows and trusted labels.
+    notes : list of str
+        Assumption lines that come first (e.g. where the audit came from).
+    ood_note : str, optional
+        An OOD statement to add to the assumptions (e.g. that a model is logits-only).
+    """
+    k = len(class_names)
+    probs_np = probs_cal.double().cpu().numpy()
+    pred_cal = probs_np.argmax(1)
+    noise, assumptions = noise_record(settings, knowledge, y_cal, audit_index, audit_labels, probs_np, k)
+    assumptions = list(notes) + assumptions
+
+    # MAPIE's convention: randomized scores at calibration, include-last-label sets at serving, so that
+    # at eps = 0 our sets are exactly MAPIE's SplitConformalClassifier sets.
+    convention = MAPIE_CONVENTION[settings.score]
+    generator = torch.Generator(device=probs_cal.device).manual_seed(settings.seed)
+    calibration_params = {**convention["calibration"], **({"generator": generator} if convention["calibration"] else {})}
+    scores = CONFORMITY_SCORES[settings.score](probs_cal.double(), **calibration_params).cpu().numpy()
+    threshold, set_guarantee = fit_set_threshold(settings, knowledge, scores, y_cal, audit_index, audit_labels, k)
     certified, frontier, abstention_guarantee, min_accepted = fit_abstention(
         settings, knowledge, conf_cal, pred_cal, y_cal, audit_index, audit_labels, k)
 
-    guarantees = {
-        "prediction_set": set_guarantee,
-        "abstention": abstention_guarantee,
-        "ood": _ood_guarantee(net, scorer),
-    }
+    guarantees = {"prediction_set": set_guarantee, "abstention": abstention_guarantee, "ood": ood_guarantee}
     assumptions += [f"{part.replace('_', ' ')}: {g['kind']}: {g['condition']}" for part, g in guarantees.items()
                     if part != "ood"]
-    if getattr(net, "logits_only", False):
-        assumptions.append(f"ood: {guarantees['ood']['condition']}")
+    if ood_note:
+        assumptions.append(f"ood: {ood_note}")
     if not certified.certified:
         assumptions.append("abstention: " + frontier_sentence(frontier, settings.risk))
     return Calibration(
-        class_names=list(dataset.class_names), ood_scorer=scorer, ood_gate=gate,
+        class_names=list(class_names), ood_scorer=scorer, ood_gate=gate,
         conformity_score=settings.score, conformity_params=dict(convention["serving"]), threshold=threshold,
         noise=noise,
         confidence_name=confidence_name, confidence_params=confidence_params, certified=certified,
         cl_thresholds=[float(t) for t in per_class_thresholds(probs_np, y_cal, k)],
-        settings={**settings.__dict__, "n_calibration": n_cal, "n_audited": int(len(audit_index)),
-                  "min_accepted": min_accepted},
+        settings={**settings.__dict__, "n_calibration": len(y_cal), "n_audited": int(len(audit_index)),
+                  "min_accepted": min_accepted, **(extra_settings or {})},
         assumptions=assumptions, guarantees=guarantees, frontier=[point.to_dict() for point in frontier],
     )
 
@@ -546,7 +575,7 @@ def _audit(settings: CalibrationSettings, dataset: Dataset) -> tuple[np.ndarray,
     return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), []
 
 
-def _noise_record(settings, knowledge: NoiseKnowledge, y_cal, audit_index, audit_labels, probs_np, k):
+def noise_record(settings, knowledge: NoiseKnowledge, y_cal, audit_index, audit_labels, probs_np, k):
     """The calibration labels' noise rate as one flip-convention record, and what it rests on."""
     if knowledge.source == "given":
         r = knowledge.flip_rate

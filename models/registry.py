@@ -251,9 +251,11 @@ def log_training_run(
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if v is not None})
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = save_model_dir(net, spec, Path(tmp), calibration)
-            # digests of the tensor files, checked at load: safetensors cannot tell a flipped byte in tensor data
+            # digests of the tensor files and of an imported model's archive, checked at load: safetensors cannot
+            # tell a flipped byte in tensor data
+            digested = {".safetensors", *(Path(name).suffix for name in imported.ARCHIVE_FILES.values())}
             mlflow.set_tags({f"{DIGEST_TAG}{Path(path).name}": _sha256(Path(path)) for path in artifacts.values()
-                             if path.endswith(".safetensors")})
+                             if Path(path).suffix in digested})
             if reference is not None:
                 written = save_reference(reference, Path(tmp) / REFERENCE_DIR)
                 mlflow.log_artifacts(str(Path(tmp) / REFERENCE_DIR), artifact_path=REFERENCE_DIR)

@@ -146,11 +146,6 @@ def cmd_import(args: argparse.Namespace, common) -> int:
     logged = registry.log_training_run(net.cpu(), spec, params, history=[], metrics=flat_metrics(evaluation),
                                        register_as=args.register, promote=args.promote, calibration=calibration,
                                        tags={"noisewise.imported": source.arch}, dataset=dataset)
-    if net.archive is not None:
-        # the archive's digest beside those of the tensor files, checked by load_model like them
-        name = imported.ARCHIVE_FILES[net.arch]
-        registry._mlflow().MlflowClient().set_tag(logged.run_id, f"{registry.DIGEST_TAG}{name}",
-                                                  imported.sha256_bytes(net.archive))
     head = net.linear_head() is not None
     features = ("none: logits-only (forward_features returns the logits, OOD scores read the logits only)"
                 if net.logits_only else "forward_features/forward_head" + (" (linear head)" if head else ""))

@@ -55,10 +55,10 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-if TYPE_CHECKING:
-    from noisewise.models.calibrate import GUARANTEE_KINDS, Calibration, CalibrationSettings, fit_calibration
-    from noisewise.models.arrays import NoiseAwareClassifier, NotConformalizedError
-    from noisewise.models.data import Dataset, load_dataset
-    from noisewise.models.evaluation import evaluate
-    from noisewise.models.predictor import Predictor
-    from noisewise.models.registry import LoadedModel, load_model
+if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ imports them
+    from noisewise.models.calibrate import GUARANTEE_KINDS, Calibration, CalibrationSettings, fit_calibration  # noqa: F401
+    from noisewise.models.arrays import NoiseAwareClassifier, NotConformalizedError  # noqa: F401
+    from noisewise.models.data import Dataset, load_dataset  # noqa: F401
+    from noisewise.models.evaluation import evaluate  # noqa: F401
+    from noisewise.models.predictor import Predictor  # noqa: F401
+    from noisewise.models.registry import LoadedModel, load_model  # noqa: F401
