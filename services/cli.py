@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-feedback", action="store_true",
                       help="only send predictions: no feedback, monitor or recalibration")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    from noisewise.services.client import add_api_key_option
+
+    add_api_key_option(demo)
     demo.set_defaults(handler=cmd_demo)
 
     from noisewise.services import cli_audit, cli_feedback, cli_import
@@ -568,6 +571,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import urllib.request
 
     from noisewise.models import registry
+    from noisewise.services.auth import AuthConfig, auth_from_env
+    from noisewise.services.client import API_KEY_ENV, curl_command
+    from noisewise.services.settings import SettingsError
 
     name, version, _ = registry.resolve_version(args.model)  # a clear one-line error before starting anything
     example = _example_request(args.model)
@@ -593,12 +599,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         if server.poll() is not None:
             return server.returncode or 1
+        try:  # the keys the server reads from the same environment decide which curl lines need the header
+            auth = auth_from_env(env)
+        except SettingsError:
+            auth = AuthConfig()
+        metrics_key = f"; needs `Authorization: Bearer ${API_KEY_ENV}`" if auth.requires_key("/metrics") else ""
+        demo_key = f" with {API_KEY_ENV} set to one of its keys" if auth.enabled else ""
         print(f"\nnoisewise is serving {name} version {version} at {base}\n\n"
-              f"  try it:   curl -s -X POST {base}/predict -H 'Content-Type: application/json' -d @{example}\n"
-              f"  model:    curl -s -X POST {base}/model\n"
-              f"  metrics:  {base}/metrics (Prometheus format; noisewise_* and bentoml_service_* series)\n"
-              f"  feedback loop: `noisewise demo --url {base}` in a second shell (traffic, feedback, suspects, "
-              "monitor, live recalibration)\n"
+              f"  try it:   {curl_command(base, '/predict', auth, body=str(example))}\n"
+              f"  model:    {curl_command(base, '/model', auth)}\n"
+              f"  metrics:  {base}/metrics (Prometheus format; noisewise_* and bentoml_service_* series{metrics_key})\n"
+              f"  feedback loop: `noisewise demo --url {base}`{demo_key} in a second shell (traffic, feedback, "
+              "suspects, monitor, live recalibration)\n"
               f"  API docs: {base}/docs.json\n\nCtrl-C stops the server.\n", flush=True)
         return server.wait()
     except KeyboardInterrupt:
@@ -611,7 +623,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import httpx
+    from noisewise.services.client import ServiceError
+
+    try:
+        return _demo(args)
+    except ServiceError as err:  # connection, key or 503 after the retries: one line, no traceback
+        raise UsageError(str(err)) from None
+
+
+def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     from noisewise.models import registry
@@ -641,16 +661,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             streams[name] = (load_ood(name, input_shape, n=max(1, args.n // 3), seed=1), None)
     summary: dict = {}
     served_predictions: dict = {}
-    with httpx.Client(base_url=args.url, timeout=120) as client:
+    from noisewise.services.client import ServiceClient, ServiceError
+
+    with ServiceClient(args.url, getattr(args, "api_key", None), timeout=120) as client:
         try:
-            served = client.post("/model").json()
-        except httpx.HTTPError as err:
-            raise UsageError(f"--url: no noisewise service answers at {args.url} ({err}); start it with `make run`")
+            answer = client.post("/model")
+        except ServiceError as err:
+            hint = "; start the service with `noisewise serve` or `make run`" if err.unreachable else ""
+            raise UsageError(f"{err}{hint}") from None
+        if answer.status_code != 200:
+            raise UsageError(f"{args.url}/model answered {answer.status_code}: {answer.text[:200]}")
+        served = answer.json()
         for name, (x, labels) in streams.items():
             predictions = []
             for start in range(0, len(x), args.batch):
                 body = {"inputs": [row.ravel().round(4).tolist() for row in x[start : start + args.batch]]}
-                response = client.post("/predict", json=body)
+                response = client.post("/predict", json=body, idempotent=False)  # a repeat would log it twice
                 if response.status_code != 200:
                     raise UsageError(f"/predict answered {response.status_code}: {response.text[:200]}")
                 predictions += response.json()["predictions"]
@@ -756,7 +782,7 @@ def _demo_feedback(args, client, loaded, served_predictions: dict, y_clean, clas
 
     recal_args = argparse.Namespace(model=args.model, window=None, min_items=None, no_promote=False, url=args.url,
                                     conformal="finite-sample", noise_rate=None, assume_uniform_noise=False,
-                                    json=True)
+                                    json=True, api_key=getattr(args, "api_key", None))
     import contextlib
     import io
 

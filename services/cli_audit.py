@@ -19,13 +19,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from noisewise.services.client import API_KEY_ENV  # the key `audit submit` sends by default
+
 #: Items per POST /feedback (well under the service's default NOISEWISE_MAX_FEEDBACK_ITEMS).
 BATCH_ITEMS = 100
 #: Per-class rates are listed only for classes with at least this many audited items (below, the
 #: interval spans most of [0, 1] and says nothing).
 MIN_PER_CLASS_ITEMS = 20
-#: Environment variable holding the API key the client sends as ``Authorization: Bearer KEY``.
-API_KEY_ENV = "NOISEWISE_API_KEY"
 
 PREDICTION_COLUMNS = ("prediction_id", "observed_label", "annotator", "predicted_label", "trusted_label")
 CALIBRATION_COLUMNS = ("index", "observed_label", "trusted_label")
@@ -83,7 +83,7 @@ def add_parsers(commands, common) -> None:
         "with reasons), then the noise rate counted on all audited items is shown. A calibration worklist becomes "
         "a trusted-labels file (index,label) for `noisewise calibrate --trusted`. Unknown class names, malformed "
         "ids or duplicate rows are listed line by line and nothing is sent. With API keys on the service, set "
-        f"{API_KEY_ENV}.",
+        f"{API_KEY_ENV} (or pass --api-key).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     submit.add_argument("worklist", type=Path, help="the filled-in worklist (.csv or .json)")
     submit.add_argument("--url", default=None,
@@ -96,6 +96,9 @@ def add_parsers(commands, common) -> None:
                         help="calibration worklist: trusted-labels file to write (default: trusted.csv beside the "
                         "worklist)")
     submit.add_argument("--json", action="store_true", help="print one JSON object")
+    from noisewise.services.client import add_api_key_option
+
+    add_api_key_option(submit)
     submit.set_defaults(handler=cmd_submit, default_model=default_model)
 
     status = sub.add_parser(
@@ -524,11 +527,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return _submit_predictions(args, worklist)
 
 
-def _auth_headers() -> dict:
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def _report_bad_rows(errors: list[str], what: str) -> int:
     for message in errors[:50]:
         print(f"noisewise: {message}", file=sys.stderr)
@@ -538,7 +536,7 @@ def _report_bad_rows(errors: list[str], what: str) -> int:
 
 
 def _submit_predictions(args: argparse.Namespace, worklist: Worklist) -> int:
-    import httpx
+    from noisewise.services.client import ServiceClient, ServiceError
 
     cli = _cli()
     if not args.url:
@@ -547,13 +545,15 @@ def _submit_predictions(args: argparse.Namespace, worklist: Worklist) -> int:
     if not args.annotator.strip():
         raise cli.UsageError("--annotator: give a non-empty name (labels are keyed by prediction and annotator)")
     base = args.url.rstrip("/")
-    with httpx.Client(base_url=base, timeout=120, headers=_auth_headers()) as client:
+    try:
+        client = ServiceClient(base, getattr(args, "api_key", None), timeout=120)
+    except ServiceError as err:
+        raise cli.UsageError(str(err)) from None
+    with client:
         try:
             response = client.post("/model")
-        except httpx.HTTPError as err:
-            raise cli.UsageError(f"--url: no noisewise service answers at {base} ({type(err).__name__}: {err})")
-        if response.status_code == 401:
-            raise cli.UsageError(f"--url: {base} needs an API key: put it in {API_KEY_ENV}")
+        except ServiceError as err:  # refused after the retries, or the key is missing / refused
+            raise cli.UsageError(str(err)) from None
         if response.status_code != 200:
             raise cli.UsageError(f"--url: {base}/model answered {response.status_code}: {response.text[:200]}")
         info = response.json()
@@ -568,13 +568,11 @@ def _submit_predictions(args: argparse.Namespace, worklist: Worklist) -> int:
             batch = items[start:start + BATCH_ITEMS]
             body = {"items": [{"prediction_id": it["prediction_id"], "label": it["label"],
                                "annotator": args.annotator, "audited": True} for it in batch]}
-            try:
+            try:  # retried on a reset too: a repeated item comes back as a duplicate
                 response = client.post("/feedback", json=body)
-            except httpx.HTTPError as err:
-                return _fail(f"audit submit: {base}/feedback not reached ({type(err).__name__}) after {start} items; "
-                             "submitting again is safe (stored items come back as duplicates)")
-            if response.status_code == 401:
-                return _fail(f"audit submit: {base}/feedback needs an API key: put it in {API_KEY_ENV}")
+            except ServiceError as err:
+                return _fail(f"audit submit: {err}; stopped after {start} items: submitting again is safe (stored "
+                             "items come back as duplicates)")
             try:
                 answer = response.json()
             except ValueError:

@@ -83,6 +83,9 @@ def add_parsers(commands, common) -> None:
     recal.add_argument("--url", default=None,
                        help="a running service to tell at once (POST /reload), e.g. http://127.0.0.1:3000")
     recal.add_argument("--json", action="store_true", help="print one JSON object")
+    from noisewise.services.client import add_api_key_option
+
+    add_api_key_option(recal)
     recal.set_defaults(handler=cmd_recalibrate)
 
 
@@ -275,7 +278,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
         moved = True
     reloaded = None
     if args.url and moved:
-        reloaded = _tell_service(args.url)
+        reloaded = _tell_service(args.url, getattr(args, "api_key", None))
     old_t, new_t = old.threshold, recal.threshold
     payload = {"model_name": loaded.name, "model_version": logged.version, "recalibrated_from": loaded.version,
                "alias": alias if moved else None, "service_reloaded": reloaded, **recal.to_dict(),
@@ -318,14 +321,18 @@ def _noise_record(recal, given_flip_rate: float | None) -> dict:
             **common}
 
 
-def _tell_service(url: str) -> str:
-    import httpx
+def _tell_service(url: str, api_key: str | None = None) -> str:
+    """POST /reload to the service at ``url`` (with retries and the API key, see services/client.py); what
+    happened, in one line. The alias has already moved, so a failure here is reported, not raised: the service
+    switches at its next alias check anyway."""
+    from noisewise.services.client import ServiceClient, ServiceError
 
     try:
-        response = httpx.post(f"{url.rstrip('/')}/reload", timeout=120)
-    except httpx.HTTPError as err:
-        return f"not reached ({type(err).__name__}); it will switch at its next alias check"
+        with ServiceClient(url, api_key, timeout=120) as client:
+            response = client.post("/reload")
+    except ServiceError as err:
+        return f"not told ({err}); it will switch at its next alias check"
     if response.status_code != 200:
-        return f"reload answered {response.status_code}: {response.text[:200]}"
+        return f"reload answered {response.status_code}: {' '.join(response.text.split())[:200]}"
     body = response.json()
     return f"serving version {body['version']}" + (" (switched now)" if body.get("reloaded") else "")
