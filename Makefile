@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_MODEL := noisewise-demo
+PORT ?= 3000
 
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -11,11 +12,11 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .PHONY: run test venv demo-model bento benchmarks clean
 
+# pytorch-ood is a test oracle only. Its metadata asks for torchvision, which would replace the pinned CPU torch;
+# the detectors the tests use need only torch, so it is installed without dependencies.
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	# pytorch-ood is a test oracle only. Its metadata asks for torchvision, which would replace the pinned
-	# CPU torch; the detectors the tests use need only torch, so install it without dependencies.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'pytorch-ood==0.4.0'
 	@touch $@
 
@@ -26,9 +27,10 @@ demo-model: venv
 	$(BIN)/noisewise train --dataset mnist5k --noise symmetric:0.2 --recipe elr \
 		--register $(DEMO_MODEL) --promote --skip-if-registered
 
-# Serve it on 127.0.0.1:3000; prints a ready-to-paste curl once the server is ready. Ctrl-C stops it.
+# Serve it on 127.0.0.1:$(PORT) (`make run PORT=3100`); prints a ready-to-paste curl once the server is ready.
+# Ctrl-C stops it.
 run: demo-model
-	$(BIN)/noisewise serve --model $(DEMO_MODEL)@champion --host 127.0.0.1 --port 3000
+	$(BIN)/noisewise serve --model $(DEMO_MODEL)@champion --host 127.0.0.1 --port $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest

@@ -849,7 +849,7 @@ def explain(report: dict) -> dict[str, str]:
                 "are both near 0), so F_n(q) ~ (1 - R) F_clean(q) and the correction is exact whatever the noise "
                 f"model (|bias| <= {100 * max(biases):.2f} points). Uniform NACP, told the right rate, stays within "
                 f"{100 * max(gaps):.1f} points of the oracle's coverage on these rows. Where noise falls on ambiguous "
-                "items (real annotators, DESIGN.md 4.4) G > F_o and uniform NACP under-covers; the audit-rectified "
+                "items (real annotators) G > F_o and uniform NACP under-covers; the audit-rectified "
                 "threshold needs no noise model.",
             ]
         elif biases and max(biases) < 0.005:
@@ -860,8 +860,8 @@ def explain(report: dict) -> dict[str, str]:
                 "generator picks the wrong class through a random projection of the input, not through what the "
                 "network finds confusable, and c -> c+1 is not a confusion this network makes more often than a "
                 f"random one. Uniform NACP, told the right rate, stays within {100 * max(gaps):.1f} points of the "
-                "oracle's coverage on these rows. Where noise falls on ambiguous items (real annotators, DESIGN.md "
-                "4.4) G > F_o and uniform NACP under-covers; the audit-rectified threshold needs no noise model.",
+                "oracle's coverage on these rows. Where noise falls on ambiguous items (real annotators) G > F_o and "
+                "uniform NACP under-covers; the audit-rectified threshold needs no noise model.",
             ]
         elif biases:
             lines += [

@@ -27,7 +27,7 @@ Methods, all on the same probabilities:
 * ``cleanlab-cl``: the same with ``filter_by="confident_learning"`` (the off-diagonal of the
   confident joint with thresholds fitted on the feedback batch itself).
 
-Criterion (issue 5): recall(ours) >= 0.8 recall(cleanlab) at equal or better precision.
+Criterion: recall(ours) >= 0.8 recall(cleanlab) at equal or better precision.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def render_markdown(report: dict, command: str) -> str:
         f"precision(ours) - precision(cleanlab) = **{diff['mean'] * 100:+.1f} ± {diff['sd'] * 100:.1f} points** "
         f"(per seed: {', '.join(f'{d * 100:+.1f}' for d in diff['per_seed'])}).",
         "",
-        f"Criterion (issue 5), recall ratio >= 0.8 at equal or better precision: "
+        f"Criterion, recall ratio >= 0.8 at equal or better precision: "
         f"**{'holds' if crit['holds_on_means'] else 'does NOT hold'}** on the means; per seed: "
         f"{sum(crit['holds_per_seed'])}/{n_seeds} seeds.",
         "",

@@ -1,4 +1,4 @@
-"""Noise-robust losses (DESIGN.md 4.2).
+"""Noise-robust losses.
 
 Every loss is called as ``loss(logits [B, K], targets [B], index [B]) -> scalar``; ``index`` is the
 position of each item in the training set, which per-sample methods (ELR) use to keep state.

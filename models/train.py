@@ -1,4 +1,4 @@
-"""Training loop for the noise-robust recipes (DESIGN.md 4.2).
+"""Training loop for the noise-robust recipes.
 
 A recipe is a YAML file under ``models/recipes/`` (or a user path): the loss and its parameters, an
 optional strategy (``coteaching``), epochs, batch size, optimizer and the SAM radius used when SAM is

@@ -1,4 +1,4 @@
-"""Every ``noisewise_*`` Prometheus metric, in one table (DESIGN.md 5).
+"""Every ``noisewise_*`` Prometheus metric, in one table.
 
 Plain ``prometheus_client`` objects: BentoML serves them on ``/metrics`` next to its own
 ``bentoml_service_*`` series (rate, latency, in-flight requests). BentoML runs workers with

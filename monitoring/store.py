@@ -1,4 +1,4 @@
-"""Predictions and feedback labels, durable, in SQL (DESIGN.md 2).
+"""Predictions and feedback labels, durable, in SQL.
 
 SQLite under ``NOISEWISE_HOME`` (``store.db``, WAL journal, ``synchronous=FULL``) by default; any SQLAlchemy
 URL in ``NOISEWISE_STORE_URL`` otherwise, PostgreSQL in production (``postgresql+psycopg://user@host/db``).

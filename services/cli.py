@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "State lives under $NOISEWISE_HOME (default ./.noisewise); MLFLOW_TRACKING_URI points at another "
         "MLflow store.",
     )
+    from noisewise import __version__
+
+    parser.add_argument("--version", action="version", version=f"noisewise {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     train = commands.add_parser(

@@ -1,4 +1,4 @@
-"""Conformity scores, sets and thresholds (DESIGN.md 4.4) against hand values, MAPIE and simulation."""
+"""Conformity scores, sets and thresholds against hand values, MAPIE and simulation."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Each loss against values computed by hand from its formula (DESIGN.md 4.2)."""
+"""Each loss against values computed by hand from its formula."""
 
 import math
 
