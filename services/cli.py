@@ -335,7 +335,8 @@ def _calibration_text(calibration, evaluation: dict) -> str:
     else:
         lines.append(f"  abstention: r*={abst['risk_target']} NOTHING CERTIFIED: the model abstains on every input")
     if abst.get("frontier"):
-        lines.append("  certified frontier (risk: coverage, all rows at once): " + ", ".join(
+        lines.append("  certified frontier (risk: coverage; the rows hold together, so each is stricter than the r* "
+                     "certificate alone): " + ", ".join(
             f"{row['risk']:g}: {row['coverage']:.2f}" for row in abst["frontier"]))
     if abst.get("can_certify"):
         lines.append(f"  what it can certify: {abst['can_certify']}")

@@ -151,7 +151,7 @@ def test_model_info(info, ref):
     assert info["version"].isdigit() and info["uri"] == f"models:/serving-test/{info['version']}"
     assert info["classes"] == [str(i) for i in range(10)] and info["arch"] == "mlp"
     assert info["input"] == {"shape": [1, 8, 8], "size": 64, "dtype": "float32", "range": [0.0, 1.0], "images": True,
-                             "image_mode": "L"}
+                             "image_mode": "L", "preprocess": None}  # preprocessing: imported models only
     calibration = info["calibration"]
     assert {"prediction_set", "abstention", "ood", "noise", "assumptions"} <= set(calibration)
     assert calibration["noise"]["method"] == "known" and calibration["abstention"]["certified"] is True
