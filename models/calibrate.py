@@ -566,9 +566,8 @@ def _audit(settings: CalibrationSettings, dataset: Dataset) -> tuple[np.ndarray,
         index = np.sort(np.random.default_rng(settings.seed).choice(known, settings.audit, replace=False))
         return index, y_cal_clean[index], [f"audit: {settings.audit} calibration items drawn at random and "
                                            "given their trusted labels (--audit)"]
-    trusted_split = getattr(dataset, "trusted_split", None)
-    if trusted_split is not None and getattr(dataset, "trusted", None) is not None:
-        index, labels = trusted_split("cal")
+    if dataset.trusted is not None:
+        index, labels = dataset.trusted_split("cal")
         if len(index):
             return (np.asarray(index, dtype=np.int64), np.asarray(labels, dtype=np.int64),
                     [f"audit: {len(index)} calibration items carry trusted labels from the data; they are assumed "
