@@ -52,6 +52,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_model  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.optimize import brentq  # noqa: E402
@@ -436,15 +438,7 @@ def run_benchmark(splits: int = DEFAULT_SPLITS, quick: bool = False, settings: l
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores (shared), CPU only"
+    return f"{cpu_model()}, {os.cpu_count()} cores (shared), CPU only"
 
 
 # ----------------------------------------------------------------------------------------------

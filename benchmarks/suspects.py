@@ -43,6 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_model  # noqa: E402
+
 import numpy as np
 import torch
 
@@ -159,15 +161,7 @@ def run_benchmark(seeds: tuple[int, ...] = DEFAULT_SEEDS, epochs: int = DEFAULT_
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores (shared), CPU only"
+    return f"{cpu_model()}, {os.cpu_count()} cores (shared), CPU only"
 
 
 def _pm(s: dict, pct: bool = True) -> str:

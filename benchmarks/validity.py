@@ -52,6 +52,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_model  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -615,15 +617,7 @@ def render_markdown(report: dict) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, CPU only"
+    return f"{cpu_model()}, CPU only"
 
 
 def run_benchmark(splits: int = DEFAULT_SPLITS, quick: bool = False, datasets: list[str] | None = None,

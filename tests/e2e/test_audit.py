@@ -6,9 +6,7 @@ file. The server is stopped by PID afterwards."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 
 import httpx
@@ -17,7 +15,7 @@ import pytest
 from scipy import stats
 
 from tests.e2e.test_server import bentoml_serve, server_env
-from tests.integration.serving_model import digits, ensure_model
+from tests.integration.serving_model import digits, ensure_model, run_in_process as run
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +23,6 @@ NAME = "audit-e2e"  # a copy of the serving-test model: recalibrate moves its al
 N_PREDICTIONS = 400
 FLIP_RATE = 0.2
 N_AUDIT = 60
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    from noisewise.services.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(list(argv))
-    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

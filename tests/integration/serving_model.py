@@ -35,6 +35,16 @@ def ensure_model(name: str = NAME) -> str:
     return f"{name}@champion"
 
 
+def run_in_process(*argv: str) -> tuple[int, str, str]:
+    """``noisewise ARGV`` in this process (the session's NOISEWISE_HOME): ``(exit status, stdout, stderr)``."""
+    from noisewise.services.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
 def digits(n: int, start: int = 0):
     """``n`` clean digits images ``[n, 1, 8, 8]`` in [0, 1] and their labels, as the model was trained on."""
     from sklearn.datasets import load_digits

@@ -3,14 +3,14 @@ service fills it (predictions with the model's own probabilities, feedback score
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import uuid
 
 import numpy as np
 import pytest
+
+from tests.integration.serving_model import run_in_process as run
 
 from noisewise.monitoring.feedback import score_feedback
 from noisewise.monitoring.store import FeedbackRow, PredictionRow, Store
@@ -19,15 +19,6 @@ pytestmark = pytest.mark.slow
 
 NAME = "cli-feedback-test"
 REF = f"{NAME}@champion"
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    from noisewise.services.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(list(argv))
-    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import io
 import json
 import socket
 import threading
@@ -19,6 +18,8 @@ import uuid
 
 import httpx
 import pytest
+
+from tests.integration.serving_model import run_in_process as run
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
@@ -36,15 +37,6 @@ from noisewise.services.client import (
 from tests.integration.test_auth import KEY, OTHER_KEY, WRONG, small_client
 
 CLASSES = ["cat", "dog"]
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    from noisewise.services.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(list(argv))
-    return status, out.getvalue(), err.getvalue()
 
 
 def one_line(text: str) -> str:

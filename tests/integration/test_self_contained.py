@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 
 import numpy as np
@@ -15,22 +14,13 @@ import pytest
 from noisewise.models import registry
 from noisewise.models.data import load_dataset
 
-from tests.integration.serving_model import serve
+from tests.integration.serving_model import serve, run_in_process as run
 
 pytestmark = pytest.mark.slow
 
 NAME = "self-contained-test"
 REF = f"{NAME}@champion"
 NOISE = "symmetric:0.2"
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    from noisewise.services.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(list(argv))
-    return status, out.getvalue(), err.getvalue()
 
 
 def digits_npz(path, start: int = 0, stop: int | None = None) -> None:

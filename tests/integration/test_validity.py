@@ -12,12 +12,12 @@ finite population each calibration set is drawn from, so that is the risk the gu
 319 test items adds test-sampling noise on top; docs/validity.md shows both).
 """
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmark_loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 SPLITS = 200
@@ -26,11 +26,7 @@ AUDIT = 200
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_validity", ROOT / "benchmarks" / "validity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("validity")
 
 
 bench = _load_benchmark()

@@ -1,13 +1,13 @@
 """benchmarks/conformal.py in quick mode: the table's structure, exact identities between its rows,
 and one statistical sanity check. The synthetic K = 100 setting only (no training), a few seconds."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.benchmark_loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 SPLITS = 20
@@ -15,11 +15,7 @@ SCORES = ("lac", "aps")
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_conformal", ROOT / "benchmarks" / "conformal.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("conformal")
 
 
 bench = _load_benchmark()

@@ -4,23 +4,19 @@ Quick mode trains the mnist5k MLP for 2 epochs (ood) and times tiny banks at bat
 3 repetitions (overhead); both run with one torch thread, restored afterwards. Timings are never
 asserted beyond being positive (speed is measured in benchmarks, never asserted in timed tests)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmark_loader import load_benchmark
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name)
 
 
 ood_bench = _load("ood")

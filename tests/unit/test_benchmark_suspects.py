@@ -1,23 +1,19 @@
 """benchmarks/suspects.py on one seed with a 2-epoch model: the report's structure, its counts
 against the known flips, and the markdown it renders (a few seconds, no cache)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.benchmark_loader import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_suspects", ROOT / "benchmarks" / "suspects.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("suspects")
 
 
 bench = _load_benchmark()

@@ -3,22 +3,19 @@ the report's structure, and the policy choices it must show. Statistical claims 
 tests/integration/test_validity.py; with 20 splits and a 3-epoch model only the policy's choices, identities and
 wide bounds are asserted here."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.benchmark_loader import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_validity", ROOT / "benchmarks" / "validity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("validity")
 
 
 bench = _load_benchmark()
