@@ -57,7 +57,7 @@ from noisewise.models.uncertainty.labelnoise import (
     noise_rate_direct,
     per_class_thresholds,
 )
-from noisewise.models.uncertainty.ood import OOD_SCORERS, OODGate, OODScorer, build_ood_scorer
+from noisewise.models.uncertainty.ood import KNN_INDEXES, OOD_SCORERS, OODGate, OODScorer, build_ood_scorer
 from noisewise.models.uncertainty.selective import (
     CertifiedThreshold,
     FrontierPoint,
@@ -204,6 +204,7 @@ class Calibration:
         except (KeyError, TypeError, ValueError) as err:
             raise CalibrationError(f"calibration artifacts are inconsistent: {err}") from None
         _check_document(doc, threshold, certified)
+        _check_ood_state(scorer, len(doc["class_names"]))
         return cls(
             class_names=list(doc["class_names"]), ood_scorer=scorer.to(device), ood_gate=gate.to(device),
             conformity_score=doc["conformity_score"], conformity_params=dict(doc.get("conformity_params") or {}),
@@ -237,6 +238,15 @@ def _check_document(doc: dict, threshold: ConformalThreshold, certified: Certifi
         fail(f"threshold.alpha must be in (0, 1), got {threshold.alpha}")
     if math.isnan(threshold.q) or threshold.q < 0:
         fail(f"threshold.q must be a number >= 0 (or null for full sets), got {threshold.q}")
+    if threshold.full_sets is not math.isinf(threshold.q):  # an infinite q serves every class in every set
+        fail(f"threshold.full_sets must be true exactly when threshold.q is null (full sets), got full_sets="
+             f"{threshold.full_sets!r} with q={threshold.q}")
+    if isinstance(threshold.n, bool) or not isinstance(threshold.n, int) or threshold.n < 1:
+        fail(f"threshold.n must be a whole number >= 1 (calibration items), got {threshold.n!r}")
+    for name, lowest, closed in (("eps", 0.0, True), ("delta", 0.0, False)):
+        value = getattr(threshold, name)
+        if value is not None and not (real(value) and (lowest <= value if closed else lowest < value) and value < 1):
+            fail(f"threshold.{name} must be null or a number in {'[' if closed else '('}0, 1), got {value!r}")
     raw = doc["certified"].get("certified") if isinstance(doc["certified"], dict) else None
     if not isinstance(raw, bool):  # from_dict would coerce "yes" to True
         fail(f"certified.certified must be true or false, got {raw!r}")
@@ -246,6 +256,15 @@ def _check_document(doc: dict, threshold: ConformalThreshold, certified: Certifi
             fail(f"certified.{name} must be a number, got {value!r}")
     if not (0 < certified.risk < 1 and 0 < certified.delta < 1):
         fail(f"certified.risk and certified.delta must be in (0, 1), got {certified.risk}, {certified.delta}")
+    # serving accepts an input iff its confidence >= certified.threshold: +inf abstains on every input, so a
+    # version that certified nothing must keep it, and a certified one needs a finite threshold
+    if certified.certified == math.isinf(certified.threshold) or certified.threshold == -math.inf:
+        fail(f"certified.threshold must be finite when certified is true and +inf (abstain on every input) when "
+             f"false, got threshold={certified.threshold} with certified={certified.certified}")
+    if not (0 <= certified.coverage <= 1):
+        fail(f"certified.coverage must be in [0, 1], got {certified.coverage}")
+    if certified.noise_eps is not None and not (0 <= certified.noise_eps < 1):
+        fail(f"certified.noise_eps must be null or a noise rate in [0, 1), got {certified.noise_eps}")
     cl = doc["cl_thresholds"]
     if not isinstance(cl, list) or not all(real(t) and 0 <= t <= 1 for t in cl):
         fail("cl_thresholds must be a list of numbers in [0, 1]")
@@ -257,6 +276,7 @@ def _check_document(doc: dict, threshold: ConformalThreshold, certified: Certifi
     for key, kind in (("conformity_params", dict), ("noise", dict), ("settings", dict), ("assumptions", list)):
         if doc.get(key) is not None and not isinstance(doc[key], kind):
             fail(f"{key} must be a JSON {'object' if kind is dict else 'array'}")
+    _check_noise(doc.get("noise") or {})
     if not all(isinstance(a, str) for a in doc.get("assumptions") or []):
         fail("assumptions must be strings")
     guarantees = doc.get("guarantees") or {}
@@ -275,6 +295,101 @@ def _check_document(doc: dict, threshold: ConformalThreshold, certified: Certifi
         fail(f"frontier: {err}")
     if any(not (0 < p.risk < 1 and 0 <= p.coverage <= 1) for p in points):
         fail("frontier rows need risk in (0, 1) and coverage in [0, 1]")
+
+
+#: Noise-rate fields of a ``noise`` record (flip rates): ``lower`` and the rate a guarantee assumes stay below 1
+#: (a rate of 1 leaves no correct label to calibrate on); the interval's ``upper`` end may reach 1.
+_NOISE_RATES = {"flip_rate": False, "lower": False, "upper": True}
+
+
+def _check_noise(noise: dict, where: str = "noise") -> None:
+    """The rates of a calibration's noise record (and of the feedback estimates a recalibration keeps in it):
+    each null or a finite flip rate in [0, 1) (``upper`` in [0, 1]), with ``lower <= flip_rate <= upper``.
+    The monitor compares feedback against ``noise.lower``; a NaN there would never alert."""
+
+    def fail(message: str):
+        raise CalibrationError(f"calibration.json: {message}")
+
+    values = {}
+    for name, may_be_one in _NOISE_RATES.items():
+        value = noise.get(name)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value < 0 or value > 1 or (value == 1 and not may_be_one)):
+            fail(f"{where}.{name} must be null or a flip rate in [0, {'1]' if may_be_one else '1)'}, got {value!r}")
+        values[name] = float(value)
+    ordered = [values[name] for name in ("lower", "flip_rate", "upper") if name in values]
+    if ordered != sorted(ordered):
+        fail(f"{where}: need lower <= flip_rate <= upper, got {values}")
+    estimates = noise.get("estimates")
+    if estimates is not None:
+        if not isinstance(estimates, dict) or not all(isinstance(e, dict) for e in estimates.values()):
+            fail(f"{where}.estimates must be a JSON object of noise records")
+        for method, estimate in estimates.items():
+            _check_noise(estimate, f"{where}.estimates.{method}")
+
+
+def _check_ood_state(scorer: OODScorer, num_classes: int) -> None:
+    """The fitted OOD scorer against its tensors: finite state, ``k`` at most the bank size of the KNN scorer,
+    and the recorded sizes (``bank_size``, ``feature_dim``) equal to the tensors' (a mismatch would fail or
+    score nonsense at the first request)."""
+
+    def fail(message: str):
+        raise CalibrationError(f"calibration.json: ood_scorer: {message}")
+
+    state, meta = scorer.state_dict(), scorer.config()
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            fail(f"calibration.safetensors holds NaN or inf in {key!r}")
+    if "bank" in state:
+        bank = state["bank"]
+        if bank.ndim != 2 or bank.shape[0] == 0:
+            fail(f"the KNN bank must be a non-empty [N, D] tensor, got shape {list(bank.shape)}")
+        if "bank_size" in meta and meta["bank_size"] != bank.shape[0]:
+            fail(f"bank_size={meta['bank_size']!r} but the bank holds {bank.shape[0]} rows")
+        _check_knn_bank(scorer, meta, state, fail)
+    # the axis of each fitted tensor that runs over the feature dimension D
+    feature_axes = {"bank": 1, "means": 1, "cholesky": 0, "origin": 0, "residual_basis": 0, "weight": 1}
+    dims = {key: state[key].shape[axis] for key, axis in feature_axes.items()
+            if key in state and state[key].ndim > axis}
+    if "feature_dim" in meta and any(d != meta["feature_dim"] for d in dims.values()):
+        fail(f"feature_dim={meta['feature_dim']!r} does not match the fitted tensors ({dims})")
+    if "weight" in state and (state["weight"].shape[0] != num_classes or state["bias"].shape != (num_classes,)):
+        fail(f"the head in the state must have {num_classes} rows (one per class), got weight "
+             f"{list(state['weight'].shape)} and bias {list(state['bias'].shape)}")
+
+
+def _check_knn_bank(scorer: OODScorer, meta: dict, state: dict, fail) -> None:
+    """The KNN bank against the index it records: an exact bank holds every training row, a reduced one at
+    most ``budget`` rows, a subsample reads a neighbour rank ``k_used`` it holds, and k-means cluster sizes are
+    one positive count per centroid summing to the training rows (at least ``k``)."""
+    rows = state["bank"].shape[0]
+    index = meta.get("index_used", "exact")
+    if index not in ("exact", "subsample", "kmeans"):
+        fail(f"index_used must be exact, subsample or kmeans, got {index!r}")
+    source = meta.get("source_rows", rows)
+    if isinstance(source, bool) or not isinstance(source, int) or source < rows:
+        fail(f"source_rows={source!r} must be a whole number >= the bank size ({rows} rows)")
+    budget = getattr(scorer, "budget", None)
+    if index == "exact" and source != rows:
+        fail(f"an exact bank holds every training row, but source_rows={source} and the bank holds {rows}")
+    if index != "exact" and budget is not None and rows > budget:
+        fail(f"a {index} bank holds at most params.budget={budget} rows, got {rows}")
+    k = getattr(scorer, "k", None)
+    if k is not None and k > source:
+        fail(f"params.k={k} exceeds the bank size ({source} training features)")
+    if index == "subsample":
+        k_used = meta.get("k_used")
+        if isinstance(k_used, bool) or not isinstance(k_used, int) or not 1 <= k_used <= rows:
+            fail(f"k_used={k_used!r} must be a whole number in [1, {rows}] (the rows of the subsample)")
+    counts = state.get("bank_counts")
+    if (index == "kmeans") != (counts is not None):
+        fail(f"bank_counts (cluster sizes) belong to a kmeans bank exactly; index_used is {index!r}")
+    if counts is not None and (counts.shape != (rows,) or counts.is_floating_point() or bool((counts < 1).any())
+                               or int(counts.sum()) != source):
+        fail(f"bank_counts must hold one positive whole count per bank row ({rows}) summing to source_rows "
+             f"({source})")
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -308,6 +423,10 @@ class CalibrationSettings:
     ood_alpha: float = 0.05
     ood_scorer: str = "knn"
     ood_params: dict = field(default_factory=dict)
+    #: the KNN bank (``noisewise.models.uncertainty.ood.KNN_INDEXES``): ``auto`` keeps every training row up
+    #: to ``OOD_BANK_BUDGET`` rows and a class-stratified subsample of that many above, so serving cost stops
+    #: growing with the training set
+    ood_index: str = "auto"
     # LAC by default: its served set is the set the threshold is calibrated for, so coverage lands on
     # 1 - alpha with the smallest sets; MAPIE's APS serves include-last-label supersets that over-cover
     # by ~5 points (docs/conformal.md).
@@ -331,6 +450,11 @@ class CalibrationSettings:
             raise CalibrationError(f"--conformal: expected one of {CONFORMAL_MODES}, got {self.conformal!r}")
         if self.risk_correction not in RISK_CORRECTIONS:
             raise CalibrationError(f"--risk-correction: expected one of {RISK_CORRECTIONS}, got {self.risk_correction!r}")
+        if self.ood_index not in KNN_INDEXES:
+            raise CalibrationError(f"--ood-index: expected one of {', '.join(KNN_INDEXES)}, got {self.ood_index!r}")
+        if self.ood_index not in ("exact", "auto") and self.ood_scorer != "knn":
+            raise CalibrationError(f"--ood-index {self.ood_index}: a reduced bank applies to the knn scorer only, "
+                                   f"not to --ood-scorer {self.ood_scorer}")
         if self.score not in CONFORMITY_SCORES:
             raise CalibrationError(f"--score: expected one of {', '.join(CONFORMITY_SCORES)}, got {self.score!r}")
 
@@ -368,7 +492,7 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
 
     # OOD: bank on the training features, gate on the held-out calibration scores (no labels involved)
     if base is None:
-        scorer = build_ood_scorer(settings.ood_scorer, **settings.ood_params)
+        scorer = build_ood_scorer(settings.ood_scorer, **_ood_params(settings))
         head = _ood_head(net, scorer)  # before any forward pass: a scorer the model cannot feed fails at once
         x_tr, y_tr, _ = dataset.split("train")
         f_tr, z_tr = features_and_logits(net, x_tr, device)
@@ -454,6 +578,18 @@ def assemble_calibration(settings: CalibrationSettings, knowledge: NoiseKnowledg
                   "min_accepted": min_accepted, **(extra_settings or {})},
         assumptions=assumptions, guarantees=guarantees, frontier=[point.to_dict() for point in frontier],
     )
+
+
+#: Most rows of the KNN bank that ``--ood-index auto`` keeps whole (and the rows of a reduced bank)
+OOD_BANK_BUDGET = 20000
+
+
+def _ood_params(settings: CalibrationSettings) -> dict:
+    """The scorer's parameters: ``ood_params`` plus, for knn, the bank index of ``--ood-index`` (a
+    ``budget`` or ``index`` given in ``ood_params`` wins)."""
+    if settings.ood_scorer != "knn":
+        return dict(settings.ood_params)
+    return {"index": settings.ood_index, "budget": OOD_BANK_BUDGET, "seed": settings.seed, **settings.ood_params}
 
 
 def _logit_scorers() -> list[str]:

@@ -3,18 +3,24 @@
 A registered model version holds ``weights.safetensors`` (no pickle, so loading executes no code from
 the store) and ``model.json`` (architecture, input spec, class names, data lineage, recipe), logged as an
 MLflow pyfunc "model from code" (``models/pyfunc_model.py``), so ``mlflow.pyfunc.load_model`` works too.
-noisewise itself loads versions with :func:`load_model`, which only reads those two files.
+noisewise itself loads versions with :func:`load_model`, which only reads those files and the calibration
+files beside them, each checked against the sha256 recorded as a run tag when the version was logged.
 
 Tracking store: ``MLFLOW_TRACKING_URI`` when set, otherwise a SQLite file under ``NOISEWISE_HOME``
-(default ``./.noisewise``), with artifacts beside it. Promotion moves the alias ``champion``; registry
-stages are deprecated in MLflow and are not used.
+(default ``./.noisewise``), with artifacts beside it; processes that first open a fresh SQLite store together
+create its tables one at a time (:func:`first_use_lock`). Promotion moves the alias ``champion``; registry
+stages are deprecated in MLflow and are not used. Each version carries tags and a description saying how it
+was made and what it promises (:func:`version_facts`); an alias moves only to a version that decides
+(:func:`promote_version`), and each move is recorded so that :func:`rollback` can undo it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -27,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from noisewise.models import imported
+from noisewise.models.choices import CHAMPION
 from noisewise.models.nets import Classifier, arch_name, build_net
 
 if TYPE_CHECKING:
@@ -34,7 +41,6 @@ if TYPE_CHECKING:
     from noisewise.models.data import Dataset
 
 EXPERIMENT = "noisewise"
-CHAMPION = "champion"
 MODEL_FORMAT = "noisewise-model/1"
 DIGEST_TAG = "noisewise.sha256."
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -46,9 +52,9 @@ class RegistryError(RuntimeError):
 
 def home_dir() -> Path:
     """``NOISEWISE_HOME`` (default ``./.noisewise``), created on first use."""
-    home = Path(os.environ.get("NOISEWISE_HOME", ".noisewise")).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+    from noisewise.services.settings import ensure_home  # here, not at the top: registry loads before services
+
+    return ensure_home()
 
 
 def _default_uri() -> str:
@@ -78,7 +84,67 @@ def _mlflow():
     for key, value in exported.items():
         if value is None:
             os.environ.pop(key, None)
+    _prepare_store(mlflow, uri)
     return mlflow
+
+
+#: Tracking URIs whose store this process has already opened once (see :func:`_prepare_store`).
+_PREPARED_STORES: set[str] = set()
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` tracking URI; ``None`` for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def first_use_lock(path: Path):
+    """Hold an exclusive lock on the file ``path`` (created when missing) between processes for the block.
+
+    Used around the first opening of a store that creates its schema on first use: processes that start
+    together on a fresh ``NOISEWISE_HOME`` would otherwise each create the same tables, and all but one fail.
+    Where the lock file cannot be created (a read-only folder) the block runs unlocked: nothing can create a
+    schema there either.
+    """
+    import fcntl
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+    except OSError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_store(mlflow, uri: str) -> None:
+    """Open the store at ``uri`` once per process, under :func:`first_use_lock` when it is a SQLite file.
+
+    MLflow creates (and migrates) the tables of a SQLite store when a client first opens it, without a lock:
+    two processes opening a fresh store together both create them, and one fails with ``table ... already
+    exists``. Reading one experiment and one registered model under a file lock beside the database makes the
+    first process create the schema while the others wait, and then find it.
+    """
+    if uri in _PREPARED_STORES:
+        return
+    database = _sqlite_file(uri)
+    if database is not None:
+        with first_use_lock(database.parent / f".{database.name}.init.lock"):
+            try:
+                client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+                client.search_experiments(max_results=1)
+                client.search_registered_models(max_results=1)
+            except Exception as err:  # a corrupt or unwritable database: one line, not MLflow's traceback
+                raise RegistryError(f"cannot open the MLflow store {uri}: {_first_line(err)}") from None
+    _PREPARED_STORES.add(uri)
 
 
 def _experiment_id(mlflow) -> str:
@@ -88,7 +154,15 @@ def _experiment_id(mlflow) -> str:
     location = None
     if tracking_uri() == _default_uri():  # a user-chosen store or server decides its own artifact location
         location = (home_dir() / "artifacts").as_uri()
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    except Exception as err:
+        # another process created it since the lookup above (two first runs on a fresh store)
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            raise RegistryError(f"cannot create the experiment {EXPERIMENT!r} in {tracking_uri()}: "
+                                f"{_first_line(err)}") from None
+        return experiment.experiment_id
 
 
 @dataclass
@@ -141,14 +215,29 @@ class LoadedModel:
     run_id: str | None = None
     uri: str | None = None
     weights: str | None = None  # sha256 of weights.safetensors: versions with equal weights give equal outputs
+    #: files loaded without a recorded sha256 (a version registered before noisewise recorded it): see load_model
+    unverified: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class RegisteredVersion:
+    """What :func:`log_training_run` did. ``promotion_refused``: why ``promote`` did not move the alias (the
+    version states a guarantee of kind none, or abstains on every input); empty when it moved or was not asked."""
+
     run_id: str
     name: str | None
     version: str | None
     promoted: bool
+    promotion_refused: tuple[str, ...] = ()
+    description: str | None = None
+
+    @property
+    def refusal_note(self) -> str:
+        """``"; NOT promoted to NAME@champion: REASONS (...)"`` when the promotion was refused, else ``""``."""
+        if not self.promotion_refused:
+            return ""
+        return (f"; NOT promoted to {self.name}@{CHAMPION}: {'; '.join(self.promotion_refused)} "
+                f"(`noisewise promote {self.name} {self.version} --force` moves it anyway)")
 
 
 def save_model_dir(net: Classifier, spec: ModelSpec, directory: Path,
@@ -251,11 +340,14 @@ def log_training_run(
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if v is not None})
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = save_model_dir(net, spec, Path(tmp), calibration)
-            # digests of the tensor files and of an imported model's archive, checked at load: safetensors cannot
-            # tell a flipped byte in tensor data
-            digested = {".safetensors", *(Path(name).suffix for name in imported.ARCHIVE_FILES.values())}
-            mlflow.set_tags({f"{DIGEST_TAG}{Path(path).name}": _sha256(Path(path)) for path in artifacts.values()
-                             if Path(path).suffix in digested})
+            # a digest of every file load_model reads (weights, model.json, calibration.json and .safetensors, an
+            # imported model's archive), checked at load: safetensors cannot tell a flipped byte in tensor data,
+            # and an edited calibration.json can hold values that pass every range check yet serve nonsense
+            mlflow.set_tags({f"{DIGEST_TAG}{Path(path).name}": _sha256(Path(path)) for path in artifacts.values()})
+            # what LoadedModel.weights will say: equal digests, equal outputs (a recalibration keeps its source's)
+            weights_sha256 = _sha256(Path(artifacts["weights"]))
+            if isinstance(net, imported.ImportedModel):
+                weights_sha256 = net.version_digest(weights_sha256)
             if reference is not None:
                 written = save_reference(reference, Path(tmp) / REFERENCE_DIR)
                 mlflow.log_artifacts(str(Path(tmp) / REFERENCE_DIR), artifact_path=REFERENCE_DIR)
@@ -278,12 +370,19 @@ def log_training_run(
                 pip_requirements=pip_requirements(extras=_arch_extras(spec.arch)),
                 registered_model_name=register_as,
             )
-    version = None
+    version, refused, promoted = None, (), False
+    facts = version_facts(spec, params, calibration, tags, dataset=dataset, weights_sha256=weights_sha256)
+    description = describe_version(facts)
     if register_as:
         version = str(info.registered_model_version)
-        if promote:
-            set_alias(register_as, version, CHAMPION)
-    return RegisteredVersion(run.info.run_id, register_as, version, bool(register_as and promote))
+        record_version_facts(register_as, version, facts, description)
+        if promote:  # the same check as `noisewise promote`, without --force
+            try:
+                promote_version(register_as, version, CHAMPION, facts=facts)
+                promoted = True
+            except PromotionRefused as err:
+                refused = tuple(err.reasons)
+    return RegisteredVersion(run.info.run_id, register_as, version, promoted, refused, description)
 
 
 def pip_requirements(extras: tuple[str, ...] = ()) -> list[str]:
@@ -353,8 +452,369 @@ def _param_value(value) -> str:
     return text[:6000]  # MLflow's param value limit
 
 
-def set_alias(name: str, version: str, alias: str = CHAMPION) -> None:
-    _mlflow().MlflowClient().set_registered_model_alias(name, alias, str(version))
+# --- What each version says about itself, and moving aliases only to versions that decide ---------------------
+# Versions of one model can share their weights (a calibration or recalibration logs the same network again), so
+# each one carries, as MLflow model-version tags and a description, how it was made and what it promises; the
+# same facts decide whether an alias may move to it.
+
+#: Model-version tag: trained | imported | calibrated | recalibrated.
+ORIGIN_TAG = "noisewise.origin"
+#: Registered-model tag ``noisewise.alias_history.ALIAS``: JSON list of the versions the alias pointed to before
+#: each move, the latest last; rollback returns to the last one and drops it.
+ALIAS_HISTORY_TAG = "noisewise.alias_history."
+#: Entries of an alias history kept (older moves are forgotten; the tag stays small).
+ALIAS_HISTORY_KEPT = 100
+#: Model-version tag set when an alias was moved to the version with --force: the reasons it overrode.
+FORCED_TAG = "noisewise.forced."
+_GUARANTEE_PARTS = (("sets", "prediction sets"), ("abstention", "abstention"), ("ood", "OOD"))
+
+
+class PromotionRefused(RegistryError):
+    """An alias was not moved to a version that states a guarantee of kind ``none`` or abstains on every input.
+
+    Attributes
+    ----------
+    reasons : list of str
+        Each reason in a few words (no trailing period).
+    """
+
+    def __init__(self, name: str, version: str, alias: str, reasons: list[str]):
+        self.name, self.version, self.alias, self.reasons = name, str(version), alias, list(reasons)
+        super().__init__(f"{name}@{alias} not moved to version {version}: " + "; ".join(reasons))
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """An alias move: ``name@alias`` now points to ``version``, and pointed to ``previous`` before (``None``: it
+    was new). ``overridden``: the reasons a forced promotion overrode."""
+
+    name: str
+    alias: str
+    version: str
+    previous: str | None
+    overridden: tuple[str, ...] = ()
+
+
+def guarantee_facts(calibration: "Calibration | None") -> dict[str, str]:
+    """The tags that say what a version promises: per guarantee (``sets``, ``abstention``, ``ood``) its
+    ``kind`` and ``method``; ``noisewise.certified``; ``noisewise.accept_rate``, the share of the calibration
+    data the certified threshold accepts (0 when nothing is certified: the version abstains on every input)."""
+    if calibration is None:
+        return {"noisewise.calibrated": "false"}
+    summary = calibration.summary()
+    sets, abstention, ood = summary["prediction_set"], summary["abstention"], summary["ood"]
+    certified = calibration.certified
+    accept = float(certified.coverage) if certified.certified else 0.0
+    if not np.isfinite(accept):
+        accept = 0.0
+    return {
+        "noisewise.calibrated": "true",
+        "noisewise.sets.kind": str(sets["kind"]), "noisewise.sets.method": str(sets["method"]),
+        "noisewise.sets.coverage": f"{sets['target_coverage']:g}",
+        "noisewise.abstention.kind": str(abstention["kind"]),
+        "noisewise.abstention.method": _abstention_method(calibration),
+        "noisewise.abstention.risk": f"{certified.risk:g}", "noisewise.abstention.delta": f"{certified.delta:g}",
+        "noisewise.certified": str(bool(certified.certified)).lower(),
+        "noisewise.accept_rate": f"{accept:.4f}",
+        "noisewise.ood.kind": str(ood["kind"]), "noisewise.ood.method": f"{ood['scorer']} p-value",
+        "noisewise.ood.alpha": f"{ood['alpha_ood']:g}",
+    }
+
+
+def _abstention_method(calibration: "Calibration") -> str:
+    """Which labels the abstention threshold was certified on, and with which correction."""
+    certified = calibration.certified
+    if int(calibration.settings.get("n_audited") or 0) > 0:
+        return "audited-labels"
+    if certified.noise_eps is not None:
+        return "symmetric-correction"
+    if certified.max_wrong_labels is not None:
+        return "worst-case-correction"
+    return "observed-labels"
+
+
+def version_facts(spec: ModelSpec, params: dict, calibration: "Calibration | None" = None,
+                  tags: dict | None = None, *, dataset: "Dataset | None" = None,
+                  weights_sha256: str | None = None) -> dict[str, str]:
+    """The model-version tags of a version about to be registered: how it was made (:data:`ORIGIN_TAG` and its
+    details) and :func:`guarantee_facts`.
+
+    The origin is read from the run tags the commands set: ``noisewise.recalibrated_from`` (recalibrated on
+    feedback labels), ``noisewise.calibrated_from`` (calibrated), ``noisewise.imported``; otherwise trained.
+    """
+    tags = tags or {}
+    settings = calibration.settings if calibration is not None else {}
+    lineage, recipe = spec.lineage or {}, spec.recipe or {}
+    facts: dict[str, object]
+    if tags.get("noisewise.recalibrated_from"):
+        facts = {ORIGIN_TAG: "recalibrated", "noisewise.derived_from": tags["noisewise.recalibrated_from"],
+                 "noisewise.feedback_labels": settings.get("recalibration_n", params.get("recalibration.n")),
+                 "noisewise.audited_labels": settings.get("recalibration_n_audited",
+                                                          params.get("recalibration.n_audited")),
+                 "noisewise.recalibration_method": settings.get("recalibration_method",
+                                                                params.get("recalibration.method"))}
+    elif tags.get("noisewise.calibrated_from"):
+        facts = {ORIGIN_TAG: "calibrated", "noisewise.derived_from": tags["noisewise.calibrated_from"],
+                 "noisewise.calibration_data": dataset.name if dataset is not None else lineage.get("dataset"),
+                 "noisewise.calibration_items": settings.get("n_calibration")}
+    elif tags.get("noisewise.imported") or recipe.get("name") == "imported":
+        facts = {ORIGIN_TAG: "imported", "noisewise.source": recipe.get("source") or params.get("imported_from"),
+                 "noisewise.arch": spec.arch, "noisewise.trained_on": lineage.get("dataset")}
+    else:
+        facts = {ORIGIN_TAG: "trained", "noisewise.recipe": recipe.get("name"), "noisewise.epochs": recipe.get("epochs"),
+                 "noisewise.sam": str(bool(recipe.get("sam"))).lower() if recipe else None,
+                 "noisewise.arch": spec.arch, "noisewise.trained_on": lineage.get("dataset"),
+                 "noisewise.noise": lineage.get("noise"),
+                 "noisewise.realized_noise_rate": (f"{lineage['realized_noise_rate']:.4f}"
+                                                   if isinstance(lineage.get("realized_noise_rate"), (int, float))
+                                                   else None)}
+    if calibration is not None and facts[ORIGIN_TAG] in ("trained", "imported"):  # calibrated at registration
+        facts["noisewise.calibration_items"] = settings.get("n_calibration")
+    facts["noisewise.weights_sha256"] = weights_sha256
+    facts.update(guarantee_facts(calibration))
+    return {key: str(value) for key, value in facts.items() if value is not None and value != ""}
+
+
+def _short_ref(ref: str | None, name: str | None) -> str:
+    """``NAME/3`` as ``version 3`` within model ``NAME``, else as it is."""
+    if ref and name and ref.startswith(f"{name}/"):
+        return f"version {ref[len(name) + 1:]}"
+    return ref or "an unknown version"
+
+
+def describe_version(facts: dict, name: str | None = None) -> str:
+    """The description of a version, in sentences, from its :func:`version_facts`."""
+    origin = facts.get(ORIGIN_TAG)
+    derived = facts.get("noisewise.derived_from")
+    source = _short_ref(derived, name or (derived.split("/", 1)[0] if derived and "/" in derived else None))
+    if origin == "recalibrated":
+        audited = facts.get("noisewise.audited_labels")
+        lines = [f"Recalibrated: the weights of {source}, conformal threshold recalibrated on "
+                 f"{facts.get('noisewise.feedback_labels', '?')} feedback labels"
+                 + (f" ({audited} audited)" if audited and audited != "0" else "")
+                 + (f" by {facts['noisewise.recalibration_method']}" if facts.get("noisewise.recalibration_method") else "")
+                 + "; abstention and OOD gate as in the source."]
+    elif origin == "calibrated":
+        items = facts.get("noisewise.calibration_items")
+        lines = [f"Calibrated: the weights of {source}, calibrated on {facts.get('noisewise.calibration_data', '?')}"
+                 + (f" ({items} calibration items)." if items else ".")]
+    elif origin == "imported":
+        lines = [f"Imported from {facts.get('noisewise.source', '?')} ({facts.get('noisewise.arch', '?')}), "
+                 f"calibrated on {facts.get('noisewise.trained_on', '?')}"
+                 + (f" ({facts['noisewise.calibration_items']} calibration items)."
+                    if facts.get("noisewise.calibration_items") else ".")]
+    elif origin == "trained":
+        sam = " + SAM" if facts.get("noisewise.sam") == "true" else ""
+        realized = (f" (realized flip rate {facts['noisewise.realized_noise_rate']})"
+                    if facts.get("noisewise.realized_noise_rate") else "")
+        lines = [f"Trained: recipe {facts.get('noisewise.recipe', '?')}{sam}, {facts.get('noisewise.epochs', '?')} "
+                 f"epochs, {facts.get('noisewise.arch', '?')} on {facts.get('noisewise.trained_on', '?')}, label noise "
+                 f"{facts.get('noisewise.noise', '?')}{realized}."]
+    else:
+        lines = ["Registered without a record of how it was made."]
+    if facts.get("noisewise.weights_sha256"):
+        lines.append(f"Weights sha256 {facts['noisewise.weights_sha256'][:12]} (equal digests give equal outputs).")
+    lines += guarantee_sentences(facts)
+    return "\n".join(lines)
+
+
+def guarantee_sentences(facts: dict) -> list[str]:
+    """One sentence per guarantee, and whether the version abstains on every input."""
+    if facts.get("noisewise.calibrated") != "true":
+        return ["Not calibrated: states no guarantee (the service refuses it until `noisewise calibrate`)."]
+    lines = [f"Prediction sets: {_percent(facts.get('noisewise.sets.coverage'))} coverage, "
+             f"{facts.get('noisewise.sets.method', '?')} [{facts.get('noisewise.sets.kind', 'none')}]."]
+    risk, accept = facts.get("noisewise.abstention.risk", "?"), _float(facts.get("noisewise.accept_rate"))
+    if facts.get("noisewise.certified") == "true" and accept:
+        lines.append(f"Abstention: certified at risk {risk} (delta {facts.get('noisewise.abstention.delta', '?')}, "
+                     f"{facts.get('noisewise.abstention.method', '?')}) "
+                     f"[{facts.get('noisewise.abstention.kind', 'none')}]; accepts {accept:.1%} of the calibration data.")
+    else:
+        lines.append(f"Abstention: NOTHING CERTIFIED at risk {risk}: abstains on every input.")
+    lines.append(f"OOD: {facts.get('noisewise.ood.method', '?')} gate at alpha {facts.get('noisewise.ood.alpha', '?')} "
+                 f"[{facts.get('noisewise.ood.kind', 'none')}].")
+    return lines
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _percent(text: str | None) -> str:
+    value = _float(text)
+    return "?" if value is None else f"{value:.0%}" if round(value * 100, 6).is_integer() else f"{value:.1%}"
+
+
+def promotion_blockers(facts: dict) -> list[str]:
+    """Why an alias should not move to a version with these :func:`version_facts`: a guarantee of kind
+    ``none``, or an abstention threshold that accepts nothing. Empty for an uncalibrated version, which states
+    no guarantee at all and which the service refuses to serve (it cannot silently abstain)."""
+    if facts.get("noisewise.calibrated") != "true":
+        return []
+    reasons = [f"its {label} guarantee is of kind none" for part, label in _GUARANTEE_PARTS
+               if facts.get(f"noisewise.{part}.kind", "none") == "none"]
+    if facts.get("noisewise.certified") != "true" or not _float(facts.get("noisewise.accept_rate")):
+        reasons.append(f"it abstains on every input (nothing certified at risk "
+                       f"{facts.get('noisewise.abstention.risk', '?')}; accepts 0% of the calibration data)")
+    return reasons
+
+
+def record_version_facts(name: str, version: str, facts: dict, description: str | None = None) -> None:
+    """Set ``facts`` as tags of ``name/version`` and ``description`` (default: :func:`describe_version`) as
+    its description."""
+    client = _mlflow().MlflowClient()
+    try:
+        client.update_model_version(name, str(version), description=description or describe_version(facts, name))
+        for key, value in facts.items():
+            client.set_model_version_tag(name, str(version), key, value)
+    except Exception as err:
+        raise RegistryError(f"cannot tag {name}/{version}: {_first_line(err)}") from None
+
+
+def stored_facts(name: str, version: str) -> dict[str, str]:
+    """The facts of a registered version: its tags, or, for a version registered before versions carried
+    them, computed from its calibration (the version is loaded)."""
+    client = _mlflow().MlflowClient()
+    try:
+        tags = dict(client.get_model_version(name, str(version)).tags)
+    except Exception as err:
+        raise RegistryError(f"model {name}/{version} not found in {tracking_uri()}: {_first_line(err)}") from None
+    if "noisewise.calibrated" in tags:
+        return tags
+    return {**tags, **guarantee_facts(load_model(f"{name}/{version}").calibration)}
+
+
+def alias_target(name: str, alias: str = CHAMPION) -> str | None:
+    """The version ``name@alias`` points to, or ``None``."""
+    client = _mlflow().MlflowClient()
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except Exception as err:
+        raise RegistryError(f"no model named {name!r} in {tracking_uri()}: {_first_line(err)}") from None
+    target = aliases.get(alias)
+    return None if target is None else str(target)
+
+
+def alias_history(name: str, alias: str = CHAMPION) -> list[str]:
+    """The versions ``name@alias`` pointed to before each move, the latest last."""
+    client = _mlflow().MlflowClient()
+    try:
+        text = client.get_registered_model(name).tags.get(f"{ALIAS_HISTORY_TAG}{alias}")
+    except Exception as err:
+        raise RegistryError(f"no model named {name!r} in {tracking_uri()}: {_first_line(err)}") from None
+    try:
+        history = json.loads(text) if text else []
+    except json.JSONDecodeError:
+        raise RegistryError(f"{name}: tag {ALIAS_HISTORY_TAG}{alias} is not a JSON list of versions") from None
+    if not isinstance(history, list):
+        raise RegistryError(f"{name}: tag {ALIAS_HISTORY_TAG}{alias} is not a JSON list of versions")
+    return [str(v) for v in history]
+
+
+def _write_history(name: str, alias: str, history: list[str]) -> None:
+    _mlflow().MlflowClient().set_registered_model_tag(name, f"{ALIAS_HISTORY_TAG}{alias}",
+                                                      json.dumps(history[-ALIAS_HISTORY_KEPT:]))
+
+
+def set_alias(name: str, version: str, alias: str = CHAMPION) -> str | None:
+    """Point ``name@alias`` to ``version`` with no check, and push its previous target on the alias history
+    (what :func:`rollback` returns to); returns that previous target (``None``: the alias is new)."""
+    previous = alias_target(name, alias)
+    if previous == str(version):
+        return previous
+    try:
+        _mlflow().MlflowClient().set_registered_model_alias(name, alias, str(version))
+    except Exception as err:  # an alias MLflow refuses ("latest", "v3", odd characters) or a missing version
+        raise RegistryError(f"cannot point {name}@{alias} to version {version}: {_first_line(err)}") from None
+    if previous is not None:  # after the move: a failed move leaves no entry that was never the alias's target
+        _write_history(name, alias, [*alias_history(name, alias), previous])
+    return previous
+
+
+def promote_version(name: str, version: str, alias: str = CHAMPION, *, force: bool = False,
+                    facts: dict | None = None) -> AliasMove:
+    """Move ``name@alias`` to ``version`` if the version decides: refused (:class:`PromotionRefused`) when one
+    of its guarantees is of kind ``none`` or it abstains on every input (:func:`promotion_blockers`), unless
+    ``force``. A forced move records the reasons it overrode as the version's tag ``noisewise.forced.ALIAS``.
+
+    ``facts``: the version's :func:`version_facts` when the caller has them (default: read from the store).
+    """
+    version = str(version)
+    reasons = promotion_blockers(facts if facts is not None else stored_facts(name, version))
+    if reasons and not force:
+        raise PromotionRefused(name, version, alias, reasons)
+    previous = set_alias(name, version, alias)
+    if reasons:
+        _mlflow().MlflowClient().set_model_version_tag(name, version, f"{FORCED_TAG}{alias}", "; ".join(reasons))
+    return AliasMove(name, alias, version, previous, tuple(reasons))
+
+
+def rollback(name: str, alias: str = CHAMPION) -> AliasMove:
+    """Move ``name@alias`` back to the version it pointed to before its last move, and drop that entry from the
+    alias history (a second rollback goes one further back)."""
+    history = alias_history(name, alias)
+    current = alias_target(name, alias)
+    if not history:
+        now = f"it points to version {current}" if current else "it is not set"
+        raise RegistryError(f"{name}@{alias} has no earlier version to roll back to ({now}, and no move of it was "
+                            "recorded)")
+    target = history[-1]
+    client = _mlflow().MlflowClient()
+    try:
+        client.get_model_version(name, target)
+    except Exception:
+        raise RegistryError(f"{name}@{alias} pointed to version {target} before, which no longer exists: "
+                            f"promote a version instead (noisewise promote {name} VERSION)") from None
+    client.set_registered_model_alias(name, alias, target)
+    _write_history(name, alias, history[:-1])
+    return AliasMove(name, alias, target, current)
+
+
+def list_models(name: str | None = None) -> list[dict]:
+    """Registered models (all, or ``name``), each with its aliases, alias histories and versions (newest first):
+    version, aliases, created (ISO 8601, UTC), description, noisewise tags, run id and the promotion blockers."""
+    from datetime import datetime, timezone
+
+    client = _mlflow().MlflowClient()
+    if name is not None:
+        try:
+            models = [client.get_registered_model(name)]
+        except Exception:
+            raise RegistryError(f"no model named {name!r} in {tracking_uri()} (`noisewise models` lists them)") from None
+    else:
+        models, token = [], None
+        while True:
+            page = client.search_registered_models(max_results=100, page_token=token)
+            models += list(page)
+            token = page.token
+            if not token:
+                break
+    listed = []
+    for model in sorted(models, key=lambda m: m.name):
+        quote = '"' if '"' not in model.name else "'"
+        found = client.search_model_versions(f"name={quote}{model.name}{quote}")
+        aliases = {alias: str(version) for alias, version in (model.aliases or {}).items()}
+        versions = []
+        for mv in sorted((v for v in found if v.name == model.name), key=lambda v: -int(v.version)):
+            tags = {k: v for k, v in (mv.tags or {}).items() if k.startswith("noisewise.")}
+            versions.append({
+                "version": str(mv.version),
+                "aliases": sorted(a for a, v in aliases.items() if v == str(mv.version)),
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc).isoformat(
+                    timespec="seconds"),
+                "description": mv.description or None,
+                "tags": tags,
+                "blockers": promotion_blockers(tags) if "noisewise.calibrated" in tags else None,
+                "run_id": mv.run_id,
+            })
+        histories = {key[len(ALIAS_HISTORY_TAG):]: alias_history(model.name, key[len(ALIAS_HISTORY_TAG):])
+                     for key in (model.tags or {}) if key.startswith(ALIAS_HISTORY_TAG)}
+        listed.append({"name": model.name, "description": model.description or None, "aliases": aliases,
+                       "alias_history": histories, "versions": versions})
+    return listed
 
 
 def parse_model_ref(ref: str) -> str:
@@ -399,8 +859,15 @@ def _sha256(path: Path) -> str:
 
 
 def load_model(ref: str, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a registered version (``NAME@ALIAS`` or ``NAME/VERSION``) onto ``device``; tensor files whose
-    sha256 differs from the one recorded when the version was logged are refused."""
+    """Load a registered version (``NAME@ALIAS`` or ``NAME/VERSION``) onto ``device``.
+
+    Every file whose sha256 was recorded when the version was logged must be there and match it, or the
+    version is refused (:class:`RegistryError` naming the file). A version registered before noisewise
+    recorded the digest of a file it reads (``calibration.json`` and ``model.json`` before they were covered)
+    loads with a warning on stderr, once per process, and lists the file in ``LoadedModel.unverified``: the
+    checks of :func:`load_model_dir` still refuse malformed or out-of-range values, and a recalibration or
+    ``noisewise calibrate`` registers a version with every digest.
+    """
     mlflow = _mlflow()
     name, version, run_id = resolve_version(ref)
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
@@ -410,15 +877,62 @@ def load_model(ref: str, device: str | torch.device = "cpu") -> LoadedModel:
         except Exception as err:
             raise RegistryError(f"cannot download artifacts of {name}/{version}: {_first_line(err)}") from None
         directory = Path(local) / "artifacts"
-        for tag, expected in tags.items():
-            if tag.startswith(DIGEST_TAG):
-                path = directory / tag[len(DIGEST_TAG):]
-                if path.is_file() and _sha256(path) != expected:
-                    raise RegistryError(f"{name}/{version}: {path.name} does not match the sha256 recorded when it "
-                                        "was registered (tampered or corrupted artifact)")
+        unverified = verify_digests(directory, tags, f"{name}/{version}")
         loaded = load_model_dir(directory, device=device)
     loaded.name, loaded.version, loaded.run_id, loaded.uri = name, version, run_id, f"models:/{name}/{version}"
+    loaded.unverified = unverified
+    if unverified and (name, version) not in _WARNED_UNVERIFIED:
+        _WARNED_UNVERIFIED.add((name, version))
+        print(f"noisewise: warning: {name}/{version} was registered before noisewise recorded the sha256 of "
+              f"{', '.join(unverified)}: loaded with only the range checks, so an edit of those files would go "
+              f"unnoticed (`noisewise calibrate --model {name}/{version}` registers a version with every digest)",
+              file=sys.stderr, flush=True)
     return loaded
+
+
+#: Files of a version's folder that :func:`load_model_dir` reads: each one has a recorded digest in a version
+#: registered by this noisewise.
+_LOADED_FILES = ("weights.safetensors", "model.json", "calibration.json", "calibration.safetensors",
+                 *imported.ARCHIVE_FILES.values())
+#: ``(name, version)`` pairs already warned about in this process (the service reloads a version often).
+_WARNED_UNVERIFIED: set[tuple[str, str]] = set()
+
+
+def verify_digests(directory: Path, tags: dict[str, str], label: str) -> tuple[str, ...]:
+    """Check the files of a version's folder against the sha256 digests recorded as run tags.
+
+    Parameters
+    ----------
+    directory
+        The folder of ``weights.safetensors``, ``model.json`` and the calibration files.
+    tags
+        The run's tags; ``noisewise.sha256.FILE`` holds the digest of ``FILE`` (``FILE`` with a ``/`` lies in a
+        sub-folder and is checked where it is read, e.g. :func:`load_reference`).
+    label
+        ``NAME/VERSION``, for the messages.
+
+    Returns
+    -------
+    tuple of str
+        The files present that :func:`load_model_dir` reads and for which no digest was recorded (a version
+        registered before noisewise recorded it).
+
+    Raises
+    ------
+    RegistryError
+        A file with a recorded digest is missing, or its sha256 differs from the recorded one.
+    """
+    recorded = {tag[len(DIGEST_TAG):]: expected for tag, expected in tags.items()
+                if tag.startswith(DIGEST_TAG) and "/" not in tag[len(DIGEST_TAG):]}
+    for file_name, expected in sorted(recorded.items()):
+        path = directory / file_name
+        if not path.is_file():
+            raise RegistryError(f"{label}: {file_name} is missing, but its sha256 was recorded when the version was "
+                                "registered (deleted or corrupted artifact)")
+        if _sha256(path) != expected:
+            raise RegistryError(f"{label}: {file_name} does not match the sha256 recorded when it was registered "
+                                "(tampered or corrupted artifact)")
+    return tuple(f for f in _LOADED_FILES if f not in recorded and (directory / f).is_file())
 
 
 def _first_line(err: Exception) -> str:

@@ -9,6 +9,7 @@ validation split: clean labels are never used for selection, only reported.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,14 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from noisewise.models.choices import RECIPE_DIR, RECIPES
 from noisewise.models.data import Dataset
 from noisewise.models.losses import build_loss, coteaching_keep_rate, coteaching_select
 from noisewise.models.nets import Classifier, build_net, default_arch, pick_device
 
-RECIPE_DIR = Path(__file__).parent / "recipes"
-RECIPES = tuple(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+# One INFO line per epoch. Silent unless the application attaches a handler: `noisewise train` does when its
+# stderr is not a terminal (logs, CI, `make run | cat`), where the progress bar would show nothing.
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -159,7 +162,10 @@ def train(
 ) -> TrainResult:
     """Train ``recipe`` on the observed labels of ``dataset``'s train split; keep the epoch with the best
     noisy-validation accuracy. Clean test accuracy (when clean labels exist) is reported at the selected
-    checkpoint and at the last epoch, never used for selection."""
+    checkpoint and at the last epoch, never used for selection.
+
+    ``progress`` shows a tqdm bar; independently, each epoch is logged at INFO on the ``noisewise.models.train``
+    logger (epoch, mean training loss, noisy-validation accuracy, seconds since the start)."""
     started = time.perf_counter()
     device = pick_device(device) if isinstance(device, str) else device
     arch = default_arch(dataset.input_shape) if arch == "auto" else arch
@@ -230,6 +236,8 @@ def train(
         if record["val_noisy_accuracy"] > best["val_noisy_accuracy"]:
             best = {**record, "state": copy.deepcopy(nets[chosen].state_dict())}
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_noisy_accuracy']:.3f}")
+        log.info("epoch %d/%d: loss %.4f, noisy-val accuracy %.4f, %.1f s", epoch + 1, recipe.epochs,
+                 record["train_loss"], record["val_noisy_accuracy"], time.perf_counter() - started)
     bar.close()
 
     last = history[-1]

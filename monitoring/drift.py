@@ -1,7 +1,11 @@
-"""Evidently reports on returned labels and served predictions; the only Evidently import.
+"""Evidently reports on returned labels and served predictions (with ``monitoring/operator_view.py``, its
+widgets and dashboard, the only Evidently imports).
 
 One :func:`drift_report` call runs one Evidently ``Report`` and stores its snapshot in a local Evidently
-workspace (``evidently ui --workspace DIR`` serves it), next to HTML and JSON copies. The report holds:
+workspace (``evidently ui --workspace DIR`` serves it, its project dashboard showing the operator panels),
+next to HTML and JSON copies. The report opens on a summary card (noise rate with its interval and kind of
+estimate, coverage raw and noise-corrected against the target, suspect share, drift, each with its verdict)
+and holds:
 
 * label drift: the feedback labels against the calibration labels, Evidently's ``ValueDrift`` with the
   stat test set explicitly (:func:`chi2_two_sample` by default). Left to itself Evidently picks its
@@ -14,7 +18,10 @@ workspace (``evidently ui --workspace DIR`` serves it), next to HTML and JSON co
   accuracy, macro precision/recall/F1, per-class precision/recall/F1), next to the same metrics on the
   calibration set;
 * suspected annotation errors: their share overall, per given label and per annotator (``MeanValue`` of
-  the 0/1 suspect flag, per group).
+  the 0/1 suspect flag, per group), shown in percent with their sample sizes.
+
+Drift is shown as class shares of each sample, in percent, with both sample sizes: the samples differ in
+size, so counts side by side would mislead.
 
 The drift test is a two-sample test. Both samples are noisy: the calibration counts are a sample too,
 not the true class proportions. Evidently's own ``"chisquare"`` is a goodness-of-fit test of the current
@@ -69,6 +76,15 @@ from evidently.metrics.group_by import GroupByMetric
 from evidently.presets import ClassificationPreset
 from evidently.ui.workspace import Workspace
 from scipy import stats
+
+from noisewise.monitoring.operator_view import (
+    DriftInShares,
+    OperatorSummary,
+    SuspectShares,
+    ensure_dashboard,
+    metadata_for,
+    percent_values,
+)
 
 __all__ = [
     "CATEGORICAL_STATTESTS",
@@ -328,11 +344,12 @@ def _padded(columns: Mapping[str, pd.Series]) -> pd.DataFrame:
 
 
 def _run(metrics: list, current: pd.DataFrame, reference: pd.DataFrame, definition: DataDefinition,
-         **run_kwargs: Any):
+         current_metadata: dict[str, str] | None = None, **run_kwargs: Any):
     with warnings.catch_warnings():
         # Evidently computes column statistics of the all-missing padding columns (0/0 warnings).
         warnings.simplefilter("ignore", RuntimeWarning)
-        return Report(metrics).run(Dataset.from_pandas(current, data_definition=definition),
+        return Report(metrics).run(Dataset.from_pandas(current, data_definition=definition,
+                                                       metadata=current_metadata),
                                    Dataset.from_pandas(reference, data_definition=definition), **run_kwargs)
 
 
@@ -411,8 +428,12 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
                  class_names: Sequence[str], workspace: str | os.PathLike, project: str = "noisewise",
                  model: str | None = None, stattest: str = DEFAULT_STATTEST,
                  threshold: float = DEFAULT_THRESHOLD, min_rows: int | None = None,
-                 timestamp: datetime | None = None) -> dict[str, Any]:
+                 timestamp: datetime | None = None, operator: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the monitoring report, store it in an Evidently workspace and return its numbers.
+
+    The report opens on a summary card (noise rate, coverage, suspect share, drift, with their verdicts),
+    shows drift and suspects as shares in percent, and the workspace project gets the operator dashboard
+    (``monitoring/operator_view.py``), added once to projects created without it.
 
     Parameters
     ----------
@@ -444,6 +465,10 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
         almost no power). Fewer give ``{"status": "too few rows"}``.
     timestamp : datetime, optional
         Time of the report (default: now, UTC).
+    operator : mapping, optional
+        The noise rate and coverage of the feedback
+        (:func:`noisewise.monitoring.operator_view.operator_numbers`), shown on the summary card and stored
+        in the snapshot for the dashboard; without it the card shows suspects and drift only.
 
     Returns
     -------
@@ -492,27 +517,48 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
         numerical_columns=[_SUSPECT],
         classification=[MulticlassClassification(target=_LABEL, prediction_labels=_PREDICTED)])
 
-    metrics: list = []
+    # Report order: the summary card, drift in shares, suspect shares, then Evidently's classification quality.
+    drift_metrics: list = []
+    drift_views: list = []
+    drift_lines: list[dict[str, Any]] = []
     drift_parts = {"label_drift": (_LABEL, len(fb_label)), "prediction_drift": (_SERVED, len(served))}
+    samples = {"label_drift": ("label drift", "calibration labels", "feedback labels", ref_label, fb_label),
+               "prediction_drift": ("prediction drift", "calibration predictions", "served predictions",
+                                    ref_predicted, served)}
     result: dict[str, Any] = {}
     for part, (column, n_current) in drift_parts.items():
+        title, reference_name, current_name, ref_values, cur_values = samples[part]
+        line = {"name": title, "reference_name": reference_name, "current_name": current_name,
+                "n_reference": len(reference), "n_current": n_current, "threshold": float(threshold),
+                "score_kind": kind, "stattest": stattest}
         if n_current == 0:
             result[part] = {"status": "no data", "n_reference": len(reference), "n_current": 0}
         elif n_current < needed:
             result[part] = {"status": "too few rows", "n_reference": len(reference), "n_current": n_current,
                             "min_rows": needed}
-        else:
-            metrics.append(_drift_metric(column, stattest, threshold))
-    if len(fb_label):
-        metrics.append(ClassificationPreset())
-    else:
-        result["quality"] = {"status": "no data", "n": 0}
+        drift_lines.append({**line, **({"status": result[part]["status"], "min_rows": needed}
+                                       if part in result else {})})
+        if part in result:
+            drift_metrics.append(None)
+            continue
+        metric = _drift_metric(column, stattest, threshold)
+        drift_metrics.append(metric)
+        drift_views.append(DriftInShares(
+            title=title.capitalize(), metric=metric, line=line,
+            reference_counts={n: int(c) for n, c in ref_values.value_counts().reindex(names, fill_value=0).items()},
+            current_counts={n: int(c) for n, c in cur_values.value_counts().reindex(names, fill_value=0).items()}))
+    metrics: list = list(drift_views)
     if len(suspects):
-        metrics.append(MeanValue(column=_SUSPECT))
-        metrics += [GroupByMetric(metric=MeanValue(column=_SUSPECT), column_name=_SUSPECT_CLASS, label=name)
-                    for name in sorted(set(suspects[_SUSPECT_CLASS]))]
-        metrics += [GroupByMetric(metric=MeanValue(column=_SUSPECT), column_name=_SUSPECT_ANNOTATOR, label=name)
-                    for name in sorted(set(annotated[_SUSPECT_ANNOTATOR]))]
+        share_metrics = [MeanValue(column=_SUSPECT)]
+        share_metrics += [GroupByMetric(metric=MeanValue(column=_SUSPECT), column_name=_SUSPECT_CLASS, label=name)
+                          for name in sorted(set(suspects[_SUSPECT_CLASS]))]
+        share_metrics += [GroupByMetric(metric=MeanValue(column=_SUSPECT), column_name=_SUSPECT_ANNOTATOR,
+                                        label=name) for name in sorted(set(annotated[_SUSPECT_ANNOTATOR]))]
+    if len(fb_label):
+        quality_metrics = [ClassificationPreset()]
+    else:
+        quality_metrics = []
+        result["quality"] = {"status": "no data", "n": 0}
 
     # The suspect numbers come from pandas (exact, also without Evidently metrics); the report shows the same
     # values (the tests compare them).
@@ -532,12 +578,22 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
     result.update({"workspace": str(root), "timestamp": timestamp.astimezone(UTC).isoformat(),
                    "model": model, "n_predictions": len(served), "n_feedback": len(feedback),
                    "html": None, "snapshot_id": None, "project_id": None})
+    if len(suspects):
+        metrics.append(SuspectShares(share_metrics=share_metrics, suspects=result["suspects"]))
+    metrics += quality_metrics
     evidently_dict: dict | None = None
     if metrics:
+        percents = percent_values(operator, result["suspects"])
+        numbers = {**(operator or {}), "suspects": result["suspects"]}
+        summary_title = (f"noisewise summary{f': {model}' if model else ''}: {len(feedback)} feedback labels, "
+                         f"{len(served)} served predictions")
+        metrics.insert(0, OperatorSummary(title=summary_title, numbers=numbers, values=percents, drift=drift_lines,
+                                          drift_metrics=drift_metrics))
         metadata = {"stattest": stattest, "threshold": str(threshold), "score_kind": kind}
         if model is not None:
             metadata["model"] = str(model)
-        snapshot = _run(metrics, current, reference_table, definition, name=f"noisewise monitor {stamp}",
+        snapshot = _run(metrics, current, reference_table, definition, current_metadata=metadata_for(percents),
+                        name=f"noisewise monitor {stamp}",
                         metadata=metadata, tags=["noisewise"] + ([str(model)] if model else []),
                         timestamp=timestamp.astimezone(UTC).replace(tzinfo=None))
         values = _values(snapshot)
@@ -550,7 +606,9 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
         ws = Workspace(str(root))
         found = ws.search_project(project)
         evidently_project = found[0] if found else ws.create_project(project, description=(
-            "noisewise: label and prediction drift, feedback quality, suspected annotation errors"))
+            "noisewise: noise rate, realized coverage, suspected annotation errors, label and prediction drift"))
+        # At creation, and on every run for projects created without the operator panels (idempotent).
+        ensure_dashboard(ws, evidently_project.id)
         ref = ws.add_run(evidently_project.id, snapshot)
         result["snapshot_id"], result["project_id"] = str(ref.id), str(evidently_project.id)
         html = reports_dir / f"{stamp}.html"

@@ -1,7 +1,9 @@
 """Every ``noisewise_*`` Prometheus metric, in one table.
 
 Plain ``prometheus_client`` objects: BentoML serves them on ``/metrics`` next to its own
-``bentoml_service_*`` series (rate, latency, in-flight requests). BentoML runs workers with
+``bentoml_service_*`` series (rate, latency, in-flight requests). Those are labelled by ``endpoint``: the
+route (``/predict``, ``/feedback``, ...), and ``unmatched`` for every path that is no route, so that clients
+cannot add series by sending made-up paths (``services/bentoml_patches.py``). BentoML runs workers with
 ``PROMETHEUS_MULTIPROC_DIR`` set, so each metric is written to per-process files and summed at scrape time;
 gauges therefore say how to merge processes (``multiprocess_mode``): ``mostrecent`` for values computed
 from shared state (the store, the calibration), so that every worker reports the same value once.
@@ -18,7 +20,7 @@ metric                                                  type       labels / mean
 ``noisewise_ood_flags_total``                           counter    inputs flagged OOD (p-value <= alpha_ood)
 ``noisewise_predicted_class_total``                     counter    ``class_name``: the served argmax class
 ``noisewise_prediction_set_size``                       histogram  classes in each conformal set
-``noisewise_confidence``                                histogram  the calibration's confidence function
+``noisewise_confidence``                                histogram  the response's ``score`` (not a probability)
 ``noisewise_ood_p_value``                               histogram  conformal OOD p-value of each input
 ``noisewise_feedback_items_total``                      counter    ``outcome``: stored, duplicate, rejected
 ``noisewise_feedback_disagreements_total``              counter    stored feedback labels != the served label
@@ -59,7 +61,8 @@ OOD_FLAGS = Counter("noisewise_ood_flags", "Inputs flagged out-of-distribution b
 PREDICTED_CLASS = Counter("noisewise_predicted_class", "Served predictions by predicted class.", ["class_name"])
 SET_SIZE = Histogram("noisewise_prediction_set_size", "Classes in each served conformal prediction set.",
                      buckets=(0, 1, 2, 3, 4, 5, 7, 10, 20, 50, 100, 1000))
-CONFIDENCE = Histogram("noisewise_confidence", "Confidence of each prediction (the calibration's function).",
+CONFIDENCE = Histogram("noisewise_confidence", "Selective score of each prediction (the response's `score`: the "
+                       "calibration's confidence function, not a probability).",
                        buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
 OOD_P_VALUE = Histogram("noisewise_ood_p_value", "Conformal OOD p-value of each input.",
                         buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0))
@@ -148,7 +151,7 @@ def observe_predictions(predictions: Sequence) -> None:
         OOD_FLAGS.inc(flagged)
     for p in predictions:
         SET_SIZE.observe(len(p.prediction_set))
-        CONFIDENCE.observe(p.confidence)
+        CONFIDENCE.observe(p.score)
         OOD_P_VALUE.observe(p.ood.p_value)
 
 

@@ -2,8 +2,9 @@
 
 :func:`feedback_state` is cheap (pandas over the recent feedback window): the service recomputes it every
 ``NOISEWISE_MONITOR_INTERVAL_S`` for the noise-rate, realized-coverage and suspect-share gauges.
-:func:`run_monitor` adds the Evidently reports (``monitoring/drift.py``), stores the result as a ``monitor``
-report, from which the service exports the drift gauges.
+:func:`run_monitor` adds the Evidently reports (``monitoring/drift.py``; the report opens on a summary card of
+these numbers, and the workspace project has a dashboard of them, ``monitoring/operator_view.py``), stores the
+result as a ``monitor`` report, from which the service exports the drift gauges.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
     k = calibration.num_classes
     target = 1.0 - calibration.threshold.alpha
     ind = frame[~frame["is_ood"]] if len(frame) else frame
-    state: dict[str, Any] = {"n": int(len(ind)), "n_ood": int(len(frame) - len(ind)), "noise": {}, "best": None,
+    state: dict[str, Any] = {"n": len(ind), "n_ood": int(len(frame) - len(ind)), "noise": {}, "best": None,
                              "coverage": {}, "suspect_share": None, "target": target}
     if not len(ind):
         return state
@@ -82,18 +83,22 @@ def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit
     """The ``noisewise monitor`` report: feedback state, suspects, Evidently drift/quality reports (saved to the
     workspace), stored in the store as a ``monitor`` report for the service's drift gauges."""
     from noisewise.monitoring.drift import drift_report
+    from noisewise.monitoring.operator_view import operator_numbers
 
     calibration = loaded.calibration
     feedback = store.feedback_frame(window=window, model_name=loaded.name)
     predictions = store.prediction_frame(limit=window, model_name=loaded.name)
     state = feedback_state(feedback, calibration)
     flagged = suspects(feedback, calibration.class_names, limit=limit)
-    drift = drift_report(reference_frame(loaded), predictions, feedback, list(calibration.class_names),
-                         workspace=Path(workspace), model=f"{loaded.name}/{loaded.version}")
     calibration_noise = calibration.noise or {}
+    above = _noise_above_calibration(state, calibration_noise)
+    # The report's summary card and the workspace dashboard show the same noise rate and coverage.
+    drift = drift_report(reference_frame(loaded), predictions, feedback, list(calibration.class_names),
+                         workspace=Path(workspace), model=f"{loaded.name}/{loaded.version}",
+                         operator=operator_numbers(state, calibration_noise, above))
     report = {
         "model": {"name": loaded.name, "version": loaded.version},
-        "n_predictions": int(len(predictions)), "n_feedback": int(len(feedback)),
+        "n_predictions": len(predictions), "n_feedback": len(feedback),
         "feedback": state,
         "calibration_noise": {"flip_rate": calibration_noise.get("flip_rate"), "lower": calibration_noise.get("lower"),
                               "method": calibration_noise.get("method"),
@@ -102,12 +107,19 @@ def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit
                      "top": flagged.get("suspects", [])[:limit]},
         "drift": drift,
     }
-    best = state.get("best")  # never a heuristic, on either side of the comparison
-    if best is not None and calibration_noise.get("lower") is not None and not calibration_noise.get("heuristic"):
-        lower = state["noise"][best]["lower"]
-        report["noise_above_calibration"] = bool(lower > float(calibration_noise["lower"]))
+    if above is not None:
+        report["noise_above_calibration"] = above
     store.add_report("monitor", _jsonable(report))
     return report
+
+
+def _noise_above_calibration(state: dict[str, Any], calibration_noise: dict[str, Any]) -> bool | None:
+    """Whether the feedback's noise-rate lower bound exceeds the flip rate the calibration assumed; None when
+    either side is missing or a heuristic (never compared)."""
+    best = state.get("best")  # never a heuristic, on either side of the comparison
+    if best is None or calibration_noise.get("lower") is None or calibration_noise.get("heuristic"):
+        return None
+    return bool(state["noise"][best]["lower"] > float(calibration_noise["lower"]))
 
 
 def _jsonable(value: Any) -> Any:

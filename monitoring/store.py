@@ -13,7 +13,15 @@ Feedback is idempotent: a label is keyed by ``(prediction_id, annotator)``. Send
 a ``duplicate`` (acknowledged, not counted twice); a different label from the same annotator for the same
 prediction is a ``conflict`` (rejected: the first answer stands; use another annotator name for a second
 opinion). Several annotators per prediction are kept. A call returns only after its transaction has
-committed, so every acknowledged item is on disk.
+committed, so every acknowledged item is on disk. Rows of many callers can share one call (the service's
+group commit, ``services/feedback_api.py``): outcomes are those of storing the rows one after the other.
+
+Nothing is acknowledged that is not in the store the next process will open: every write checks
+:meth:`Store.health` before and after its commit, and fails with :class:`StoreUnavailable` when the SQLite
+file was deleted or replaced since it was opened (a commit would land in an unlinked file), or when the
+PostgreSQL server does not answer. Text the database cannot hold (NUL characters, which PostgreSQL refuses,
+and unpaired surrogates, which are not UTF-8) is found per value by :func:`text_problem`, so callers can
+refuse one item instead of failing a whole transaction.
 """
 
 from __future__ import annotations
@@ -89,6 +97,29 @@ class StoreError(RuntimeError):
     """The store cannot be opened or migrated (one line, ready to show)."""
 
 
+class StoreUnavailable(StoreError):
+    """A write cannot be made durable: the SQLite file is gone or was replaced, or the server is down."""
+
+
+class TimestampOutOfRange(ValueError):
+    """A time that has no UTC equivalent in Python's range (years 1 to 9999)."""
+
+
+def text_problem(value: str) -> str | None:
+    """Why the store cannot hold ``value`` as text, or None when it can.
+
+    PostgreSQL refuses NUL characters in text; neither backend can encode an unpaired surrogate (JSON
+    ``"\\ud800"`` decodes to one) as UTF-8. Both would fail the whole transaction, so callers check each
+    value first."""
+    if "\x00" in value:
+        return "contains a NUL character (\\u0000), which the store cannot hold"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"contains an unpaired surrogate (\\u{ord(value[err.start]):04x}) at position {err.start}: not valid UTF-8"
+    return None
+
+
 def default_url() -> str:
     from noisewise.models.registry import home_dir
 
@@ -106,8 +137,21 @@ def _now() -> datetime:
 
 def _utc(value: datetime) -> datetime:
     """Aware UTC. Naive values are taken as UTC (SQLite returns what was stored, UTC, without its zone); aware
-    values in another zone are converted, because SQLite would store their wall time and drop the offset."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    values in another zone are converted, because SQLite would store their wall time and drop the offset.
+    Raises :class:`TimestampOutOfRange` for a time whose UTC form is past year 9999 or before year 1."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise TimestampOutOfRange(f"{value.isoformat()} is out of range: in UTC it falls outside years 1 to "
+                                  "9999") from None
+
+
+def to_utc(value: datetime) -> datetime:
+    """Public form of the store's time normalisation (see :func:`_utc`): validators use it to refuse a time
+    the store could not compare."""
+    return _utc(value)
 
 
 @dataclass(frozen=True)
@@ -185,23 +229,70 @@ class Store:
             self._writer = _engine(self.url, begin="BEGIN IMMEDIATE") if self.engine.dialect.name == "sqlite" \
                 else self.engine
             upgrade(self.engine)
+            self._file = _sqlite_file(self.engine)
+            # the file this store writes to: a write is refused once the path no longer leads to it
+            self._identity = _identity(self._file) if self._file is not None else None
         except StoreError:
             raise
         except Exception as err:
             raise StoreError(f"cannot open the store {_safe(self.url)}: {type(err).__name__}: "
                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
         self._upsert = _insert_ignore(self.engine.dialect.name)
+        self._on_close: list = []
+
+    def on_close(self, callback) -> None:
+        """Call ``callback()`` first thing in :meth:`close` (a writer thread finishing its queued commits)."""
+        self._on_close.append(callback)
 
     def close(self) -> None:
+        while self._on_close:
+            self._on_close.pop()()
         self.engine.dispose()
         self._writer.dispose()
+
+    # --- health --------------------------------------------------------------------------------------------
+    def health(self) -> str | None:
+        """None when writes can be made durable, else why not (one line, ready to show).
+
+        SQLite: the file opened is still the one at its path (deleted, or replaced by another file with the
+        same name, and the server would write to a file no later process sees). PostgreSQL: the server
+        answers ``SELECT 1``. Cheap enough for a readiness probe (a ``stat``, or one round trip)."""
+        if self._file is not None:
+            try:
+                now = _identity(self._file)
+            except FileNotFoundError:
+                return f"the store file {self._file} was deleted while the service had it open; restart the service"
+            except OSError as err:
+                return f"the store file {self._file} cannot be checked: {err.strerror or err}"
+            if now != self._identity:
+                return (f"the store file {self._file} was replaced by another file while the service had it open; "
+                        "restart the service")
+            return None
+        if self.engine.dialect.name == "sqlite":  # in memory
+            return None
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception as err:
+            return f"the store {_safe(self.url)} does not answer: {type(err).__name__}: {_first_line(err)}"
+        return None
+
+    def _require_durable(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the SQLite file is the one opened (a no-op stat on SQLite; the
+        server's own errors already fail PostgreSQL writes)."""
+        if self._file is not None:
+            problem = self.health()
+            if problem is not None:
+                raise StoreUnavailable(problem)
 
     # --- predictions ---------------------------------------------------------------------------------------
     def add_predictions(self, rows: Sequence[PredictionRow]) -> None:
         """Store served predictions (one transaction)."""
         if rows:
+            self._require_durable()
             with self._writer.begin() as conn:
                 conn.execute(predictions.insert(), [r.to_row() for r in rows])
+            self._require_durable()  # deleted during the commit: it went to an unlinked file
 
     def get_predictions(self, ids: Iterable[str]) -> dict[str, StoredPrediction]:
         """The stored predictions among ``ids``, by id (unknown ids are absent)."""
@@ -237,12 +328,16 @@ class Store:
             new.setdefault(key, {"prediction_id": r.prediction_id, "annotator": r.annotator, "label": int(r.label),
                                  "audited": bool(r.audited), "received_at": now, "quality": float(r.quality),
                                  "suspect": bool(r.suspect), "proposed": int(r.proposed), "in_set": bool(r.in_set)})
+        self._require_durable()
         with self._writer.begin() as conn:
             # insert-or-ignore with RETURNING: the rows returned are exactly the ones this call inserted, also
             # when a concurrent caller sends the same items; everything else is read back to classify it
             inserted = {(row.prediction_id, row.annotator) for row in conn.execute(
                 self._upsert.returning(feedback.c.prediction_id, feedback.c.annotator), list(new.values()))}
-            stored = self._labels_for(conn, keys)
+            # an inserted key holds the label just written: only the others are read back
+            stored = {key: new[key]["label"] for key in inserted}
+            stored.update(self._labels_for(conn, [key for key in new if key not in inserted]))
+        self._require_durable()  # deleted during the commit: it went to an unlinked file
         outcomes, claimed = [], set()
         for r, key in zip(rows, keys):
             if key in inserted and key not in claimed and new[key]["label"] == r.label:
@@ -254,13 +349,18 @@ class Store:
 
     @staticmethod
     def _labels_for(conn, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        found = {}
-        ids = list({k[0] for k in keys})
-        for start in range(0, len(ids), 500):
+        """Stored labels of exactly ``keys`` (not of every annotator of their predictions)."""
+        found: dict[tuple[str, str], int] = {}
+        wanted = set(keys)
+        keys = sorted(wanted)
+        for start in range(0, len(keys), 250):
+            chunk = keys[start:start + 250]
             query = sa.select(feedback.c.prediction_id, feedback.c.annotator, feedback.c.label).where(
-                feedback.c.prediction_id.in_(ids[start:start + 500]))
+                feedback.c.prediction_id.in_(sorted({k[0] for k in chunk})),
+                feedback.c.annotator.in_(sorted({k[1] for k in chunk})))
             for row in conn.execute(query):
-                found[(row.prediction_id, row.annotator)] = row.label
+                if (row.prediction_id, row.annotator) in wanted:
+                    found[(row.prediction_id, row.annotator)] = row.label
         return found
 
     # --- frames for monitoring -----------------------------------------------------------------------------
@@ -307,8 +407,10 @@ class Store:
 
     # --- monitor reports -----------------------------------------------------------------------------------
     def add_report(self, kind: str, payload: Mapping) -> None:
+        self._require_durable()
         with self._writer.begin() as conn:
             conn.execute(reports.insert(), {"created_at": _now(), "kind": kind, "payload": dict(payload)})
+        self._require_durable()
 
     def latest_report(self, kind: str) -> dict | None:
         query = sa.select(reports.c.payload, reports.c.created_at).where(reports.c.kind == kind).order_by(
@@ -316,6 +418,25 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return None if row is None else {**row.payload, "created_at": _utc(row.created_at).isoformat()}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _sqlite_file(engine: sa.Engine) -> Path | None:
+    """The absolute path of a file-backed SQLite store, else None."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(os.path.abspath(database))
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of ``path``: a deleted-and-recreated or moved-over file has another."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 def _typed(frame: pd.DataFrame, time_column: str) -> pd.DataFrame:
@@ -366,7 +487,10 @@ def _engine(url: str, begin: str = "BEGIN") -> sa.Engine:
             conn.exec_driver_sql(begin)
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    # connect_timeout: a server that is down fails a request (and the health check) in seconds, not minutes
+    connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" and \
+        "connect_timeout" not in parsed.query else {}
+    return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _switch_to_wal(cursor, timeout_s: float = 30.0) -> None:

@@ -12,14 +12,21 @@ bentoml/BentoML#5540). Here the validated float32 array goes straight into the q
 
 Every pass runs on one dedicated thread, so the network sees one batch at a time (as with BentoML's
 single-threaded batchable APIs) and the event loop stays free for parsing the next requests.
+
+Decoding request images runs in a :class:`WorkQueue` of its own: a few threads and a bounded queue, so that
+images that are cheap to send and costly to decode never hold the threads that ``/feedback``, ``/suspects`` and
+``/reload`` run on (asyncio's default pool), and the work of a request that gave up is never started or stops
+between two images.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from prometheus_client import Counter, Histogram
@@ -31,8 +38,14 @@ BATCH_SIZE = Histogram(
 )
 
 
+T = TypeVar("T")
+#: Seconds a client is asked to wait before it retries a request shed for overload (``Retry-After``).
+RETRY_AFTER_S = 1
+
+
 class Overloaded(RuntimeError):
-    """A request waited in the batching queue longer than ``max_latency_ms``."""
+    """A request waited in the batching queue longer than ``max_latency_ms``, or found the decoding queue
+    full."""
 
 
 def _overloaded():
@@ -84,3 +97,70 @@ class Batcher:
         if self._dispatcher is not None:
             self._dispatcher.shutdown()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class WorkQueue:
+    """Blocking request work (decoding images) on ``threads`` threads of its own, at most ``max_pending`` jobs
+    queued or running.
+
+    ``await queue.run(work, timeout)`` calls ``work(stop)`` on one of the threads and returns its result.
+    ``stop`` is a :class:`threading.Event` set once nobody waits for the result any more (``timeout`` seconds
+    passed, or the request was cancelled): a job still queued then never starts, a running one should look
+    at ``stop`` between its steps and give up. Raises :class:`Overloaded` at once when the queue is full
+    and :class:`TimeoutError` past ``timeout``.
+    """
+
+    def __init__(self, threads: int = 2, max_pending: int = 64, name: str = "noisewise-decode"):
+        self.max_pending = max_pending
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running now."""
+        return self._pending
+
+    async def run(self, work: Callable[[threading.Event], T], timeout: float | None = None) -> T:
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise Overloaded(f"the image decoding queue is full ({self.max_pending} requests); retry later")
+            self._pending += 1
+        stop = threading.Event()
+        try:
+            job: Future = self._executor.submit(_unless_stopped, work, stop)
+        except RuntimeError:  # shut down
+            self._finished(None)
+            raise
+        job.add_done_callback(self._finished)  # also when cancelled before it started
+        waiter = asyncio.wrap_future(job)
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            if not waiter.done():  # timed out, or the request was cancelled: drop the work
+                stop.set()
+                job.cancel()
+                waiter.add_done_callback(_retrieve)
+        if not done:
+            raise TimeoutError
+        return waiter.result()
+
+    def _finished(self, _job) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _unless_stopped(work: Callable[[threading.Event], T], stop: threading.Event) -> T | None:
+    """``work(stop)``, unless the request gave up while the job was queued."""
+    if stop.is_set():
+        return None
+    return work(stop)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Retrieve an abandoned job's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

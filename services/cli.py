@@ -11,15 +11,27 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
+# Only light modules at the top (models.data needs numpy alone): `noisewise --help` and `--version` must not wait
+# seconds for torch, MLflow or BentoML. Each command imports what it needs when it runs.
+from noisewise.models.choices import (
+    CONFORMAL_MODES,
+    CONFORMITY_SCORES,
+    NOISE_MODELS,
+    OOD_INDEXES,
+    OOD_SCORERS,
+    RECIPES,
+    RISK_CORRECTIONS,
+)
 from noisewise.models.data import BUILTIN_DATASETS, DataError, parse_noise_spec
-from noisewise.models.calibrate import CalibrationError
-from noisewise.models.registry import RegistryError
-from noisewise.models.train import RECIPES
 
 EXIT_USAGE = 2
+#: a model that cannot be served (refused artifacts): the status of the server's own pre-start check
+#: (``noisewise.services.service.EXIT_MODEL``, not imported from there because that module imports BentoML)
+EXIT_MODEL = 3
 
 
 class UsageError(Exception):
@@ -195,11 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_key_option(demo)
     demo.set_defaults(handler=cmd_demo)
 
-    from noisewise.services import cli_audit, cli_feedback, cli_import
+    from noisewise.services import cli_audit, cli_feedback, cli_import, cli_registry
 
     cli_feedback.add_parsers(commands, sys.modules[__name__])
     cli_audit.add_parsers(commands, sys.modules[__name__])
     cli_import.add_parsers(commands, sys.modules[__name__])
+    cli_registry.add_parsers(commands, sys.modules[__name__])
     return parser
 
 
@@ -226,10 +239,6 @@ def _unit_interval(text: str) -> float:
 
 
 def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
-    from noisewise.models.calibrate import CONFORMAL_MODES, NOISE_MODELS, RISK_CORRECTIONS
-    from noisewise.models.uncertainty.conformal import CONFORMITY_SCORES
-    from noisewise.models.uncertainty.ood import OOD_SCORERS
-
     group = parser.add_argument_group("calibration")
     group.add_argument("--noise-rate", type=_rate_arg, default="auto",
                        help="flip rate of the calibration labels (fraction wrong) that you vouch for, or auto (the "
@@ -263,6 +272,11 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
                        "the rate is known or given, else none (and the guarantee says its condition)")
     group.add_argument("--ood-alpha", type=_unit_interval, default=0.05, help="false-OOD rate bound on ID inputs")
     group.add_argument("--ood-scorer", choices=sorted(OOD_SCORERS), default="knn", help="OOD score")
+    group.add_argument("--ood-index", choices=OOD_INDEXES, default="auto",
+                       help="knn bank: exact (every training row), subsample (a class-stratified 20,000 rows), "
+                       "kmeans (20,000 weighted k-means centroids) or auto (exact up to 20,000 training rows, "
+                       "subsample above), so the cost per request stops growing with the training set. The OOD "
+                       "gate is fitted on the served bank's scores, so the false-OOD bound holds either way")
     group.add_argument("--calibration-seed", type=int, default=0, help="seed for the audit draw and randomized scores")
 
 
@@ -272,7 +286,7 @@ def _calibration_settings(args: argparse.Namespace):
     settings = CalibrationSettings(
         noise_rate=args.noise_rate, noise_model=args.noise_model, audit=args.audit, alpha=args.alpha, delta=args.delta, conformal=args.conformal,
         risk=args.risk, risk_delta=args.risk_delta, risk_correction=args.risk_correction, ood_alpha=args.ood_alpha,
-        ood_scorer=args.ood_scorer, score=args.score, seed=args.calibration_seed,
+        ood_scorer=args.ood_scorer, ood_index=args.ood_index, score=args.score, seed=args.calibration_seed,
     )
     settings.check()
     return settings
@@ -347,6 +361,25 @@ def _calibration_text(calibration, evaluation: dict) -> str:
     return "\n".join(lines)
 
 
+def _stage(report: bool, text: str) -> None:
+    """One progress line on stderr, flushed so it reaches a log as it happens."""
+    if report:
+        print(f"noisewise: {text}", file=sys.stderr, flush=True)
+
+
+def _log_epochs_to_stderr() -> None:
+    """Show the training loop's per-epoch INFO lines on stderr (once, however often a process trains)."""
+    import logging
+
+    logger = logging.getLogger("noisewise.models.train")
+    if not any(getattr(handler, "noisewise_cli", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)  # flushes after every record
+        handler.setFormatter(logging.Formatter("noisewise: %(message)s"))
+        handler.noisewise_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from noisewise.models.train import load_recipe
 
@@ -380,10 +413,20 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{dataset.noise.spec} (realized flip rate {dataset.noise.realized_rate:.3f}); recipe "
               f"{recipe.name}{' + SAM' if recipe.sam else ''}, {recipe.epochs} epochs on {device}", file=sys.stderr)
     settings = None if args.no_calibrate else _calibration_settings(args)
-    result = train(dataset, recipe, arch=args.arch, seed=args.seed, device=device,
-                   progress=not args.quiet and sys.stderr.isatty())
+    report = not args.quiet and not args.json
+    on_terminal = sys.stderr.isatty()
+    if report and not on_terminal:  # logs and CI: one line per epoch instead of a bar nobody sees redrawn
+        _log_epochs_to_stderr()
+    result = train(dataset, recipe, arch=args.arch, seed=args.seed, device=device, progress=report and on_terminal)
+    if settings is not None:
+        _stage(report, "calibrating: OOD gate, conformal sets and certified abstention on the calibration split, "
+               "then evaluation on the test split and OOD sets")
+    started = time.perf_counter()
     calibration, evaluation = (None, {}) if settings is None else _calibrate_and_evaluate(
         result.net, dataset, settings, device)
+    if settings is not None:
+        _stage(report, f"calibrated and evaluated in {time.perf_counter() - started:.1f} s")
+    _stage(report, "logging the run and the model to MLflow")
     spec = registry.spec_from_training(result.net, dataset, recipe, result.arch_kwargs)
     params = {
         **recipe.params(), "arch": result.arch, "seed": args.seed, "dataset": dataset.name,
@@ -402,6 +445,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model_name": logged.name,
         "model_version": logged.version,
         "promoted": logged.promoted,
+        "promotion_refused": list(logged.promotion_refused),
         "dataset": dataset.name,
         "recipe": recipe.name,
         "sam": recipe.sam,
@@ -422,6 +466,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = f"registered {logged.name} version {logged.version}" if logged.name else "not registered"
     if logged.promoted:
         where += f" and promoted to {logged.name}@{registry.CHAMPION}"
+    where += logged.refusal_note
     _emit(args, payload,
           f"run {logged.run_id}: {where}\n"
           f"  selected epoch {m['best_epoch']}: noisy-val accuracy {m['val_noisy_accuracy']:.4f}, "
@@ -463,8 +508,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         tags={"noisewise.calibrated_from": f"{source.name}/{source.version}"}, dataset=dataset, reference=reference)
     payload = {"model_name": logged.name, "model_version": logged.version, "calibrated_from": source.version,
                "calibration_data": dataset.name, "n_calibration": int(len(dataset.splits["cal"])),
-               "promoted": logged.promoted, "run_id": logged.run_id, **_calibration_payload(calibration, evaluation)}
-    promoted = f", promoted to {logged.name}@{registry.CHAMPION}" if logged.promoted else " (not promoted: use --promote)"
+               "promoted": logged.promoted, "promotion_refused": list(logged.promotion_refused), "run_id": logged.run_id,
+               **_calibration_payload(calibration, evaluation)}
+    promoted = (f", promoted to {logged.name}@{registry.CHAMPION}" if logged.promoted
+                else logged.refusal_note or " (not promoted: use --promote)")
     _emit(args, payload, f"{logged.name} version {logged.version}: calibration of version {source.version} on "
           f"{dataset.name} ({len(dataset.splits['cal'])} calibration items){promoted}\n"
           + _calibration_text(calibration, evaluation))
@@ -580,7 +627,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from noisewise.services.settings import SettingsError
 
     name, version, _ = registry.resolve_version(args.model)  # a clear one-line error before starting anything
-    example = _example_request(args.model)
     env = {**os.environ, "NOISEWISE_MODEL": args.model}
     command = [sys.executable, "-m", "bentoml", "serve", "noisewise.services.service:Noisewise", "--host", args.host,
                "--port", str(args.port)]
@@ -590,6 +636,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     deadline = time.monotonic() + args.ready_timeout
     try:
+        # while the server starts: the example stored with the version (no dataset is rebuilt for it)
+        example = _example_request(args.model)
         while server.poll() is None:
             try:
                 with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
@@ -617,13 +665,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "suspects, monitor, live recalibration)\n"
               f"  API docs: {base}/docs.json\n\nCtrl-C stops the server.\n", flush=True)
         return server.wait()
-    except KeyboardInterrupt:
+    except BaseException as err:  # Ctrl-C, or no example could be read: never leave the server running
         server.terminate()
         try:
-            return server.wait(timeout=30)
+            code = server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-            return 130
+            code = 130
+        if isinstance(err, KeyboardInterrupt):
+            return code
+        if isinstance(err, registry.RegistryError):  # refused artifacts
+            print(f"noisewise: error: cannot serve model {args.model!r}: {err}", file=sys.stderr, flush=True)
+            return EXIT_MODEL
+        raise
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -827,9 +881,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (UsageError, DataError, RegistryError, CalibrationError, ValueError) as err:
+    except (UsageError, DataError, ValueError, *_loaded_user_errors()) as err:
         print(f"noisewise: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _loaded_user_errors() -> tuple[type[Exception], ...]:
+    """The registry's and calibration's user-error classes, from the modules a command has already imported:
+    a module that was never imported cannot have raised its error, and importing it here would cost seconds."""
+    errors = []
+    for module, name in (("noisewise.models.registry", "RegistryError"),
+                         ("noisewise.models.calibrate", "CalibrationError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

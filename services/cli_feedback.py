@@ -272,19 +272,24 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
         metrics={"recalibration_q": recal.threshold.q, "recalibration_n": recal.n}, register_as=loaded.name,
         calibration=calibration, tags={"noisewise.recalibrated_from": f"{loaded.name}/{loaded.version}"},
         reference=registry.load_reference(loaded, test=True))  # same network: its drift reference and test sample
-    moved = False
-    if not args.no_promote:
-        registry.set_alias(loaded.name, logged.version, alias)
-        moved = True
+    moved, refused = False, []
+    if not args.no_promote:  # the same check as `noisewise promote`: never to a version that abstains on everything
+        try:
+            registry.promote_version(loaded.name, logged.version, alias)
+            moved = True
+        except registry.PromotionRefused as err:
+            refused = err.reasons
     reloaded = None
     if args.url and moved:
         reloaded = _tell_service(args.url, getattr(args, "api_key", None))
     old_t, new_t = old.threshold, recal.threshold
     payload = {"model_name": loaded.name, "model_version": logged.version, "recalibrated_from": loaded.version,
-               "alias": alias if moved else None, "service_reloaded": reloaded, **recal.to_dict(),
+               "alias": alias if moved else None, "promotion_refused": refused, "service_reloaded": reloaded,
+               **recal.to_dict(),
                "previous_threshold": old_t.to_dict()}
     where = (f"{loaded.name}@{alias} now points to version {logged.version}" if moved
-             else "alias not moved (--no-promote)")
+             else f"alias not moved: {'; '.join(refused)} (`noisewise promote {loaded.name} {logged.version} --alias "
+                  f"{alias} --force` moves it anyway)" if refused else "alias not moved (--no-promote)")
     given = "" if recal.eps is None else f", given flip rate {args.noise_rate:g} under uniform noise"
     text = (f"{loaded.name} version {logged.version}: threshold recalibrated on {recal.n} feedback labels "
             f"({recal.method}{f', {recal.n_audited} audited' if recal.n_audited else ''}{given}): "

@@ -40,7 +40,7 @@ def _floats_arg(text: str) -> tuple[float, ...]:
 def add_parsers(commands, common) -> None:
     """Register ``import``; ``common`` is noisewise.services.cli (its argument types and helpers)."""
     from noisewise.models.data import BUILTIN_DATASETS
-    from noisewise.models.imported import LOGITS_SCORERS
+    from noisewise.models.choices import LOGITS_SCORERS
 
     parser = commands.add_parser(
         "import",
@@ -151,7 +151,8 @@ def cmd_import(args: argparse.Namespace, common) -> int:
                 if net.logits_only else "forward_features/forward_head" + (" (linear head)" if head else ""))
     payload = {
         "run_id": logged.run_id, "model_name": logged.name, "model_version": logged.version,
-        "promoted": logged.promoted, "arch": source.arch, "imported_from": source.path.name,
+        "promoted": logged.promoted, "promotion_refused": list(logged.promotion_refused), "arch": source.arch,
+        "imported_from": source.path.name,
         "source_sha256": source.sha256, "logits_only": net.logits_only, "features": features,
         "input": {"shape": list(dataset.input_shape), "range": [0.0, 1.0], "preprocess": spec.preprocess,
                   "described": net.preprocess.describe(dataset.input_shape)},
@@ -161,6 +162,7 @@ def cmd_import(args: argparse.Namespace, common) -> int:
     where = f"registered {logged.name} version {logged.version}"
     if logged.promoted:
         where += f" and promoted to {logged.name}@{registry.CHAMPION}"
+    where += logged.refusal_note
     accuracy = evaluation.get("accuracy")
     measured = "" if accuracy is None else f"; test accuracy {accuracy:.4f} ({evaluation.get('labels')} labels)"
     common._emit(args, payload,

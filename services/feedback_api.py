@@ -6,11 +6,23 @@ is HTTP-like: 201 stored, 200 duplicate (already stored: not counted twice), 400
 prediction id, 409 conflict (this annotator already gave another label for this prediction), 422 unknown
 label. The response status is 200 when every item was stored or was a duplicate, 207 when some were
 rejected and some not, and the items' common 4xx (or 400) when all were rejected.
+
+Text the store cannot hold (a NUL character, an unpaired surrogate) is a malformed item (400), on SQLite and
+PostgreSQL alike: it never reaches the database, where it would fail the whole batch.
+
+Storing is group-committed (:class:`FeedbackWriter`): concurrent requests share one prediction lookup, one
+transaction and one fsync, and each is answered only after the commit that holds its items.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import queue
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -20,8 +32,21 @@ from pydantic_core import PydanticCustomError
 
 from noisewise.services.schemas import location
 
+log = logging.getLogger("bentoml.noisewise")
+
 MAX_LABEL_CHARS = 256
 MAX_ANNOTATOR_CHARS = 128
+
+
+def _storable(value: str | None) -> str | None:
+    """Refuse text the store cannot hold (see :func:`noisewise.monitoring.store.text_problem`)."""
+    from noisewise.monitoring.store import text_problem
+
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("unstorable_text", problem)
+    return value
 
 
 class FeedbackItem(BaseModel):
@@ -42,6 +67,11 @@ class FeedbackItem(BaseModel):
             raise PydanticCustomError("string_too_long", "a label of {got} characters, at most {limit} are accepted",
                                       {"got": len(value), "limit": MAX_LABEL_CHARS})
         return value
+
+    @field_validator("prediction_id", "annotator", "label")
+    @classmethod
+    def check_storable(cls, value: Any) -> Any:
+        return _storable(value)
 
 
 class FeedbackRequest(BaseModel):
@@ -74,9 +104,24 @@ class FeedbackResponse(BaseModel):
 class SuspectsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    since: datetime | None = Field(None, description="only feedback received at or after this time (ISO 8601)")
+    since: datetime | None = Field(None, description="only feedback received at or after this time (ISO 8601; "
+                                   "without a zone, UTC)")
     class_name: str | None = Field(None, max_length=MAX_LABEL_CHARS, description="only labels of this class")
     limit: int = Field(100, ge=1, le=10_000, description="most suspects listed")
+
+    @field_validator("since")
+    @classmethod
+    def check_since_in_range(cls, value: datetime | None) -> datetime | None:
+        """A time valid in its own zone can fall past year 9999 (or before year 1) in UTC, where the store
+        compares times: refuse it here, naming the field, rather than fail in the store."""
+        from noisewise.monitoring.store import TimestampOutOfRange, to_utc
+
+        if value is None:
+            return None
+        try:
+            return to_utc(value)
+        except TimestampOutOfRange as err:
+            raise PydanticCustomError("datetime_out_of_range", str(err)) from None
 
 
 def resolve_label(label: int | str, class_names: Sequence[str]) -> int | None:
@@ -95,13 +140,54 @@ def _label_error(label: Any, class_names: Sequence[str]) -> str:
     return f"unknown label {shown}: expected a class name ({names}) or an index in [0, {len(class_names)})"
 
 
+#: Requests with at most this many items are validated on the event loop (a few microseconds an item); larger
+#: ones in a worker thread, so that one big request never stalls the others.
+INLINE_VALIDATION_ITEMS = 100
+
+
+@dataclass
+class _Job:
+    """One feedback request between validation and its answer."""
+
+    results: list[FeedbackItemResult | None]
+    valid: list[tuple[int, FeedbackItem, int]]
+    class_names: Sequence[str]
+    thresholds: np.ndarray
+    done: Future = field(default_factory=Future)
+    scorable: list[tuple[int, FeedbackItem, int, Any]] = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    quality: np.ndarray | None = None
+    suspect: np.ndarray | None = None
+    proposed: np.ndarray | None = None
+
+
 def ingest(raw_items: list, store, class_names: Sequence[str], thresholds: np.ndarray) -> tuple[FeedbackResponse, list[dict]]:
     """Validate, score and store a feedback batch (blocking: call it from a worker thread).
 
     Returns the response and, for the metrics, one dict per newly stored item (label, predicted, suspect,
-    is_ood)."""
-    from noisewise.monitoring.feedback import score_feedback
-    from noisewise.monitoring.store import FeedbackRow
+    is_ood), once the items are committed. Concurrent calls share commits (:class:`FeedbackWriter`)."""
+    job = _validate(raw_items, class_names, thresholds)
+    if job.valid:
+        return writer_for(store).submit(job).result()
+    return _answer(job, [])
+
+
+async def ingest_async(raw_items: list, store, class_names: Sequence[str],
+                       thresholds: np.ndarray) -> tuple[FeedbackResponse, list[dict]]:
+    """:func:`ingest` for the event loop. The request waits for its group commit without holding a thread,
+    so a commit is shared by every request in flight, not only by as many as the thread pool has threads."""
+    if len(raw_items) <= INLINE_VALIDATION_ITEMS:
+        job = _validate(raw_items, class_names, thresholds)
+    else:
+        job = await asyncio.to_thread(_validate, raw_items, class_names, thresholds)
+    if job.valid:
+        return await asyncio.wrap_future(writer_for(store).submit(job))
+    return _answer(job, [])
+
+
+def _validate(raw_items: list, class_names: Sequence[str], thresholds: np.ndarray) -> _Job:
+    """Per-item validation that needs no database: the shape of each item and its label."""
+    from noisewise.monitoring.store import text_problem
 
     results: list[FeedbackItemResult | None] = [None] * len(raw_items)
     valid: list[tuple[int, FeedbackItem, int]] = []
@@ -110,9 +196,11 @@ def ingest(raw_items: list, store, class_names: Sequence[str], thresholds: np.nd
             item = FeedbackItem.model_validate(raw)
         except ValidationError as err:
             first = err.errors(include_url=False)[0]
+            echoed = raw.get("prediction_id") if isinstance(raw, dict) else None
             results[i] = FeedbackItemResult(
-                index=i, prediction_id=raw.get("prediction_id") if isinstance(raw, dict) and isinstance(
-                    raw.get("prediction_id"), str) and len(raw["prediction_id"]) <= 64 else None,
+                # echo the id only when it is one the response can carry (short, valid UTF-8)
+                index=i, prediction_id=echoed if isinstance(echoed, str) and len(echoed) <= 64
+                and text_problem(echoed) is None else None,
                 status=400, outcome="rejected",
                 error=f"{location(('items', i, *first['loc']))}: {_friendly(first)}")
             continue
@@ -122,50 +210,190 @@ def ingest(raw_items: list, store, class_names: Sequence[str], thresholds: np.nd
                                             error=f"items[{i}].label: {_label_error(item.label, class_names)}")
             continue
         valid.append((i, item, label))
+    return _Job(results=results, valid=valid, class_names=class_names,
+                thresholds=np.asarray(thresholds, dtype=np.float32))
 
-    found = store.get_predictions([item.prediction_id for _, item, _ in valid]) if valid else {}
-    k = len(class_names)
-    scorable = []
-    for i, item, label in valid:
+
+class FeedbackWriter:
+    """Looks up, scores and commits feedback requests in groups, in one thread.
+
+    Each :meth:`submit` queues a validated request and returns a future of its answer. The thread takes
+    every request queued since its last commit and handles them together: one query for their predictions,
+    one scoring pass, one transaction (one fsync) for all their items. Every request is answered only after
+    that commit, so an acknowledged item is on disk; the outcomes are those of storing the requests one
+    after the other in arrival order (an item sent twice at once is stored once, then a duplicate). When the
+    shared commit fails, each request is committed alone, so one request's failure is never another's.
+
+    Parameters
+    ----------
+    store : noisewise.monitoring.store.Store
+        Where feedback goes; the writer stops (after its queued commits) when the store closes.
+    max_items : int
+        Most items in one transaction.
+    """
+
+    def __init__(self, store, max_items: int = 8192):
+        self.store = store
+        self.max_items = max_items
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="noisewise-feedback-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> Future:
+        if self._thread.is_alive():
+            self._queue.put(job)
+        else:
+            job.done.set_exception(RuntimeError("the feedback writer is stopped: the store was closed"))
+        return job.done
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Commit what is queued, then stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs, size, stop = [first], len(first.valid), False
+            while size < self.max_items:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stop = True  # finish this group, then stop
+                    break
+                jobs.append(job)
+                size += len(job.valid)
+            try:
+                self._handle(jobs)
+            except Exception as err:  # the store is down (the lookup failed): every request gets the error
+                for job in jobs:
+                    _settle(job.done, error=err)
+            if stop:
+                return
+
+    def _handle(self, jobs: list[_Job]) -> None:
+        found = self.store.get_predictions([item.prediction_id for job in jobs for _, item, _ in job.valid])
+        for job in jobs:
+            _check_predictions(job, found)
+        _score(jobs)
+        committing = [job for job in jobs if job.rows]
+        for job in jobs:
+            if not job.rows:
+                _settle(job.done, result=_answer(job, []))
+        if committing:
+            self._commit(committing)
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        try:
+            outcomes = self.store.add_feedback([row for job in jobs for row in job.rows])
+        except Exception as err:
+            if len(jobs) == 1:
+                _settle(jobs[0].done, error=err)
+                return
+            log.warning("noisewise: a group commit of %d feedback requests failed (%s); committing each alone",
+                        len(jobs), type(err).__name__)
+            for job in jobs:
+                self._commit([job])
+            return
+        start = 0
+        for job in jobs:
+            _settle(job.done, result=_answer(job, outcomes[start:start + len(job.rows)]))
+            start += len(job.rows)
+
+
+_STOP = object()
+_WRITERS_LOCK = threading.Lock()
+
+
+def writer_for(store) -> FeedbackWriter:
+    """The store's feedback writer, started on first use and stopped when the store closes."""
+    writer = getattr(store, "_feedback_writer", None)
+    if writer is None:
+        with _WRITERS_LOCK:
+            writer = getattr(store, "_feedback_writer", None)
+            if writer is None:
+                writer = store._feedback_writer = FeedbackWriter(store)
+                store.on_close(writer.close)
+    return writer
+
+
+def _settle(done: Future, result=None, error: BaseException | None = None) -> None:
+    if done.set_running_or_notify_cancel():  # False: the waiting request was cancelled
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+
+
+def _check_predictions(job: _Job, found: dict) -> None:
+    """Reject the items whose prediction is unknown or was made with another number of classes."""
+    k = len(job.class_names)
+    for i, item, label in job.valid:
         stored = found.get(item.prediction_id)
         if stored is None:
-            results[i] = FeedbackItemResult(index=i, prediction_id=item.prediction_id, status=404, outcome="rejected",
-                                            error=f"items[{i}].prediction_id: no stored prediction has id "
-                                                  f"{item.prediction_id!r}")
+            job.results[i] = FeedbackItemResult(
+                index=i, prediction_id=item.prediction_id, status=404, outcome="rejected",
+                error=f"items[{i}].prediction_id: no stored prediction has id {item.prediction_id!r}")
         elif len(stored.probs) != k:
-            results[i] = FeedbackItemResult(
+            job.results[i] = FeedbackItemResult(
                 index=i, prediction_id=item.prediction_id, status=422, outcome="rejected",
                 error=f"items[{i}].prediction_id: made by {stored.model_name}/{stored.model_version} with "
                       f"{len(stored.probs)} classes; the served model has {k}")
         else:
-            scorable.append((i, item, label, stored))
+            job.scorable.append((i, item, label, stored))
 
+
+def _score(jobs: list[_Job]) -> None:
+    """Label quality for every scorable item: one pass per (classes, thresholds) among the jobs (one served
+    model: one pass), then each job's rows."""
+    from noisewise.monitoring.feedback import score_feedback
+    from noisewise.monitoring.store import FeedbackRow
+
+    groups: dict[tuple, list[_Job]] = {}
+    for job in jobs:
+        if job.scorable:
+            groups.setdefault((tuple(job.class_names), job.thresholds.tobytes()), []).append(job)
+    for members in groups.values():
+        probs = np.stack([s.probs for job in members for *_, s in job.scorable]).astype(np.float32)
+        labels = np.array([label for job in members for _, _, label, _ in job.scorable], dtype=np.int64)
+        scores = score_feedback(probs, labels, members[0].thresholds)
+        start = 0
+        for job in members:
+            end = start + len(job.scorable)
+            job.quality, job.suspect, job.proposed = (scores.quality[start:end], scores.suspect[start:end],
+                                                      scores.proposed[start:end])
+            start = end
+            job.rows = [
+                FeedbackRow(prediction_id=item.prediction_id, label=label, annotator=item.annotator or "",
+                            audited=item.audited, quality=float(job.quality[j]), suspect=bool(job.suspect[j]),
+                            proposed=int(job.proposed[j]), in_set=label in stored.prediction_set)
+                for j, (_, item, label, stored) in enumerate(job.scorable)
+            ]
+
+
+def _answer(job: _Job, outcomes: list[str]) -> tuple[FeedbackResponse, list[dict]]:
+    """The response (and the newly stored items, for the metrics) once the job's rows are committed."""
+    results, class_names = job.results, job.class_names
     new_items: list[dict] = []
-    if scorable:
-        probs = np.stack([s.probs for *_, s in scorable]).astype(np.float32)
-        labels = np.array([label for _, _, label, _ in scorable], dtype=np.int64)
-        scores = score_feedback(probs, labels, np.asarray(thresholds, dtype=np.float32))
-        rows = [
-            FeedbackRow(prediction_id=item.prediction_id, label=label, annotator=item.annotator or "",
-                        audited=item.audited, quality=float(scores.quality[j]), suspect=bool(scores.suspect[j]),
-                        proposed=int(scores.proposed[j]), in_set=label in stored.prediction_set)
-            for j, (_, item, label, stored) in enumerate(scorable)
-        ]
-        outcomes = store.add_feedback(rows)
-        for j, ((i, item, label, stored), outcome) in enumerate(zip(scorable, outcomes)):
-            common = dict(index=i, prediction_id=item.prediction_id, label=class_names[label],
-                          suspect=bool(scores.suspect[j]) and not stored.is_ood, quality=float(scores.quality[j]),
-                          proposed=class_names[int(scores.proposed[j])], is_ood=stored.is_ood)
-            if outcome == "conflict":
-                results[i] = FeedbackItemResult(
-                    **common, status=409, outcome="rejected",
-                    error=f"items[{i}]: annotator {item.annotator or ''!r} already labelled this prediction "
-                          "differently; the first label stands (send a second opinion under another annotator)")
-            else:
-                results[i] = FeedbackItemResult(**common, status=201 if outcome == "stored" else 200, outcome=outcome)
-                if outcome == "stored":
-                    new_items.append({"label": label, "predicted": stored.predicted,
-                                      "suspect": bool(scores.suspect[j]), "is_ood": stored.is_ood})
+    for j, ((i, item, label, stored), outcome) in enumerate(zip(job.scorable, outcomes)):
+        common = dict(index=i, prediction_id=item.prediction_id, label=class_names[label],
+                      suspect=bool(job.suspect[j]) and not stored.is_ood, quality=float(job.quality[j]),
+                      proposed=class_names[int(job.proposed[j])], is_ood=stored.is_ood)
+        if outcome == "conflict":
+            results[i] = FeedbackItemResult(
+                **common, status=409, outcome="rejected",
+                error=f"items[{i}]: annotator {item.annotator or ''!r} already labelled this prediction "
+                      "differently; the first label stands (send a second opinion under another annotator)")
+        else:
+            results[i] = FeedbackItemResult(**common, status=201 if outcome == "stored" else 200, outcome=outcome)
+            if outcome == "stored":
+                new_items.append({"label": label, "predicted": stored.predicted,
+                                  "suspect": bool(job.suspect[j]), "is_ood": stored.is_ood})
     items = [r for r in results if r is not None]
     response = FeedbackResponse(
         stored=sum(r.outcome == "stored" for r in items), duplicates=sum(r.outcome == "duplicate" for r in items),

@@ -72,6 +72,22 @@ class Recorder:
         self._thread.join(timeout)
 
 
+def stored_row(prediction, served, out):
+    """The store's row (:class:`noisewise.monitoring.store.PredictionRow`) for a served ``prediction``
+    (:class:`noisewise.services.schemas.Prediction`) of ``served`` (the model that made it), with the model's
+    full-precision output ``out`` (``models.predictor.Prediction``: its probabilities and set as class indices).
+
+    The store's ``confidence`` column keeps its name: it holds the response's ``score``.
+    """
+    from noisewise.monitoring.store import PredictionRow
+
+    return PredictionRow(
+        id=prediction.id, model_name=served.name, model_version=served.version, weights=served.weights,
+        predicted=prediction.label, confidence=prediction.score, prediction_set=out.set_indices,
+        is_ood=prediction.ood.is_ood, ood_score=prediction.ood.score, ood_p_value=prediction.ood.p_value,
+        decision=prediction.decision, reason=prediction.reason, probs=out.probs)
+
+
 def _settle(done: asyncio.Future, error: BaseException | None) -> None:
     if done.done():  # the request was cancelled meanwhile
         return

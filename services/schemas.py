@@ -4,7 +4,8 @@ A request carries either ``inputs`` (arrays shaped like the model input, or flat
 length) or ``images`` (base64 PNG/JPEG). Validation runs with an :class:`InputSpec` as pydantic context,
 so one pass checks the JSON types, the shapes against the served model, finiteness, the batch limit and
 decodes the images; every problem is reported with its location (``inputs[3]``) and the expected form.
-Without a context only the model-independent checks run.
+Without a context only the model-independent checks run. The context ``{"input": spec, "stop": event}``
+may carry a ``threading.Event``: once it is set, decoding stops before the next image (:class:`Cancelled`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
+    field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -46,6 +52,7 @@ class InputSpec:
     max_batch: int = 256
     max_image_pixels: int = 4096 * 4096
     input_range: tuple[float, float] = (0.0, 1.0)
+    max_image_bytes: int = 4096 * 4096 * 4  # decoded: width x height x channels x bytes per channel
 
     @property
     def size(self) -> int:
@@ -80,6 +87,34 @@ class InputSpec:
 
 def _spec(info: ValidationInfo) -> InputSpec | None:
     return info.context.get("input") if isinstance(info.context, dict) else None
+
+
+class Cancelled(Exception):
+    """Decoding stopped because the request gave up (timed out or went away): nobody needs the result."""
+
+
+def _check_stop(stop: Any) -> None:
+    """Raise :class:`Cancelled` once ``stop`` (a ``threading.Event``, or None) is set."""
+    if stop is not None and stop.is_set():
+        raise Cancelled("the request gave up; decoding stopped")
+
+
+def decoded_bytes(image: Any) -> int:
+    """Bytes an opened PIL image decodes to, from its header alone: width x height x channels x bytes per
+    channel as stored in the file (a 16-bit PNG counts 2 bytes per channel, although PIL keeps 8 bits of
+    some of them)."""
+    from PIL import ImageMode
+
+    bands = len(image.getbands())
+    depth = np.dtype(ImageMode.getmode(image.mode).typestr).itemsize
+    for tile in image.tile or ():
+        args = tile[3] if len(tile) > 3 else None
+        rawmode = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            depth = max(depth, 2)
+        elif isinstance(rawmode, str) and ";32" in rawmode:
+            depth = max(depth, 4)
+    return image.width * image.height * bands * depth
 
 
 def _json_type(value: Any) -> str:
@@ -164,6 +199,17 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
                         "image_too_large", "image has {got} pixels, at most {limit} are accepted "
                         "(NOISEWISE_MAX_IMAGE_PIXELS)", {"got": pixels_in, "limit": spec.max_image_pixels},
                     )
+                # what decoding costs is the decoded size: a small PNG of a large 16-bit image decodes to
+                # hundreds of MB although its pixel count passes
+                size = decoded_bytes(image)
+                if size > spec.max_image_bytes:
+                    raise PydanticCustomError(
+                        "image_too_large", "image decodes to {got} bytes ({width} x {height} x {channels} channels "
+                        "x {depth} bytes), at most {limit} are accepted (NOISEWISE_MAX_IMAGE_BYTES)",
+                        {"got": size, "width": image.width, "height": image.height,
+                         "channels": len(image.getbands()), "depth": size // max(1, pixels_in * len(image.getbands())),
+                         "limit": spec.max_image_bytes},
+                    )
                 if image.format == "JPEG":
                     image.draft(mode, (width, height))  # let the JPEG decoder downscale large photos cheaply
                 image = image.convert(mode)
@@ -213,7 +259,10 @@ def _image_item(value: Any, info: ValidationInfo) -> bytes | np.ndarray:
     if not data:
         raise PydanticCustomError("image_base64", "empty image")
     spec = _spec(info)
-    return decode_image(data, spec) if spec is not None else data
+    if spec is None:
+        return data
+    _check_stop(info.context.get("stop"))
+    return decode_image(data, spec)
 
 
 _NUMBERS_SCHEMA = {
@@ -244,6 +293,10 @@ class PredictRequest(BaseModel):
     images: list[Base64Image] | None = Field(
         None, description="a batch of base64-encoded PNG/JPEG images, converted to the model input (grayscale or "
         "RGB, resized to H x W, pixels scaled to [0, 1]); at most NOISEWISE_MAX_BATCH",
+    )
+    explain: StrictBool = Field(
+        False, description="true: the response carries the full guarantees block (conditions, thresholds, "
+        "assumptions) instead of the short form",
     )
     _batch: np.ndarray | None = PrivateAttr(None)
 
@@ -290,10 +343,12 @@ class ImageUpload(BaseModel):
     images: list[pathlib.Path] = Field(
         description="PNG/JPEG files (repeat the field for a batch); converted like `images` of /predict",
     )
+    explain: bool = Field(False, description="true: the full guarantees block, as `explain` of /predict")
 
 
-def images_batch(files: list[bytes], spec: InputSpec) -> np.ndarray:
-    """Uploaded image files -> ``[N, *input_shape]``; errors located at ``images[i]``."""
+def images_batch(files: list[bytes], spec: InputSpec, stop: Any = None) -> np.ndarray:
+    """Uploaded image files -> ``[N, *input_shape]``; errors located at ``images[i]``. ``stop`` (a
+    ``threading.Event``): once set, :class:`Cancelled` before the next image."""
     errors: list[dict] = []
     arrays = []
     if len(files) > spec.max_batch:
@@ -304,6 +359,7 @@ def images_batch(files: list[bytes], spec: InputSpec) -> np.ndarray:
         errors.append({"type": PydanticCustomError("empty_batch", "empty batch: expected at least 1 item"),
                        "loc": ("images",), "input": None})
     for i, data in enumerate(files if not errors else []):
+        _check_stop(stop)
         try:
             arrays.append(decode_image(data, spec))
         except PydanticCustomError as err:
@@ -329,10 +385,12 @@ class ErrorResponse(BaseModel):
 
 
 _FRIENDLY = {
-    "extra_forbidden": "unknown field: a request has 'inputs' (arrays of numbers) or 'images' (base64 PNG/JPEG)",
+    "extra_forbidden": "unknown field: a request has 'inputs' (arrays of numbers) or 'images' (base64 PNG/JPEG), "
+                       "and optionally 'explain'",
     "model_type": "expected a JSON object with 'inputs' or 'images'",
     "model_attributes_type": "expected a JSON object with 'inputs' or 'images'",
     "list_type": "expected an array",
+    "bool_type": "expected true or false",
 }
 
 
@@ -349,7 +407,8 @@ SIZE_ERRORS = frozenset({"batch_too_large", "image_too_large"})
 
 
 def error_status(err: ValidationError) -> int:
-    """413 when every problem is a size limit (NOISEWISE_MAX_BATCH, NOISEWISE_MAX_IMAGE_PIXELS), else 400
+    """413 when every problem is a size limit (NOISEWISE_MAX_BATCH, NOISEWISE_MAX_IMAGE_PIXELS,
+    NOISEWISE_MAX_IMAGE_BYTES), else 400
     (a request with other problems too is a bad request first; each problem keeps its ``type``)."""
     types = {e["type"] for e in err.errors(include_url=False, include_context=False, include_input=False)}
     return 413 if types and types <= SIZE_ERRORS else 400
@@ -367,16 +426,71 @@ def error_response(err: ValidationError, limit: int = 5) -> ErrorResponse:
 
 
 # --- responses ------------------------------------------------------------------------------------
+#: Decimals of probabilities and scores in responses (serialization only: the values computed are not changed).
+DECIMALS = 4
+
+
+def round_decimals(value: float | None, decimals: int = DECIMALS) -> float | None:
+    """``value`` rounded to ``decimals`` decimals; None stays None."""
+    return None if value is None else round(float(value), decimals)
+
+
+def round_readable(value: float | None, digits: int = DECIMALS) -> float | None:
+    """``value`` rounded to the more precise of ``digits`` decimals and ``digits`` significant digits (0.2222,
+    450.1234, and a p-value of 0.00012345 stays 0.0001234 rather than 0.0001). None, NaN, infinities pass as
+    they are."""
+    if value is None or not math.isfinite(value) or value == 0:
+        return value
+    magnitude = math.floor(math.log10(abs(value)))
+    return round(float(value), max(digits, digits - 1 - magnitude))
+
+
+def round_floats(value: Any, digits: int = DECIMALS) -> Any:
+    """Every float in a JSON-like value through :func:`round_readable`, recursively (booleans and integers kept)."""
+    if isinstance(value, float):
+        return round_readable(value, digits)
+    if isinstance(value, dict):
+        return {k: round_floats(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_floats(v, digits) for v in value]
+    return value
+
+
+class RoundedModel(BaseModel):
+    """A response part whose floats (declared or extra) are rounded by :func:`round_floats` in JSON only:
+    ``model_dump()`` keeps full precision for the code that reads it (metrics, the store)."""
+
+    @model_serializer(mode="wrap")
+    def _rounded(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo):  # no return type: keeps
+        # the model's own JSON schema
+        data = handler(self)
+        return round_floats(data) if info.mode_is_json() else data
+
+
 class TopK(BaseModel):
     label: int
     class_name: str
-    probability: float
+    probability: float = Field(description="softmax probability of the class (4 decimals)")
+
+    @field_serializer("probability", when_used="json")
+    def _round(self, value: float) -> float:
+        return round_decimals(value)
 
 
 class OODResult(BaseModel):
-    score: float = Field(description="OOD score of the calibration's scorer (higher = more out-of-distribution)")
-    p_value: float = Field(description="conformal p-value against in-distribution calibration scores")
+    score: float = Field(description="OOD score of the calibration's scorer (higher = more out-of-distribution; "
+                         "4 decimals)")
+    p_value: float = Field(description="conformal p-value against in-distribution calibration scores (the more "
+                           "precise of 4 decimals and 4 significant digits)")
     is_ood: bool = Field(description="p_value <= alpha_ood")
+
+    @field_serializer("score", when_used="json")
+    def _round_score(self, value: float) -> float:
+        return round_decimals(value)
+
+    @field_serializer("p_value", when_used="json")
+    def _round_p(self, value: float) -> float:
+        return round_readable(value)
 
 
 class ModelRef(BaseModel):
@@ -384,27 +498,61 @@ class ModelRef(BaseModel):
     version: str
 
 
+#: ``set_reason`` of an empty prediction set.
+SET_REASONS = ("ood", "no_class_passes")
+
+
+def empty_set_reason(prediction_set: list, is_ood: bool) -> str | None:
+    """Why a prediction set is empty: ``"ood"`` when the input is also flagged out-of-distribution, else
+    ``"no_class_passes"``; None for a set that is not empty."""
+    if prediction_set:
+        return None
+    return "ood" if is_ood else "no_class_passes"
+
+
 class Prediction(BaseModel):
     id: str = Field(description="UUID4 of this prediction (use it to send feedback)")
     label: int = Field(description="index of the most probable class")
     class_name: str
-    confidence: float = Field(description="the calibration's confidence function (higher = more confident)")
+    score: float = Field(
+        description="selective score of the abstention rule: the calibration's confidence function "
+        "(MaxLogit-pNorm, or MSP for some calibrations; /model calibration.abstention.confidence says which). "
+        "Higher = more confident. Not a probability: compare it with `threshold` only (4 decimals; the decision "
+        "uses the unrounded values)")
+    threshold: float | None = Field(
+        description="certified threshold on `score`: a prediction not flagged OOD is accepted when score >= "
+        "threshold; null when nothing could be certified (every prediction abstains). 4 decimals")
     top_k: list[TopK]
-    prediction_set: list[str] = Field(description="conformal prediction set (noise-aware), class names")
+    prediction_set: list[str] = Field(
+        description="conformal prediction set (noise-aware), class names; it covers the true label at the "
+        "target coverage. Empty when no class passes the set threshold: see `set_reason`")
+    set_reason: Literal["ood", "no_class_passes"] | None = Field(
+        None, description="why `prediction_set` is empty (null when it is not): `ood`: the input is also flagged "
+        "out-of-distribution, no class fits it; `no_class_passes`: no class is plausible enough (an ambiguous "
+        "input, or one unlike the calibration data that the OOD gate did not flag). Treat the label as unknown: "
+        "do not act on it, route the input to a person")
     ood: OODResult
     decision: Literal["accept", "abstain"]
     reason: Literal["ood", "low_confidence"] | None = Field(
-        description="why the prediction abstains: the OOD gate first, then the certified confidence threshold"
+        description="why the prediction abstains: `ood` (the OOD gate comes first), then `low_confidence` "
+        "(score below threshold)"
     )
     model: ModelRef
 
+    @field_serializer("score", "threshold", when_used="json")
+    def _round(self, value: float | None) -> float | None:
+        return round_decimals(value)
 
-class SetGuarantee(BaseModel):
+
+def _kind() -> Any:
+    return Field("none", description="valid: its assumption is removed by trusted labels or known by construction; "
+                 "conservative: valid under the stated condition, which nothing checked; none: nothing is promised")
+
+
+class SetGuarantee(RoundedModel):
     model_config = ConfigDict(extra="allow")
 
-    kind: Literal["valid", "conservative", "none"] = Field(
-        "none", description="valid: its assumption is removed by trusted labels or known by construction; "
-        "conservative: valid under the stated condition, which nothing checked; none: nothing is promised")
+    kind: Literal["valid", "conservative", "none"] = _kind()
     condition: str = Field("", description="what the guarantee rests on, in plain words")
     target_coverage: float = Field(description="1 - alpha")
     alpha: float
@@ -418,12 +566,10 @@ class SetGuarantee(BaseModel):
     full_sets: bool | None = None
 
 
-class AbstentionGuarantee(BaseModel):
+class AbstentionGuarantee(RoundedModel):
     model_config = ConfigDict(extra="allow")
 
-    kind: Literal["valid", "conservative", "none"] = Field(
-        "none", description="valid: its assumption is removed by trusted labels or known by construction; "
-        "conservative: valid under the stated condition, which nothing checked; none: nothing is promised")
+    kind: Literal["valid", "conservative", "none"] = _kind()
     condition: str = Field("", description="what the guarantee rests on, in plain words")
     can_certify: str | None = Field(None, description="what the certified risk-coverage frontier allows, in "
                                     "words (the full frontier is on /model)")
@@ -432,16 +578,15 @@ class AbstentionGuarantee(BaseModel):
     certified: bool = Field(description="false: no threshold could be certified, every prediction abstains")
     risk_ucb: float | None = Field(None, description="upper confidence bound on the selective risk")
     coverage: float | None = Field(None, description="fraction of calibration inputs accepted")
-    confidence: str | None = Field(None, description="confidence function")
+    confidence: str | None = Field(None, description="confidence function that gives each prediction's `score` "
+                                   "(maxlogit_pnorm or msp)")
     noise_correction_eps: float | None = None
 
 
-class OODGuarantee(BaseModel):
+class OODGuarantee(RoundedModel):
     model_config = ConfigDict(extra="allow")
 
-    kind: Literal["valid", "conservative", "none"] = Field(
-        "none", description="valid: its assumption is removed by trusted labels or known by construction; "
-        "conservative: valid under the stated condition, which nothing checked; none: nothing is promised")
+    kind: Literal["valid", "conservative", "none"] = _kind()
     condition: str = Field("", description="what the guarantee rests on, in plain words")
     scorer: str
     alpha_ood: float = Field(description="bound on the rate of in-distribution inputs flagged OOD")
@@ -449,17 +594,61 @@ class OODGuarantee(BaseModel):
 
 
 class Guarantees(BaseModel):
-    """What the prediction sets, the abstention and the OOD flag guarantee, and under which assumptions."""
+    """What the prediction sets, the abstention and the OOD flag guarantee, and under which assumptions (the
+    full block: on /model as `calibration`, and on a prediction response sent with `"explain": true`)."""
 
     prediction_set: SetGuarantee
     abstention: AbstentionGuarantee
     ood: OODGuarantee
     assumptions: list[str]
 
+    def summary(self) -> GuaranteesSummary:
+        """The short form sent with every prediction response by default."""
+        return GuaranteesSummary(
+            prediction_set=SetSummary(kind=self.prediction_set.kind,
+                                      target_coverage=self.prediction_set.target_coverage),
+            abstention=AbstentionSummary(kind=self.abstention.kind, risk_target=self.abstention.risk_target,
+                                         certified=self.abstention.certified),
+            ood=OODSummary(kind=self.ood.kind, alpha_ood=self.ood.alpha_ood),
+        )
+
+
+class SetSummary(RoundedModel):
+    kind: Literal["valid", "conservative", "none"] = _kind()
+    target_coverage: float = Field(description="1 - alpha: the share of true labels the sets cover")
+
+
+class AbstentionSummary(RoundedModel):
+    kind: Literal["valid", "conservative", "none"] = _kind()
+    risk_target: float = Field(description="r*: certified bound on the error rate of accepted predictions")
+    certified: bool = Field(description="false: no threshold could be certified, every prediction abstains")
+
+
+class OODSummary(RoundedModel):
+    kind: Literal["valid", "conservative", "none"] = _kind()
+    alpha_ood: float = Field(description="bound on the rate of in-distribution inputs flagged OOD")
+
+
+#: Where a client finds the full guarantees block (conditions, thresholds, assumptions).
+GUARANTEES_DETAIL = 'GET /model (calibration), or send "explain": true'
+
+
+class GuaranteesSummary(BaseModel):
+    """Each guarantee's kind and target, in short: the default on prediction responses. The conditions,
+    thresholds and assumptions are on /model (`calibration`) and in the response to a request with
+    `"explain": true`."""
+
+    prediction_set: SetSummary
+    abstention: AbstentionSummary
+    ood: OODSummary
+    detail: str = Field(GUARANTEES_DETAIL, description="where the full block is")
+
 
 class PredictResponse(BaseModel):
     predictions: list[Prediction]
-    guarantees: Guarantees
+    guarantees: GuaranteesSummary | Guarantees = Field(
+        description="what the sets, the abstention and the OOD flag guarantee: the short form by default, the "
+        "full block (conditions, thresholds, assumptions) with `\"explain\": true`")
 
 
 class InputInfo(BaseModel):
@@ -484,7 +673,9 @@ class ServingInfo(BaseModel):
     top_k: int
 
 
-class CalibrationSummary(BaseModel):
+class CalibrationSummary(RoundedModel):
+    """The full guarantees block with the certified risk-coverage frontier and the noise record."""
+
     model_config = ConfigDict(extra="allow")
 
     prediction_set: dict[str, Any]
@@ -522,7 +713,7 @@ def guarantees_from(summary: dict[str, Any]) -> Guarantees:
     summary = finite_or_none(summary)
     return Guarantees(
         prediction_set=SetGuarantee(**summary["prediction_set"]),
-        # the frontier table stays on /model: every response carries only its one-line reading
+        # the frontier table stays on /model: the full block carries only its one-line reading
         abstention=AbstentionGuarantee(**{k: v for k, v in summary["abstention"].items() if k != "frontier"}),
         ood=OODGuarantee(**summary["ood"]),
         assumptions=list(summary.get("assumptions") or []),

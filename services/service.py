@@ -3,9 +3,11 @@
 Routes (JSON unless said otherwise; the OpenAPI document is at ``/docs.json``):
 
 - ``POST /predict``: ``{"inputs": [...]}`` (arrays shaped like the model input, or flat vectors) or
-  ``{"images": ["<base64 PNG/JPEG>", ...]}`` -> ``{"predictions": [...], "guarantees": {...}}``.
+  ``{"images": ["<base64 PNG/JPEG>", ...]}`` -> ``{"predictions": [...], "guarantees": {...}}``: each
+  guarantee's kind and target in short, the full block with ``"explain": true``.
 - ``POST /predict_image``: the same for ``multipart/form-data`` uploads, files in the field ``images``.
-- ``POST /model``: name, version, alias, classes, input spec, calibration summary, serving settings.
+- ``GET /model`` (or ``POST``): name, version, alias, classes, input spec, calibration summary (the full
+  guarantees), serving settings.
 - ``POST /feedback``: labels for served predictions (``services/feedback_api.py``), stored durably and
   idempotently in the store (``monitoring/store.py``) and scored at once for label quality.
 - ``POST /suspects``: suspected annotation errors in the feedback, most suspicious first.
@@ -15,18 +17,24 @@ Routes (JSON unless said otherwise; the OpenAPI document is at ``/docs.json``):
 
 With API keys configured (``services/auth.py``), ``/feedback``, ``/suspects`` and ``/reload`` need
 ``Authorization: Bearer KEY`` (``/predict``, ``/predict_image``, ``/model`` with ``NOISEWISE_AUTH_PREDICT=1``,
-``/metrics`` with ``NOISEWISE_AUTH_METRICS=1``); a missing or wrong key gets 401. Limits: body size, inputs
-per request and image pixels get 413, a prediction waiting past ``NOISEWISE_REQUEST_TIMEOUT_S`` 408.
+``/metrics`` with ``NOISEWISE_AUTH_METRICS=1``); a missing or wrong key gets 401. The OpenAPI document says
+which routes need a key under the running configuration (``bearerAuth``). Limits: body size, inputs
+per request, image pixels and decoded image bytes get 413, a prediction waiting past
+``NOISEWISE_REQUEST_TIMEOUT_S`` (to decode its images, or for its forward pass) 408. Images are decoded on
+threads of their own with a bounded queue (``services/batching.py``, :class:`WorkQueue`), never on the threads
+``/feedback`` and ``/suspects`` use.
 
 Bad input is answered with 400 and :class:`noisewise.services.schemas.ErrorResponse` (``{"error": "inputs[3]:
 expected ...", "detail": [...]}``), never a 500. Requests are merged across callers into one forward pass
 per batch (``services/batching.py``; ``NOISEWISE_BATCHING=0`` turns it off). Every prediction is stored
-before its response is sent (``services/recording.py``), so feedback can name it at once. Metrics:
+before its response is sent (``services/recording.py``), so feedback can name it at once: predictions the
+store cannot take are not sent, the request gets 503 with ``Retry-After``. Metrics:
 ``monitoring/metrics.py``. Configuration: ``services/settings.py``.
 
-Start-up: ``bentoml serve noisewise.services.service:Noisewise`` first checks the model once, before any worker
-starts (``check_model``, which runs ``python -m noisewise.services.service``): a missing, uncalibrated or broken model
-prints one line and the server exits with status 3.
+Start-up: ``bentoml serve noisewise.services.service:Noisewise`` first checks the model and the store once,
+before any worker starts (``check_model``, which runs ``python -m noisewise.services.service``): a missing,
+uncalibrated, broken or refused model, or a store that cannot be opened, prints one line and the server exits
+with status 3.
 """
 
 from __future__ import annotations
@@ -47,17 +55,23 @@ from typing import Any, ClassVar
 import bentoml
 import numpy as np
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
-from starlette.responses import JSONResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
+import noisewise
 from noisewise.monitoring import metrics
+from noisewise.monitoring.store import StoreUnavailable
 from noisewise.services import bentoml_patches
-from noisewise.services.auth import ApiKeyAuth
+from noisewise.services.auth import ApiKeyAuth, AuthConfig
 from noisewise.services.body_limit import BodyLimit
-from noisewise.services.batching import Batcher, Overloaded
-from noisewise.services.recording import Recorder
+from noisewise.services.batching import RETRY_AFTER_S, Batcher, Overloaded, WorkQueue
+from noisewise.services.recording import Recorder, stored_row
 from noisewise.services.schemas import (
     ErrorResponse,
     Guarantees,
+    GuaranteesSummary,
     ImageUpload,
     InputInfo,
     InputSpec,
@@ -67,16 +81,23 @@ from noisewise.services.schemas import (
     PredictRequest,
     PredictResponse,
     ServingInfo,
+    empty_set_reason,
     error_response,
     error_status,
     finite_or_none,
     guarantees_from,
     images_batch,
 )
-from noisewise.services.feedback_api import FeedbackRequest, FeedbackResponse, SuspectsRequest, ingest, response_status
+from noisewise.services.feedback_api import FeedbackRequest, FeedbackResponse, SuspectsRequest, ingest_async, response_status
 from noisewise.services.settings import Settings, SettingsError
 
 EXIT_MODEL = 3
+#: Threads that decode request images, per worker, and requests queued or decoding at most (503 beyond):
+#: bounded so that decoding never takes the threads of /feedback and /suspects, nor unbounded memory.
+DECODE_THREADS = 2
+DECODE_QUEUE = 64
+#: Seconds a client should wait before it retries a prediction the store could not take.
+STORE_RETRY_AFTER_S = 5
 log = logging.getLogger("bentoml.noisewise")  # under "bentoml" so that BentoML's server logging shows it
 
 
@@ -97,9 +118,13 @@ class Served:
     weights: str
     calibration: Any  # models.calibrate.Calibration
     ref: ModelRef = dataclasses.field(init=False)
+    summary: GuaranteesSummary = dataclasses.field(init=False)  # the short guarantees sent by default
+    threshold: float | None = dataclasses.field(init=False)  # certified threshold on the score; None: none
 
     def __post_init__(self) -> None:
         self.ref = ModelRef(name=self.name, version=self.version)
+        self.summary = self.guarantees.summary()
+        self.threshold = finite_or_none(float(self.calibration.certified.threshold))
 
 
 def load_served(settings: Settings) -> Served:
@@ -126,7 +151,7 @@ def load_served(settings: Settings) -> Served:
         )
     spec = InputSpec(
         shape=tuple(int(d) for d in loaded.spec.input_shape), max_batch=settings.max_batch,
-        max_image_pixels=settings.max_image_pixels,
+        max_image_pixels=settings.max_image_pixels, max_image_bytes=settings.max_image_bytes,
         input_range=tuple(float(v) for v in loaded.spec.input_range),  # type: ignore[arg-type]
     )
     try:
@@ -150,6 +175,18 @@ def load_served(settings: Settings) -> Served:
     )
     return Served(loaded.name, loaded.version, predictor.predict, spec, info, guarantees, loaded.weights or "",
                   loaded.calibration)
+
+
+def open_store():
+    """The store of NOISEWISE_STORE_URL (:class:`noisewise.monitoring.store.Store`), or :class:`StartupError`
+    saying why it cannot be opened."""
+    from noisewise.monitoring.store import Store, StoreError
+
+    try:
+        return Store()
+    except StoreError as err:
+        raise StartupError(f"{err} (set NOISEWISE_STORE_URL, or NOISEWISE_STORE=0 to serve without storing "
+                           "predictions and feedback)") from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -195,21 +232,65 @@ class SuspectsBody(JSONBody):
     DOCUMENTED = SuspectsRequest
 
 
+API_DESCRIPTION = """\
+Predictions from a classifier trained on noisy labels, each with a **conformal prediction set** (noise-aware),
+an **out-of-distribution p-value** and a **certified accept/abstain decision**, and the way back for feedback
+labels.
+
+- `POST /predict` (JSON) and `POST /predict_image` (multipart uploads): one prediction per input. `score` is the
+  selective score of the abstention rule (MaxLogit-pNorm or MSP: not a probability), accepted when it reaches
+  `threshold`; an empty `prediction_set` comes with a `set_reason`. `guarantees` gives each guarantee's kind
+  and target in short; send `"explain": true` for the full block.
+- `GET /model` (or `POST`): the served model, its classes and input, the full guarantees with their
+  conditions and assumptions, the certified risk-coverage frontier.
+- `POST /feedback`, `POST /suspects`, `POST /reload`: labels for served predictions, suspected annotation
+  errors, serving the version the alias points to now.
+- `/healthz`, `/livez`, `/readyz`, `/metrics`: probes and Prometheus metrics.
+
+**Authentication**: with API keys configured (`NOISEWISE_API_KEYS` or `NOISEWISE_API_KEYS_FILE`), the
+routes marked with a lock need `Authorization: Bearer KEY` (`bearerAuth`); a missing or wrong key gets 401.
+Which routes those are follows the running configuration (`NOISEWISE_AUTH_PREDICT`, `NOISEWISE_AUTH_METRICS`).
+
+This document: [docs.json](./docs.json).
+"""
+
+#: Tag descriptions (BentoML's own name the tags; operations refer to them by name).
+TAG_DESCRIPTIONS = {"Service APIs": "predictions, the served model, feedback",
+                    "Infrastructure": "health probes and Prometheus metrics"}
+BEARER_SCHEME = {"type": "http", "scheme": "bearer",
+                 "description": "an API key of NOISEWISE_API_KEYS or NOISEWISE_API_KEYS_FILE, sent as "
+                                "`Authorization: Bearer KEY` (make one with `python -m noisewise.services.auth new`)"}
+UNAUTHORIZED = "missing or wrong API key (`Authorization: Bearer KEY`)"
+
+
+def auth_config() -> AuthConfig:
+    """The API-key settings the running service enforces (``services/auth.py``); a configuration that cannot
+    be read protects every route but the open ones, as the middleware does."""
+    try:
+        return Settings.from_env().auth
+    except SettingsError:
+        return AuthConfig(deny_all=True)
+
+
 class NoisewiseService(bentoml.Service):
-    """The BentoML service object, with noisewise's error answers in the OpenAPI document."""
+    """The BentoML service object, with noisewise's own OpenAPI document: title, description and version,
+    error answers, the bearer security scheme, ``GET /model``."""
 
     ERRORS: ClassVar[dict[int, str]] = {
         400: "invalid input: every problem with its location and the expected form",
-        401: "missing or wrong API key (only with NOISEWISE_AUTH_PREDICT=1)",
-        408: "the prediction waited longer than NOISEWISE_REQUEST_TIMEOUT_S",
+        401: UNAUTHORIZED,
+        408: "the prediction (decoding its images, or its forward pass) waited longer than "
+             "NOISEWISE_REQUEST_TIMEOUT_S",
         413: "request body over NOISEWISE_MAX_BODY_BYTES, more inputs than NOISEWISE_MAX_BATCH, or an image over "
-             "NOISEWISE_MAX_IMAGE_PIXELS",
-        503: "overloaded: the request waited longer than NOISEWISE_BATCH_MAX_LATENCY_MS",
+             "NOISEWISE_MAX_IMAGE_PIXELS or NOISEWISE_MAX_IMAGE_BYTES",
+        503: "overloaded (the request waited longer than NOISEWISE_BATCH_MAX_LATENCY_MS, or the image decoding "
+             "queue is full), or the store cannot take the predictions (nothing is served that was not stored); "
+             "retry after the Retry-After header's seconds",
     }
     FEEDBACK_ERRORS: ClassVar[dict[int, str]] = {
         207: "some items were stored (or were duplicates) and some rejected: see each item's status",
         400: "malformed body, or every item rejected for different reasons",
-        401: "missing or wrong API key (when keys are configured)",
+        401: UNAUTHORIZED,
         404: "every item names an unknown prediction id",
         409: "every item conflicts with a label already given by the same annotator",
         413: "more items than NOISEWISE_MAX_FEEDBACK_ITEMS, or body over NOISEWISE_MAX_BODY_BYTES",
@@ -218,41 +299,113 @@ class NoisewiseService(bentoml.Service):
     }
     STORE_ERRORS: ClassVar[dict[int, str]] = {
         400: "malformed body",
-        401: "missing or wrong API key (when keys are configured)",
+        401: UNAUTHORIZED,
         503: "the store is off (NOISEWISE_STORE=0) or unavailable",
     }
-    MODEL_ERRORS: ClassVar[dict[int, str]] = {400: "malformed body",
-                                              401: "missing or wrong API key (only with NOISEWISE_AUTH_PREDICT=1)"}
+    MODEL_ERRORS: ClassVar[dict[int, str]] = {400: "malformed body", 401: UNAUTHORIZED}
+    RELOAD_ERRORS: ClassVar[dict[int, str]] = {
+        400: "malformed body",
+        401: UNAUTHORIZED,
+        409: "the alias names no version (deleted), or a version that cannot be served: the service keeps "
+             "serving the version it has",
+    }
     # /feedback answers these with the per-item FeedbackResponse body, not an ErrorResponse
     FEEDBACK_PER_ITEM: ClassVar[tuple[int, ...]] = (207, 404, 409, 422)
 
     @property
     def openapi_spec(self):
-        from bentoml._internal.service.openapi.specification import MediaType, Reference, Response, Schema
+        import attr
+        from bentoml._internal.service.openapi.specification import (
+            Info,
+            MediaType,
+            Reference,
+            Schema,
+            Tag,
+        )
+        from bentoml._internal.service.openapi.specification import (
+            Response as OpenAPIResponse,
+        )
 
         spec = super().openapi_spec
+        auth = auth_config()
+        secured = [{"bearerAuth": []}]
         ref = "#/components/schemas/{model}"
         schema = ErrorResponse.model_json_schema(ref_template=ref)
         # BentoML 1.4 builds components as a plain {"schemas": {...}} dict
         components = spec.components["schemas"] if isinstance(spec.components, dict) else spec.components.schemas
         for name, definition in {**schema.pop("$defs", {}), "ErrorResponse": schema}.items():
             components[name] = Schema(**definition)
+        _no_file_type(components)
         for route, errors in (("/predict", self.ERRORS), ("/predict_image", self.ERRORS),
                               ("/feedback", self.FEEDBACK_ERRORS), ("/suspects", self.STORE_ERRORS),
-                              ("/reload", self.STORE_ERRORS), ("/model", self.MODEL_ERRORS)):
+                              ("/reload", self.RELOAD_ERRORS), ("/model", self.MODEL_ERRORS)):
             if route not in spec.paths:
                 continue
-            responses = spec.paths[route].post["responses"]
+            operation = spec.paths[route].post
+            responses = operation["responses"]
             for status, description in errors.items():
+                if status == 401 and not auth.requires_key(route):
+                    continue
                 target = Reference(ref.format(model="ErrorResponse"))
                 per_item = Reference(ref.format(model="FeedbackResponseIODescriptor"))
                 if route == "/feedback" and status in self.FEEDBACK_PER_ITEM:
                     target = per_item
                 elif route == "/feedback" and status == 400:  # malformed body, or items rejected for mixed reasons
                     target = Schema(oneOf=[target, per_item])
-                responses[status] = Response(description=description,
-                                             content={"application/json": MediaType(schema=target)})
-        return spec
+                responses[status] = OpenAPIResponse(description=description,
+                                                    content={"application/json": MediaType(schema=target)})
+            if auth.requires_key(route):
+                operation["security"] = secured
+        if "/model" in spec.paths:
+            post = spec.paths["/model"].post
+            get = {key: post[key] for key in ("tags", "description") if key in post}
+            get["responses"] = {status: answer for status, answer in post["responses"].items() if status != 400}
+            get["operationId"] = f"{post.get('operationId', 'model_info')}_get"
+            if "security" in post:
+                get["security"] = secured
+            spec.paths["/model"] = attr.evolve(spec.paths["/model"], get=get)
+        if "/metrics" in spec.paths:
+            metrics_get = {"responses": {200: {"description": "Prometheus metrics, text exposition format"}},
+                           "tags": ["Infrastructure"], "description": "Prometheus metrics: noisewise's own "
+                           "(predictions, uncertainty, feedback, label noise) and BentoML's (requests, latency)."}
+            if auth.requires_key("/metrics"):
+                metrics_get["responses"][401] = {"description": UNAUTHORIZED}
+                metrics_get["security"] = secured
+            spec.paths["/metrics"] = attr.evolve(spec.paths["/metrics"], get=metrics_get)
+        spec.components["securitySchemes"] = {"bearerAuth": BEARER_SCHEME}
+        # pydantic v2 writes JSON Schema 2020-12 (nullable fields as anyOf [..., {"type": "null"}]): the dialect
+        # of OpenAPI 3.1, not of the 3.0 that BentoML declares
+        return attr.evolve(
+            spec, openapi="3.1.0",
+            info=Info(title="noisewise", version=noisewise.__version__, description=API_DESCRIPTION),
+            tags=[Tag(name=tag.name, description=TAG_DESCRIPTIONS.get(tag.name, tag.description))
+                  for tag in spec.tags or ()],
+        )
+
+
+def _no_file_type(components: dict) -> None:
+    """BentoML documents an uploaded file as ``{"type": "file"}``, which is no JSON Schema type: make it
+    ``{"type": "string", "format": "binary"}``, as OpenAPI describes files."""
+    import attr
+    from bentoml._internal.service.openapi.specification import Schema
+
+    def fixed(node):
+        if isinstance(node, dict):
+            node = {key: fixed(value) for key, value in node.items()}
+            return {**node, "type": "string", "format": "binary"} if node.get("type") == "file" else node
+        if not isinstance(node, Schema):
+            return node
+        changes = {}
+        if node.type == "file":
+            changes["type"], changes["format"] = "string", "binary"
+        if node.items is not None:
+            changes["items"] = fixed(node.items)
+        if node.properties:
+            changes["properties"] = {key: fixed(value) for key, value in node.properties.items()}
+        return attr.evolve(node, **changes) if changes else node
+
+    for name, schema in list(components.items()):
+        components[name] = fixed(schema)
 
 
 class ServiceArgs(BaseModel):
@@ -281,19 +434,14 @@ class Noisewise:
             self.settings = Settings.from_env()
             served = load_served(self.settings)
             if self.settings.store:
-                from noisewise.monitoring.store import Store, StoreError
-
-                try:
-                    self.store = Store()
-                except StoreError as err:
-                    raise StartupError(f"{err} (set NOISEWISE_STORE_URL, or NOISEWISE_STORE=0 to serve without "
-                                       "storing predictions and feedback)") from None
+                self.store = open_store()
         except (SettingsError, StartupError) as err:
             _fail(str(err))
         self.served = served
         self.batcher = Batcher(self._predict, enabled=self.settings.batching,
                                max_batch_size=self.settings.batch_max_size,
                                max_latency_ms=self.settings.batch_max_latency_ms)
+        self.decoder = WorkQueue(threads=DECODE_THREADS, max_pending=DECODE_QUEUE)
         if self.store is not None:
             self.recorder = Recorder(self.store)
         metrics.start_series(served.calibration.class_names)
@@ -330,67 +478,101 @@ class Noisewise:
             raise SystemExit(EXIT_MODEL)
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        return self.ready and (self.store is None or self.store.health() is None)
 
     @bentoml.api(route="/predict")
     async def predict(self, body: PredictBody, /) -> PredictResponse:
         """Predict a batch: `{"inputs": [...]}` (arrays shaped like the model input, or flat vectors) or
         `{"images": ["<base64 PNG/JPEG>", ...]}`. One prediction per item, each with its conformal set,
-        OOD p-value and accept/abstain decision; `guarantees` says what those guarantee."""
+        OOD p-value and accept/abstain decision (its `score` against the certified `threshold`); `guarantees`
+        says what those guarantee: each part's kind and target, the full block with `"explain": true`."""
         if body._parse_error is not None:
             return _bad_request(body._parse_error)
         raw = body.fields()
-        context = {"input": self.served.spec}
+        spec, deadline = self.served.spec, self._deadline()
         try:
-            if raw.get("images") is not None:  # decoding can take a while: keep the event loop free
-                request = await asyncio.to_thread(PredictRequest.model_validate, raw, context=context)
+            if raw.get("images") is not None:  # decoding can take a while: on the decoding threads
+                request = await self._decode(
+                    lambda stop: PredictRequest.model_validate(raw, context={"input": spec, "stop": stop}), deadline)
             else:
-                request = PredictRequest.model_validate(raw, context=context)
+                request = PredictRequest.model_validate(raw, context={"input": spec})
         except ValidationError as err:
             return _bad_request(err)
-        return await self._answer(request.batch)
+        except _Refused as refused:
+            return refused.response
+        return await self._answer(request.batch, request.explain, deadline)
 
     @bentoml.api(route="/predict_image")
     async def predict_image(self, upload: ImageUpload, /) -> PredictResponse:
-        """Predict uploaded PNG/JPEG files (`multipart/form-data`, field `images`, repeat it for a batch)."""
+        """Predict uploaded PNG/JPEG files (`multipart/form-data`, field `images`, repeat it for a batch; field
+        `explain=true` for the full guarantees block)."""
+        spec, deadline = self.served.spec, self._deadline()
         try:
-            batch = await asyncio.to_thread(
-                lambda: images_batch([path.read_bytes() for path in upload.images], self.served.spec)
-            )
+            batch = await self._decode(
+                lambda stop: images_batch([path.read_bytes() for path in upload.images], spec, stop), deadline)
         except ValidationError as err:
             return _bad_request(err)
-        return await self._answer(batch)
+        except _Refused as refused:
+            return refused.response
+        return await self._answer(batch, upload.explain, deadline)
+
+    def _deadline(self) -> float | None:
+        """When a prediction request arriving now must be answered (event-loop time): NOISEWISE_REQUEST_TIMEOUT_S
+        bounds decoding and forward pass together, so that the 408 comes before the server's own timeout (504)."""
+        timeout = self.settings.request_timeout_s
+        return asyncio.get_running_loop().time() + timeout if timeout else None
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+
+    async def _decode(self, work: Callable[[threading.Event], Any], deadline: float | None) -> Any:
+        """``work(stop)`` on the decoding threads before ``deadline``; :class:`_Refused` (503 or 408) when the
+        queue is full or the time is up. The work of a request that gave up is never started, or stops before
+        its next image."""
+        try:
+            return await self.decoder.run(work, timeout=self._left(deadline))
+        except Overloaded as err:
+            raise _Refused(_error(503, str(err), retry_after=RETRY_AFTER_S)) from None
+        except TimeoutError:
+            raise _Refused(_error(408, f"the images were not decoded within {self.settings.request_timeout_s:g} s "
+                                       "(NOISEWISE_REQUEST_TIMEOUT_S); nothing was recorded, retry later")) from None
 
     @bentoml.api(route="/model")
     async def model_info(self) -> ModelInfo:
-        """The served model: name, version, alias, classes, input spec, calibration summary (guarantees and
-        assumptions) and serving settings."""
+        """The served model: name, version, alias, classes, input spec, calibration summary (the full
+        guarantees with their conditions and assumptions, the certified risk-coverage frontier, the noise
+        record) and serving settings. Also answered to `GET /model`."""
         return self.served.info
 
-    async def _answer(self, batch: np.ndarray) -> PredictResponse | JSONResponse:
+    async def _answer(self, batch: np.ndarray, explain: bool = False,
+                      deadline: float | None = None) -> PredictResponse | JSONResponse:
         try:
-            outputs = await self._forward(batch)
+            outputs = await self._forward(batch, deadline)
         except Overloaded as err:
-            return JSONResponse({"error": str(err), "detail": []}, status_code=503)
+            return _error(503, str(err), retry_after=RETRY_AFTER_S)
         except TimeoutError:
             return _error(408, f"no prediction within {self.settings.request_timeout_s:g} s "
                                "(NOISEWISE_REQUEST_TIMEOUT_S); nothing was recorded, retry later")
-        predictions = [Prediction(id=str(uuid.uuid4()), model=served.ref, **out.to_dict()) for served, out in outputs]
+        predictions = [_prediction(out, served) for served, out in outputs]
         metrics.observe_predictions(predictions)
         if self.recorder is not None:
             try:
-                await self.recorder.record([_stored_row(p, served, out) for p, (served, out) in zip(predictions, outputs)])
-            except Exception:  # logged and counted by the recorder: the predictions are still right, serve them
-                pass
-        return PredictResponse(predictions=predictions, guarantees=outputs[0][0].guarantees)
+                await self.recorder.record([stored_row(p, served, out) for p, (served, out) in zip(predictions, outputs)])
+            except Exception as err:  # logged and counted by the recorder
+                # a prediction that is not stored cannot take feedback: none is served that was not stored
+                return _error(503, f"the store cannot take the predictions ({type(err).__name__}: {_one_line(err)}"
+                                   f"); nothing was served, retry later", retry_after=STORE_RETRY_AFTER_S)
+        served = outputs[0][0]
+        return PredictResponse(predictions=predictions, guarantees=served.guarantees if explain else served.summary)
 
-    async def _forward(self, batch: np.ndarray) -> list:
-        """The batcher's outputs, or TimeoutError past NOISEWISE_REQUEST_TIMEOUT_S. Not asyncio.wait_for:
+    async def _forward(self, batch: np.ndarray, deadline: float | None) -> list:
+        """The batcher's outputs, or TimeoutError past ``deadline``. Not asyncio.wait_for:
         BentoML's dispatcher turns a cancelled wait into its overload fallback (a 503, not the 408). A forward
         pass the request already joined still runs; its outputs for this request are dropped, never recorded."""
         task = asyncio.ensure_future(self.batcher(batch))
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.settings.request_timeout_s or None)
+            done, _ = await asyncio.wait({task}, timeout=self._left(deadline))
         finally:
             if not task.done():  # timed out, or the client went away
                 task.cancel()
@@ -421,8 +603,12 @@ class Noisewise:
                                "per request (NOISEWISE_MAX_FEEDBACK_ITEMS)")
         served = self.served
         try:
-            response, stored = await asyncio.to_thread(ingest, items, self.store, served.calibration.class_names,
-                                                       np.asarray(served.calibration.cl_thresholds, dtype=np.float32))
+            # waits for its group commit without holding a thread, so one commit serves every request in flight
+            response, stored = await ingest_async(items, self.store, served.calibration.class_names,
+                                                  np.asarray(served.calibration.cl_thresholds, dtype=np.float32))
+        except StoreUnavailable as err:  # the file is gone or replaced: a retry cannot help until a restart
+            log.error("noisewise: storing feedback failed: %s", err)
+            return _error(503, f"{err}; nothing was stored")
         except Exception as err:  # the store is down: nothing was acknowledged, the client retries
             log.error("noisewise: storing feedback failed: %s: %s", type(err).__name__, err)
             return _error(503, f"the store is unavailable ({type(err).__name__}); nothing was stored, retry")
@@ -464,7 +650,7 @@ class Noisewise:
         try:
             changed = await asyncio.to_thread(self._reload_if_moved)
         except StartupError as err:
-            return _error(409, f"the new version cannot be served, still serving {self.served.name}/{previous}: {err}")
+            return _error(409, f"cannot reload, still serving {self.served.name}/{previous}: {err}")
         return {"reloaded": changed, "name": self.served.name, "version": self.served.version,
                 "previous_version": previous}
 
@@ -475,7 +661,11 @@ class Noisewise:
         from noisewise.models.registry import resolve_version
 
         with self._reload_lock:
-            _, version, _ = resolve_version(self.settings.model)
+            try:
+                _, version, _ = resolve_version(self.settings.model)
+            except Exception as err:  # the alias was deleted, or the registry cannot be read
+                metrics.RELOADS.labels("failed").inc()
+                raise StartupError(f"the alias {self.settings.model!r} names no version: {_one_line(err)}") from None
             if version == self.served.version:
                 return False
             try:
@@ -528,15 +718,28 @@ class Noisewise:
             self._stop.set()
         if getattr(self, "batcher", None) is not None:
             self.batcher.close()
+        if getattr(self, "decoder", None) is not None:
+            self.decoder.close()
         if getattr(self, "recorder", None) is not None:
             self.recorder.close()
         if getattr(self, "store", None) is not None:
             self.store.close()
 
 
-bentoml_patches.apply()
+async def model_info_get(request: Request) -> Response:
+    """``GET /model``: the answer of ``POST /model``, byte for byte (the same model, serialized the same way)."""
+    service = bentoml.get_current_service()
+    return Response(service.served.info.model_dump_json(), media_type="application/json")
+
+
+# the service's routes label BentoML's request metrics; any other path shares one label
+bentoml_patches.apply(routes={api.route for api in Noisewise.apis.values()})
 Noisewise.add_asgi_middleware(ApiKeyAuth)  # added first, so it runs first: no other answer before the key check
 Noisewise.add_asgi_middleware(BodyLimit)
+# Plain routes besides BentoML's (which are POST only). Mounted apps sit inside the middleware above, so the
+# key check covers them as it covers the API routes; BentoML tries them after its own routes.
+Noisewise.mount_asgi_app(Starlette(routes=[Route("/model", model_info_get, methods=["GET"])]), path="/",
+                         name="noisewise-routes")
 
 
 def _quiet(task: asyncio.Future) -> None:
@@ -549,8 +752,17 @@ def _bad_request(err: ValidationError) -> JSONResponse:
     return JSONResponse(error_response(err).model_dump(), status_code=error_status(err))
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "detail": []}, status_code=status)
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message, "detail": []}, status_code=status, headers=headers)
+
+
+class _Refused(Exception):
+    """A request answered before its prediction (decoding queue full, decoding timed out): the answer."""
+
+    def __init__(self, response: JSONResponse):
+        super().__init__(response.status_code)
+        self.response = response
 
 
 def _safe_url(url: str) -> str:
@@ -559,14 +771,13 @@ def _safe_url(url: str) -> str:
     return _safe(url)
 
 
-def _stored_row(prediction: Prediction, served: Served, out):
-    from noisewise.monitoring.store import PredictionRow
-
-    return PredictionRow(
-        id=prediction.id, model_name=served.name, model_version=served.version, weights=served.weights,
-        predicted=out.label, confidence=out.confidence, prediction_set=out.set_indices,
-        is_ood=out.is_ood, ood_score=out.ood_score, ood_p_value=out.ood_p_value, decision=out.decision,
-        reason=out.reason, probs=out.probs)
+def _prediction(out, served: Served) -> Prediction:
+    """The response item for one output of the model (``models.predictor.Prediction``): the model's
+    confidence is the selective ``score``, shown with the certified ``threshold`` it is compared with."""
+    fields = out.to_dict()
+    fields["score"] = fields.pop("confidence")
+    return Prediction(id=str(uuid.uuid4()), model=served.ref, threshold=served.threshold,
+                      set_reason=empty_set_reason(out.prediction_set, out.is_ood), **fields)
 
 
 def _fail(message: str):
@@ -583,8 +794,9 @@ def _fail(message: str):
 
 
 def check_model_here() -> int:
-    """The start-up check (``python -m noisewise.services.service``): 0 if NOISEWISE_MODEL can be served, else one line
-    on stderr and EXIT_MODEL."""
+    """The start-up check (``python -m noisewise.services.service``): 0 if NOISEWISE_MODEL can be served and the
+    store opened, else one line on stderr and EXIT_MODEL (a worker that failed instead would be restarted
+    again and again, and the server would only be reported as never ready)."""
     from noisewise.models.nets import pick_device
 
     try:
@@ -594,6 +806,8 @@ def check_model_here() -> int:
         except ValueError as err:
             raise StartupError(f"NOISEWISE_DEVICE: {err}") from None
         load_served(dataclasses.replace(settings, device="cpu"))
+        if settings.store:
+            open_store().close()
     except (SettingsError, StartupError) as err:
         print(f"noisewise: error: {err}", file=sys.stderr, flush=True)
         return EXIT_MODEL

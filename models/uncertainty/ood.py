@@ -68,6 +68,7 @@ __all__ = [
     "MaxLogitScorer",
     "EnergyScorer",
     "KNNScorer",
+    "KNN_INDEXES",
     "MahalanobisScorer",
     "ViMScorer",
     "ReActScorer",
@@ -208,6 +209,8 @@ class OODScorer:
     needs_head: ClassVar[bool] = False
     requires_fit: ClassVar[bool] = False
     _state_keys: ClassVar[tuple[str, ...]] = ()
+    #: fitted tensors that only some fits produce (e.g. the cluster sizes of a k-means KNN bank)
+    _optional_state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self._state: dict[str, torch.Tensor] = {}
@@ -329,6 +332,7 @@ class OODScorer:
         if target.requires_fit and config.get("fitted", False):
             _check_state(state, target._state_keys, name)
             scorer._state = {k: state[k] for k in target._state_keys}
+            scorer._state.update({k: state[k] for k in target._optional_state_keys if k in state})
             scorer._fitted_meta = {k: v for k, v in config.items() if k not in ("name", "params", "fitted")}
             scorer.to(scorer.device)
         return scorer
@@ -429,6 +433,57 @@ def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+#: How the KNN bank is built from the training features (``index``): ``exact`` keeps every row;
+#: ``subsample`` a class-stratified random subset of ``budget`` rows; ``kmeans`` ``budget`` k-means
+#: centroids weighted by their cluster sizes; ``auto`` is ``exact`` up to ``budget`` rows and
+#: ``subsample`` above.
+KNN_INDEXES = ("exact", "subsample", "kmeans", "auto")
+
+
+def _stratified_rows(labels: torch.Tensor | None, n: int, budget: int, seed: int) -> torch.Tensor:
+    """``budget`` row indices out of ``n``, drawn without replacement, sorted.
+
+    With labels each class keeps its share of the rows (largest remainders), so a rare class is not
+    left out of the bank by chance; without labels the draw is uniform.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if labels is None:
+        return torch.randperm(n, generator=generator)[:budget].sort().values
+    labels = labels.cpu()
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    share = counts.double() * budget / n
+    quota = share.floor().long()
+    short = budget - int(quota.sum())
+    if short:
+        quota[(share - quota).argsort(descending=True)[:short]] += 1
+    order = torch.randperm(n, generator=generator)
+    rows = [order[inverse[order] == c][: int(quota[c])] for c in range(len(classes))]
+    return torch.cat(rows).sort().values
+
+
+def _kmeans_bank(unit: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(centroids [m, D], cluster sizes [m])`` of unit-norm rows; empty clusters are dropped.
+
+    scikit-learn's MiniBatchKMeans runs here, at calibration only: serving reads the centroids as
+    an ordinary (smaller) bank. k-means++ seeding costs O(clusters^2) distance passes, so above
+    2048 clusters the seeds are drawn at random instead.
+    """
+    from sklearn.cluster import MiniBatchKMeans  # calibration-only dependency
+
+    x = unit.detach().cpu().numpy()
+    km = MiniBatchKMeans(
+        n_clusters=clusters,
+        init="k-means++" if clusters <= 2048 else "random",
+        batch_size=max(1024, 3 * clusters),
+        n_init=1,
+        random_state=seed,
+    ).fit(x)
+    sizes = torch.bincount(torch.from_numpy(km.predict(x)).long(), minlength=clusters)
+    keep = sizes > 0
+    centroids = torch.from_numpy(km.cluster_centers_).to(unit.device, torch.float32)[keep.to(unit.device)]
+    return centroids, sizes[keep].to(unit.device)
+
+
 class KNNScorer(OODScorer):
     """Deep nearest neighbours: the k-th smallest cosine distance to the training features.
 
@@ -445,12 +500,34 @@ class KNNScorer(OODScorer):
     against 50,000 x 512 (docs/overhead.md). The bank is stored in fp16 on GPU (half the memory,
     tensor cores; cosines of unit vectors lose ~1e-3) and fp32 on CPU. Needs no labels.
 
+    **Bank size.** Scoring time is linear in the bank rows, so a large training set makes every
+    request slower. ``index`` bounds the bank at ``budget`` rows (see :data:`KNN_INDEXES`):
+
+    * ``subsample``: a class-stratified random subset of ``m = budget`` of the ``n`` training rows
+      (uniform when no labels are given), scored with ``k_used = max(1, round(k m / n))``: the
+      k-th neighbour among ``n`` rows sits at about the ``k m / n``-th among a random ``m``
+      (Sun et al. scale k with the sampling ratio the same way).
+    * ``kmeans``: ``budget`` centroids of the unit features (MiniBatchKMeans, at fit only), each
+      weighted by its cluster size; the score is the distance of the nearest centroid at which the
+      cumulated cluster sizes reach ``k``, i.e. the k-th neighbour with every member of a cluster
+      placed at its centroid.
+    * ``auto``: ``exact`` when ``n <= budget``, otherwise ``subsample``.
+
+    With ``n <= budget`` every index keeps the exact bank (nothing to reduce). A reduced bank gives
+    different scores, so the conformal gate must be fitted on this scorer's scores of held-out ID
+    items (as ``fit_calibration`` does): the false-OOD bound then holds for what is served.
+
     Parameters
     ----------
     k : int, default 50
         The paper's choice for ~10 classes (200 for ~100, 1000 at ImageNet scale).
     chunk_size : int, default 65536
         Most bank rows per block of the similarity matmul.
+    index : {"exact", "subsample", "kmeans", "auto"}, default "exact"
+    budget : int, default 20000
+        Most bank rows of a reduced bank (and the ``auto`` threshold).
+    seed : int, default 0
+        Seed of the subsample draw or of k-means.
     """
 
     BLOCK_ELEMENTS = 1 << 24  # similarities per block: 64 MiB in fp32
@@ -459,47 +536,118 @@ class KNNScorer(OODScorer):
     uses = ("features",)
     requires_fit = True
     _state_keys = ("bank",)
+    _optional_state_keys = ("bank_counts",)
 
-    def __init__(self, k: int = 50, chunk_size: int = 65536):
+    def __init__(self, k: int = 50, chunk_size: int = 65536, index: str = "exact", budget: int = 20000,
+                 seed: int = 0):
         super().__init__()
         self.k = _check_positive_int(k, "k")
         self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        if index not in KNN_INDEXES:
+            raise ValueError(f"index must be one of {list(KNN_INDEXES)}; got {index!r}")
+        self.index = index
+        self.budget = _check_positive_int(budget, "budget")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+        self.seed = seed
 
     def params(self) -> dict[str, Any]:
-        return {"k": self.k, "chunk_size": self.chunk_size}
+        return {"k": self.k, "chunk_size": self.chunk_size, "index": self.index, "budget": self.budget,
+                "seed": self.seed}
+
+    def index_for(self, n: int) -> str:
+        """The bank that ``fit`` builds from ``n`` training rows: ``exact``, ``subsample`` or ``kmeans``."""
+        if n <= self.budget:
+            return "exact"
+        return "subsample" if self.index == "auto" else self.index
 
     def _fit(self, features, logits, labels, head):
-        if features.shape[0] < self.k:
+        n, d = features.shape
+        if n < self.k:
             raise ValueError(
-                f"k={self.k} exceeds the number of training features ({features.shape[0]}); "
+                f"k={self.k} exceeds the number of training features ({n}); "
                 "lower k or fit on more items"
             )
-        self._state = {"bank": _normalize_rows(features.to(torch.float32))}
-        self._fitted_meta = {"bank_size": int(features.shape[0]), "feature_dim": int(features.shape[1])}
+        if labels is not None:
+            labels = _check_labels(labels, n, self.name)
+        unit = _normalize_rows(features.to(torch.float32))
+        index = self.index_for(n)
+        k_used = self.k
+        if index == "exact":
+            self._state = {"bank": unit}
+        elif index == "subsample":
+            rows = _stratified_rows(labels, n, self.budget, self.seed).to(unit.device)
+            self._state = {"bank": unit[rows]}
+            k_used = max(1, round(self.k * self.budget / n))
+        else:
+            centroids, sizes = _kmeans_bank(unit, self.budget, self.seed)
+            self._state = {"bank": _normalize_rows(centroids), "bank_counts": sizes.long()}
+        self._fitted_meta = {
+            "bank_size": int(self._state["bank"].shape[0]),
+            "feature_dim": int(d),
+            "index_used": index,
+            "source_rows": int(n),
+        }
+        if index == "subsample":
+            self._fitted_meta["k_used"] = int(k_used)
+
+    @property
+    def index_used(self) -> str:
+        """The bank that was built (calibrations saved before reduced banks existed hold the exact one)."""
+        return self._fitted_meta.get("index_used", "exact")
+
+    @property
+    def k_used(self) -> int:
+        """The neighbour rank read from the bank: ``k``, scaled to the rows of a subsample."""
+        return int(self._fitted_meta["k_used"]) if self.index_used == "subsample" else self.k
 
     def _after_load(self):
         bank = self._state["bank"]
         dtype = torch.float32 if bank.device.type == "cpu" else torch.float16
         self._state["bank"] = bank.to(dtype).contiguous()
+        if self.index_used == "kmeans" and "bank_counts" not in self._state:
+            raise ValueError("a k-means KNN bank needs its cluster sizes 'bank_counts' in the state")
+        if "bank_counts" in self._state:
+            # whole counts stay whole: a float tensor here is refused by the load checks, not rounded
+            self._state["bank_counts"] = self._state["bank_counts"].to(bank.device)
 
     def _score(self, features, logits):
         bank = self._state["bank"]
+        counts = self._state.get("bank_counts")
         query = _normalize_rows(features.float()).to(bank.dtype)
         if query.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=features.device)
+        k = self.k if counts is not None else self.k_used
         bank_rows = min(self.chunk_size, bank.shape[0])
         query_rows = max(1, self.BLOCK_ELEMENTS // bank_rows)
         kth = []
         for q in query.split(query_rows):
-            best = None
-            for b in bank.split(bank_rows):
+            best, best_counts = None, None
+            for start in range(0, bank.shape[0], bank_rows):
+                b = bank[start : start + bank_rows]
                 # unsorted top-k: only the set of the k largest matters, its minimum is the k-th largest
-                top = (q @ b.T).topk(min(self.k, b.shape[0]), dim=1, sorted=False).values
+                # (with cluster sizes, k centroids always hold at least k members)
+                top = (q @ b.T).topk(min(k, b.shape[0]), dim=1, sorted=False)
+                values = top.values
+                sizes = None if counts is None else counts[start + top.indices]
                 if best is not None:
-                    top = torch.cat([best, top], dim=1)
-                    top = top.topk(min(self.k, top.shape[1]), dim=1, sorted=False).values
-                best = top
-            kth.append(best.amin(dim=1))
+                    values = torch.cat([best, values], dim=1)
+                    if sizes is not None:
+                        sizes = torch.cat([best_counts, sizes], dim=1)
+                    keep = values.topk(min(k, values.shape[1]), dim=1, sorted=False)
+                    values = keep.values
+                    if sizes is not None:
+                        sizes = sizes.gather(1, keep.indices)
+                best, best_counts = values, sizes
+            if best_counts is None:
+                kth.append(best.amin(dim=1))
+            else:
+                # nearest centroid first; the k-th neighbour is at the first centroid whose cumulated
+                # cluster size reaches k
+                order = best.argsort(dim=1, descending=True)
+                reached = best_counts.gather(1, order).cumsum(dim=1) < k
+                first = reached.sum(dim=1, keepdim=True).clamp_max(order.shape[1] - 1)
+                kth.append(best.gather(1, order.gather(1, first)).squeeze(1))
         return 1.0 - torch.cat(kth).float()
 
 

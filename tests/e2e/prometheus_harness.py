@@ -59,24 +59,177 @@ def panels(board: dict) -> Iterator[dict]:
         yield from panel.get("panels", [])
 
 
+def dashboards() -> dict[str, dict]:
+    """The three shipped dashboards, parsed."""
+    return {name: json.loads(path.read_text()) for name, path in DASHBOARDS.items()}
+
+
 def panel_queries() -> list[PanelQuery]:
-    """``targets[].expr`` of every panel of the three dashboards, Grafana variables substituted."""
+    """``targets[].expr`` of every panel of the three dashboards, as written (dashboard variables such as
+    ``$job`` in place: :func:`substitute_variables` fills them in)."""
     out = []
-    for name, path in DASHBOARDS.items():
-        board = json.loads(path.read_text())
+    for name, board in dashboards().items():
         for panel in panels(board):
             for target in panel.get("targets", []):
                 expr = target.get("expr")
                 if expr:
-                    out.append(PanelQuery(name, panel.get("title", "?"), target.get("refId", "?"),
-                                          substitute_variables(expr)))
+                    out.append(PanelQuery(name, panel.get("title", "?"), target.get("refId", "?"), expr))
     return out
 
 
-def substitute_variables(expr: str) -> str:
-    for name in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
-        expr = expr.replace(name, GRAFANA_VARIABLES[name])
+def substitute_variables(expr: str, values: dict[str, str] | None = None) -> str:
+    """``expr`` with Grafana's interval variables replaced by plain windows and each dashboard variable in
+    ``values`` (name -> the text Grafana would put in its place, see :func:`resolve_variables`) substituted
+    in both spellings, ``$name`` and ``${name}``."""
+    replacements = dict(GRAFANA_VARIABLES)
+    for name, value in (values or {}).items():
+        replacements[f"${{{name}}}"] = value
+        replacements[f"${name}"] = value
+    # longest first, so that $instance is not read as $in... of a shorter name
+    for name in sorted(replacements, key=len, reverse=True):
+        expr = expr.replace(name, replacements[name])
     return expr
+
+
+# ---------------------------------------------------------------- PromQL selectors in dashboard queries
+
+_IDENT = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?[smhdwy]*")
+_LABEL_LISTS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+_KEYWORDS = {"bool", "and", "or", "unless", "offset", "atan2", "inf", "nan"}
+# aggregations may put `by (...)` between their name and their parenthesis: never a metric name
+_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk",
+                 "topk", "quantile", "limitk", "limit_ratio"}
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _closing(expr: str, start: int, open_: str, close: str) -> int:
+    """Index just past the bracket that closes the one at ``start`` (quotes respected)."""
+    depth, quote, i = 0, None, start
+    while i < len(expr):
+        c = expr[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'`":
+            quote = c
+        elif c == open_:
+            depth += 1
+        elif c == close:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise ValueError(f"expr: unbalanced {open_!r} at {start} in {expr!r}")
+
+
+def metric_selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """The vector selectors of a PromQL expression: ``(metric name, [(label, op, value), ...])`` each, in
+    order. Function names, aggregation label lists (``by (...)``), keywords, numbers, durations and strings
+    are skipped; a selector without a name (``{__name__=...}``) has name ``""``."""
+    out, i = [], 0
+    while i < len(expr):
+        c = expr[i]
+        if c in "\"'`":
+            end = expr.index(c, i + 1)
+            while expr[end - 1] == "\\":
+                end = expr.index(c, end + 1)
+            i = end + 1
+        elif c == "[":
+            i = _closing(expr, i, "[", "]")
+        elif c == "{":
+            end = _closing(expr, i, "{", "}")
+            out.append(("", MATCHER.findall(expr[i + 1:end - 1])))
+            i = end
+        elif c.isdigit() or (c == "." and expr[i + 1:i + 2].isdigit()):
+            i = _NUMBER.match(expr, i).end()
+        elif (word := _IDENT.match(expr, i)) is not None:
+            name, i = word.group(), word.end()
+            k = i
+            while k < len(expr) and expr[k].isspace():
+                k += 1
+            following = expr[k:k + 1]
+            if name in _LABEL_LISTS:
+                if following == "(":
+                    i = _closing(expr, k, "(", ")")
+            elif following == "(" or name.lower() in _KEYWORDS or name in _AGGREGATIONS:
+                continue  # a function or an operator keyword
+            elif following == "{":
+                end = _closing(expr, k, "{", "}")
+                out.append((name, MATCHER.findall(expr[k + 1:end - 1])))
+                i = end
+            else:
+                out.append((name, []))
+        else:
+            i += 1
+    return out
+
+
+# ---------------------------------------------------------------- dashboard variables against Prometheus
+
+_LABEL_VALUES = re.compile(r"^label_values\((?:(?P<selector>.+),\s*)?(?P<label>[a-zA-Z_][a-zA-Z0-9_]*)\)$")
+_REGEX_SPECIAL = re.compile(r"([\\^$.|?*+()\[\]{}])")
+
+
+def regex_escape(value: str) -> str:
+    """A value escaped the way Grafana's Prometheus data source does for a multi-value variable inside a
+    regex matcher: regex metacharacters get a backslash, itself doubled for the PromQL string literal."""
+    return _REGEX_SPECIAL.sub(r"\\\\\1", value)
+
+
+def label_values(url: str, selector: str, label: str) -> list[str]:
+    """What Grafana's ``label_values(selector, label)`` lists: the label's values over the series matching
+    ``selector`` (``/api/v1/series``, the last hour)."""
+    now = time.time()
+    response = httpx.get(f"{url}/api/v1/series", params={"match[]": selector, "start": f"{now - 3600:.3f}",
+                                                          "end": f"{now:.3f}"}, timeout=30)
+    body = response.json()
+    if body.get("status") != "success":
+        raise RuntimeError(f"{selector}: {body.get('errorType')}: {body.get('error')}")
+    return sorted({series[label] for series in body["data"] if label in series})
+
+
+def query_variables(board: dict) -> list[dict]:
+    """The dashboard's ``query`` variables (those resolved from Prometheus), in their order."""
+    return [v for v in board.get("templating", {}).get("list", []) if v.get("type") == "query"]
+
+
+def variable_query(variable: dict) -> str:
+    query = variable.get("query")
+    return query.get("query", "") if isinstance(query, dict) else str(query or variable.get("definition", ""))
+
+
+def resolve_variables(url: str, board: dict, fixed: dict[str, str]) -> dict[str, str]:
+    """Each query variable of ``board`` resolved against the Prometheus at ``url`` the way Grafana does it,
+    in order (later variables see the earlier ones): a variable named in ``fixed`` takes that value, which
+    must be among its options; a multi-value variable takes all of its options, as Grafana's *All* without a
+    custom all-value does (``(a|b)``, regex-escaped). Returns name -> the text substituted into queries.
+
+    Raises ValueError naming the variable when its query is not ``label_values(...)``, it lists no option,
+    or the fixed value is not among its options.
+    """
+    values: dict[str, str] = {}
+    for variable in query_variables(board):
+        name, text = variable["name"], variable_query(variable)
+        match = _LABEL_VALUES.match(text.strip())
+        if match is None:
+            raise ValueError(f"variable {name}: expected label_values(selector, label), got {text!r}")
+        selector = substitute_variables(match["selector"] or "{__name__=~\".+\"}", values)
+        options = label_values(url, selector, match["label"])
+        if not options:
+            raise ValueError(f"variable {name}: {text} lists no value ({selector})")
+        if name in fixed:
+            if fixed[name] not in options:
+                raise ValueError(f"variable {name}: {fixed[name]!r} is not among its values {options}")
+            values[name] = fixed[name]
+        elif variable.get("multi") or variable.get("includeAll"):
+            escaped = [regex_escape(option) for option in options]
+            values[name] = escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+        else:
+            values[name] = options[0]
+    return values
 
 
 def alert_rules() -> list[dict]:

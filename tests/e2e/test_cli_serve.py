@@ -37,8 +37,8 @@ def test_serve_prints_a_working_curl_and_demo_reports(tmp_path):
         assert curl.startswith(f"curl -s -X POST http://127.0.0.1:{port}/predict")
         answer = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60, check=True)
         prediction = json.loads(answer.stdout)["predictions"][0]
-        for key in ["id", "label", "class_name", "confidence", "top_k", "prediction_set", "ood", "decision", "reason",
-                    "model"]:
+        for key in ["id", "label", "class_name", "score", "threshold", "top_k", "prediction_set", "set_reason", "ood",
+                    "decision", "reason", "model"]:
             assert key in prediction, key
         assert any(f"http://127.0.0.1:{port}/metrics" in line for line in lines)
 

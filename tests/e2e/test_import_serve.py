@@ -24,7 +24,8 @@ from tests.integration.test_import import PREPROCESS, reference_logits, save_mod
 pytestmark = pytest.mark.slow
 
 KINDS = {"features": "torchscript", "logits": "torchscript", "program": "export"}
-FIELDS = {"id", "label", "class_name", "confidence", "top_k", "prediction_set", "ood", "decision", "reason", "model"}
+FIELDS = {"id", "label", "class_name", "score", "threshold", "top_k", "prediction_set", "set_reason", "ood", "decision",
+          "reason", "model"}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_imported_model_serves_every_field_with_its_own_predictions(served, cnn,
     x = (bunch.images[-12:] / 16.0).astype(np.float32)[:, None]  # in the test split or not: any digits
     expected = reference_logits(cnn, x).argmax(1).tolist()
 
-    answer = httpx.post(f"{url}/predict", json={"inputs": x.tolist()}, timeout=60)
+    answer = httpx.post(f"{url}/predict", json={"inputs": x.tolist(), "explain": True}, timeout=60)
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert [p["label"] for p in body["predictions"]] == expected

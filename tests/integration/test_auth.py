@@ -292,7 +292,7 @@ def test_service_admin_routes_need_a_key_and_predict_stays_open(service_env):
     with serve(service_env) as client:
         prediction = client.post("/predict", json={"inputs": row()})
         assert prediction.status_code == 200, prediction.text  # open by default
-        assert client.post("/model").status_code == 200
+        assert client.post("/model").status_code == 200 and client.get("/model").status_code == 200
         feedback = {"items": [{"prediction_id": prediction.json()["predictions"][0]["id"], "label": 1}]}
         calls = {"/feedback": feedback, "/suspects": {}, "/reload": None}  # path -> a well-formed body
         assert set(calls) == ADMIN_ROUTES
@@ -312,7 +312,14 @@ def test_service_admin_routes_need_a_key_and_predict_stays_open(service_env):
             assert client.get(path).status_code == 200, path
         assert client.post("/feedback/", headers=bearer(WRONG)).status_code == 401  # no path probing
         spec = client.get("/docs.json").json()
-        assert "401" in spec["paths"]["/feedback"]["post"]["responses"]
+        assert set(spec["components"]["securitySchemes"]) == {"bearerAuth"}
+        for path in ADMIN_ROUTES:  # the document says which routes need a key under this configuration
+            operation = spec["paths"][path]["post"]
+            assert operation["security"] == [{"bearerAuth": []}] and "401" in operation["responses"], path
+        for path, method in (("/predict", "post"), ("/predict_image", "post"), ("/model", "get"), ("/model", "post"),
+                             ("/metrics", "get"), ("/healthz", "get")):
+            operation = spec["paths"][path][method]
+            assert "security" not in operation and "401" not in operation["responses"], (path, method)
 
 
 @pytest.mark.slow
@@ -325,6 +332,15 @@ def test_service_predict_and_metrics_need_a_key_when_configured(service_env):
                 response = call(client, path, headers, body)
                 assert response.status_code == 401 and response.json() == UNAUTHORIZED, path
             assert call(client, path, bearer(OTHER_KEY), body).status_code == 200, path
+        for headers in ({}, bearer(WRONG)):
+            assert client.get("/model", headers=headers).status_code == 401
+        assert client.get("/model", headers=bearer(KEY)).json() == client.post("/model", headers=bearer(KEY)).json()
+        spec = client.get("/docs.json").json()
+        for path, method in (("/predict", "post"), ("/predict_image", "post"), ("/model", "get"), ("/model", "post"),
+                             ("/metrics", "get"), ("/feedback", "post")):
+            operation = spec["paths"][path][method]
+            assert operation["security"] == [{"bearerAuth": []}] and "401" in operation["responses"], (path, method)
+        assert "security" not in spec["paths"]["/healthz"]["get"]
         upload = [("images", ("a.png", b"\x89PNG not checked before the key", "image/png"))]
         assert client.post("/predict_image", files=upload).status_code == 401
         assert client.post("/predict_image", files=upload, headers=bearer(KEY)).status_code == 400

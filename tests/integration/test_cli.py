@@ -45,7 +45,7 @@ def test_npz_without_x_is_refused(tmp_path):
 
 def test_train_register_promote_json_and_skip(tmp_path):
     args = ["train", "--dataset", "digits", "--noise", "symmetric:0.2", "--recipe", "ce", "--epochs", "5",
-            "--register", "cli-model", "--promote", "--json"]
+            "--risk", "0.25", "--register", "cli-model", "--promote", "--json"]
     proc = run_cli(*args, home=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

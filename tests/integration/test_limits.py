@@ -5,6 +5,7 @@ rest against the real service in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -279,13 +280,13 @@ def test_service_prediction_past_the_timeout_is_408_and_feedback_is_never_cut_of
     assert client.post("/predict", json={"inputs": [ROW]}).status_code == 200  # still serving
 
     # /feedback has no deadline: a commit slower than the timeout is finished and acknowledged
-    ingest = service_module.ingest
+    ingest = service_module.ingest_async
 
-    def slow_ingest(*args):
-        time.sleep(3 * TIMEOUT_S)
-        return ingest(*args)
+    async def slow_ingest(*args):
+        await asyncio.sleep(3 * TIMEOUT_S)
+        return await ingest(*args)
 
-    monkeypatch.setattr(service_module, "ingest", slow_ingest)
+    monkeypatch.setattr(service_module, "ingest_async", slow_ingest)
     pid = prediction.json()["predictions"][0]["id"]
     response = client.post("/feedback", json={"items": [{"prediction_id": pid, "label": 3, "annotator": "slow"}]})
     assert response.status_code == 200 and response.json()["stored"] == 1

@@ -251,7 +251,7 @@ def test_a_flipped_byte_in_registered_tensor_data_is_refused(name):
 
     model = f"tamper-test-{name.split('.')[0]}"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", "--dataset", "digits", "--recipe", "ce", "--epochs", "2", "--risk", "0.3",
+        assert main(["train", "--dataset", "digits", "--recipe", "ce", "--epochs", "4", "--risk", "0.25",
                      "--register", model, "--promote", "--quiet"]) == 0
     registry.load_model(f"{model}@champion")  # intact: loads
     _, _, run_id = registry.resolve_version(f"{model}@champion")

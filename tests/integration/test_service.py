@@ -6,13 +6,23 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import uuid
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from noisewise.services.schemas import InputSpec, PredictRequest
+from noisewise.services.schemas import (
+    GUARANTEES_DETAIL,
+    InputSpec,
+    OODResult,
+    PredictRequest,
+    Prediction,
+    TopK,
+    empty_set_reason,
+    round_readable,
+)
 from noisewise.services.settings import Settings, SettingsError
 from tests.integration.serving_model import serve, digits, direct_predictions, ensure_model
 
@@ -65,28 +75,47 @@ def test_prediction_has_every_field_and_matches_the_model(client, ref, info):
     predictions, expected = body["predictions"], direct_predictions(ref, x)
     assert len(predictions) == 8
     classes = info["classes"]
+    threshold = info["calibration"]["abstention"]["threshold"]
     for p, e in zip(predictions, expected):
-        assert set(p) == {"id", "label", "class_name", "confidence", "top_k", "prediction_set", "ood", "decision",
-                          "reason", "model"}
+        assert set(p) == {"id", "label", "class_name", "score", "threshold", "top_k", "prediction_set", "set_reason",
+                          "ood", "decision", "reason", "model"}
         assert uuid.UUID(p["id"]).version == 4
         assert p["label"] == e.label and p["class_name"] == classes[p["label"]]
-        assert p["confidence"] == pytest.approx(e.confidence, rel=1e-5)
+        # the selective score, rounded to 4 decimals, next to the certified threshold it is compared with
+        assert p["score"] == pytest.approx(e.confidence, abs=1e-4) and p["score"] == round(p["score"], 4)
+        assert p["threshold"] == pytest.approx(threshold, abs=1e-4)
         assert p["prediction_set"] == e.prediction_set and set(p["prediction_set"]) <= set(classes)
+        assert p["set_reason"] is None  # clean digits: never an empty set with this model
         probabilities = [t["probability"] for t in p["top_k"]]
         assert len(p["top_k"]) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert probabilities == pytest.approx([t["probability"] for t in e.top_k], abs=1e-4)
+        assert probabilities == [round(v, 4) for v in probabilities]
         assert p["top_k"][0]["label"] == p["label"] and p["top_k"][0]["class_name"] == p["class_name"]
-        assert p["ood"] == pytest.approx({"score": e.ood_score, "p_value": e.ood_p_value, "is_ood": e.is_ood})
+        assert p["ood"] == pytest.approx({"score": e.ood_score, "p_value": e.ood_p_value, "is_ood": e.is_ood},
+                                         abs=1e-4)
+        assert p["ood"]["p_value"] == round_readable(p["ood"]["p_value"])
         assert 0 < p["ood"]["p_value"] <= 1
         assert (p["decision"], p["reason"]) == (e.decision, e.reason)
         assert (p["reason"] is None) == (p["decision"] == "accept")
         if p["ood"]["is_ood"]:
             assert p["reason"] == "ood"
+        elif abs(e.confidence - threshold) > 1e-3:  # away from the rounding: the response shows why it decided
+            assert (p["decision"] == "accept") == (p["score"] >= p["threshold"])
         assert p["model"] == {"name": info["name"], "version": info["version"]}
     assert len({p["id"] for p in predictions}) == 8
-    g = body["guarantees"]
+    # by default the guarantees are short: each part's kind and target, and where the full block is
+    short = body["guarantees"]
+    assert short == {"prediction_set": {"kind": "valid", "target_coverage": 0.9},
+                     "abstention": {"kind": "valid", "risk_target": 0.25, "certified": True},
+                     "ood": {"kind": "valid", "alpha_ood": 0.05}, "detail": GUARANTEES_DETAIL}
+    assert len(json.dumps(short, separators=(",", ":"))) < 300
+    full = client.post("/predict", json={"inputs": x[:1].tolist(), "explain": True})
+    assert full.status_code == 200, full.text
+    g = full.json()["guarantees"]
+    assert len(json.dumps(g, separators=(",", ":"))) > 1000  # what the short form saves on every response
     assert g["prediction_set"]["target_coverage"] == pytest.approx(0.9)
     assert g["prediction_set"]["alpha"] == pytest.approx(0.1)
-    assert g["prediction_set"]["eps"] == pytest.approx(0.2 * 10 / 9)  # 20% flips, uniform convention
+    assert g["prediction_set"]["eps"] == round(0.2 * 10 / 9, 4)  # 20% flips, uniform convention; 4 decimals
     assert g["abstention"]["risk_target"] == pytest.approx(0.25) and g["abstention"]["certified"] is True
     assert g["ood"]["alpha_ood"] == pytest.approx(0.05)
     assert g["assumptions"] and g["assumptions"] == info["calibration"]["assumptions"]
@@ -124,7 +153,7 @@ def test_base64_png_and_data_url_equal_the_array(client):
     assert arrays.status_code == images.status_code == 200, images.text
     for a, b in zip(arrays.json()["predictions"], images.json()["predictions"]):
         assert (a["label"], a["prediction_set"], a["decision"]) == (b["label"], b["prediction_set"], b["decision"])
-        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+        assert a["score"] == pytest.approx(b["score"], abs=2e-4)
 
 
 def test_images_are_converted_to_the_model_input(client):
@@ -144,6 +173,33 @@ def test_file_upload_equals_base64(client):
     strip = lambda ps: [{k: v for k, v in p.items() if k != "id"} for p in ps]
     assert strip(upload.json()["predictions"]) == strip(inline.json()["predictions"])
     assert upload.json()["guarantees"] == inline.json()["guarantees"]
+    explained = client.post("/predict_image", files=parts, data={"explain": "true"})
+    assert explained.status_code == 200, explained.text
+    assert explained.json()["guarantees"] == client.post("/predict", json={"images": [b64(f) for f in files],
+                                                                            "explain": True}).json()["guarantees"]
+    assert "assumptions" in explained.json()["guarantees"] and "assumptions" not in upload.json()["guarantees"]
+
+
+def test_an_empty_prediction_set_says_why(client):
+    x, _ = digits(4, start=300)
+    noise = np.random.default_rng(0).random((40, 1, 8, 8))
+    blank = np.full((1, 1, 8, 8), 0.5)  # no digit at all: this model spreads its probability over every class
+    response = client.post("/predict", json={"inputs": np.concatenate([x, noise, blank]).tolist()})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    empty = [p for p in predictions if not p["prediction_set"]]
+    assert empty and len(empty) < len(predictions)
+    for p in predictions:
+        expected = None if p["prediction_set"] else ("ood" if p["ood"]["is_ood"] else "no_class_passes")
+        assert p["set_reason"] == expected
+    assert predictions[-1]["set_reason"] == "ood"
+
+
+def test_get_model_answers_as_post(client, info):
+    answer = client.get("/model")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/json")
+    assert answer.content == client.post("/model").content and answer.json() == info
+    assert client.put("/model").status_code == 405
 
 
 def test_model_info(info, ref):
@@ -178,17 +234,58 @@ def test_openapi_describes_the_endpoints(client):
     spec = client.get("/docs.json").json()
     predict = spec["paths"]["/predict"]["post"]
     request = predict["requestBody"]["content"]["application/json"]["schema"]
-    assert set(request["properties"]) == {"inputs", "images"} and request["additionalProperties"] is False
+    assert set(request["properties"]) == {"inputs", "images", "explain"} and request["additionalProperties"] is False
     ok = predict["responses"]["200"]["content"]["application/json"]["schema"]
     assert set(ok["properties"]) == {"predictions", "guarantees"}
     assert predict["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     prediction = spec["components"]["schemas"]["Prediction"]
-    assert set(prediction["properties"]) == {"id", "label", "class_name", "confidence", "top_k", "prediction_set",
-                                             "ood", "decision", "reason", "model"}
+    assert set(prediction["properties"]) == {"id", "label", "class_name", "score", "threshold", "top_k",
+                                             "prediction_set", "set_reason", "ood", "decision", "reason", "model"}
+    assert "not a probability" in prediction["properties"]["score"]["description"].lower()
     assert "multipart/form-data" in spec["paths"]["/predict_image"]["post"]["requestBody"]["content"]
-    model = spec["paths"]["/model"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
-    assert {"name", "version", "alias", "classes", "input", "calibration", "serving"} <= set(model["properties"])
-    assert {"ErrorResponse", "Guarantees", "CalibrationSummary"} <= set(spec["components"]["schemas"])
+    for method in ("get", "post"):
+        model = spec["paths"]["/model"][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert {"name", "version", "alias", "classes", "input", "calibration", "serving"} <= set(model["properties"])
+    assert {"ErrorResponse", "Guarantees", "GuaranteesSummary", "CalibrationSummary"} <= set(spec["components"]["schemas"])
+
+
+def test_openapi_document_is_noisewise_own_and_valid(client):
+    import jsonschema_rs
+    from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
+
+    import noisewise
+
+    spec = client.get("/docs.json").json()
+    assert (spec["openapi"], spec["info"]["title"], spec["info"]["version"]) == ("3.1.0", "noisewise",
+                                                                                noisewise.__version__)
+    text = json.dumps(spec["info"])
+    assert "BentoML" not in text and "None" not in text and "/predict" in spec["info"]["description"]
+    errors = [f"{'/'.join(map(str, e.instance_path))}: {e}" for e in OPENAPI_31_VALIDATOR.iter_errors(spec)]
+    assert errors == []
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert refs and refs <= set(spec["components"]["schemas"])  # every reference resolves
+    # every schema is valid JSON Schema 2020-12 (the dialect of OpenAPI 3.1), e.g. no type "file"
+    dialect = "https://json-schema.org/draft/2020-12/schema"
+    for name, schema in spec["components"]["schemas"].items():
+        assert jsonschema_rs.meta.is_valid({"$schema": dialect, **schema}), name
+    scheme = spec["components"]["securitySchemes"]["bearerAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer") and "NOISEWISE_API_KEYS" in scheme["description"]
+    # no keys configured here: no route needs one, none says 401
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            assert "security" not in operation and "401" not in operation["responses"], (path, method)
+
+
+def test_index_page_is_noisewise_swagger_ui(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>noisewise API</title>" in page.text and "./docs.json" in page.text
+    assert "validatorUrl: null" in page.text
+    for foreign in ("BentoML", "googletagmanager", "github.com", "validator.swagger.io"):
+        assert foreign not in page.text, foreign
+    # the assets it loads are served
+    for asset in ("./static_content/swagger-ui.css", "./static_content/swagger-ui-bundle.js"):
+        assert asset in page.text and client.get(asset[1:]).status_code == 200
 
 
 # --- bad input: always 400 with the location and the expected form -------------------------------
@@ -322,6 +419,25 @@ def test_settings_defaults_and_alias():
     assert Settings.from_env({"NOISEWISE_BATCHING": "off"}).batching is False
     assert Settings(model="m/3").alias is None and Settings(model="m").alias == "champion"
     assert Settings(model="m@staging").alias == "staging"
+
+
+def test_empty_set_reason_says_whether_the_input_is_ood():
+    assert empty_set_reason(["3"], is_ood=True) is None and empty_set_reason(["3", "5"], is_ood=False) is None
+    assert empty_set_reason([], is_ood=True) == "ood" and empty_set_reason([], is_ood=False) == "no_class_passes"
+
+
+def test_responses_are_rounded_in_json_only():
+    prediction = Prediction(
+        id="x", label=1, class_name="1", score=3.14159265, threshold=2.718281828,
+        top_k=[TopK(label=1, class_name="1", probability=0.95234567)], prediction_set=["1"],
+        ood=OODResult(score=12.3456789, p_value=0.000123456, is_ood=True), decision="abstain", reason="ood",
+        model={"name": "m", "version": "1"})
+    body = json.loads(prediction.model_dump_json())
+    assert (body["score"], body["threshold"], body["top_k"][0]["probability"]) == (3.1416, 2.7183, 0.9523)
+    assert body["ood"] == {"score": 12.3457, "p_value": 0.0001235, "is_ood": True}
+    assert prediction.model_dump()["score"] == 3.14159265 and prediction.score == 3.14159265
+    assert (round_readable(0.2222222), round_readable(450.123456), round_readable(0.0), round_readable(None)) == (
+        0.2222, 450.1235, 0.0, None)
 
 
 def test_request_model_without_a_spec_checks_types_only():

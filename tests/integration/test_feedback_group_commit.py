@@ -1,0 +1,257 @@
+"""Group-committed feedback: concurrent requests share one transaction, each is answered only after it, and
+the outcomes stay exactly-once (one row per prediction and annotator, every other copy a duplicate or a
+conflict). Then the crash test with many concurrent single-item clients: a real ``bentoml serve`` SIGKILLed
+mid-stream loses no acknowledged item and stores none twice."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections import Counter
+
+import httpx
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from noisewise.monitoring.store import PredictionRow, Store
+from noisewise.services.feedback_api import FeedbackWriter, ingest, ingest_async, writer_for
+from tests.e2e.test_reliability import Server, ensure_reliability_model, env_for, label_for, running
+from tests.integration.serving_model import digits
+
+pytestmark = pytest.mark.timeout(300)
+
+K = 4
+NAMES = ["cat", "dog", "fox", "owl"]
+THRESHOLDS = np.full(K, 0.5, dtype=np.float32)
+REQUESTS = 32
+
+
+@pytest.fixture
+def store(tmp_path):
+    opened = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    opened.add_predictions([
+        PredictionRow(id=f"p{i}", model_name="mlp", model_version="1", weights="ab" * 32, predicted=i % K,
+                      confidence=0.7, prediction_set=[i % K], is_ood=False, ood_score=0.1, ood_p_value=0.5,
+                      decision="accept", reason=None, probs=np.eye(K, dtype=np.float32)[i % K] * 0.6 + 0.1)
+        for i in range(REQUESTS)])
+    yield opened
+    opened.close()
+
+
+def request_items(r: int) -> list[dict]:
+    """Request r's one item: 24 distinct keys; requests 24-29 repeat keys 0-5 with the same label (duplicates);
+    30 and 31 repeat keys 6 and 7 with another label (conflicts)."""
+    if r < 24:
+        return [{"prediction_id": f"p{r}", "label": r % K, "annotator": "group"}]
+    if r < 30:
+        return [{"prediction_id": f"p{r - 24}", "label": (r - 24) % K, "annotator": "group"}]
+    return [{"prediction_id": f"p{r - 24}", "label": (r - 23) % K, "annotator": "group"}]
+
+
+class WriteLock:
+    """Holds SQLite's write lock from another connection, so that the writer's first commit waits on it."""
+
+    def __init__(self, path):
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def wait_queued(writer: FeedbackWriter, n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while writer._queue.qsize() != n:
+        assert time.monotonic() < deadline, f"{writer._queue.qsize()} requests queued, not {n}"
+        time.sleep(0.005)
+
+
+def wait_taken(writer: FeedbackWriter, n: int = 1, timeout: float = 20) -> None:
+    """Until ``n`` requests were submitted and the writer has taken all of them (``unfinished_tasks`` counts
+    every put: the queue's consumer never marks tasks done)."""
+    deadline = time.monotonic() + timeout
+    while writer._queue.unfinished_tasks < n or writer._queue.qsize():
+        assert time.monotonic() < deadline, "the writer did not take the first request"
+        time.sleep(0.005)
+
+
+def start(threads: list[threading.Thread], writer: FeedbackWriter) -> None:
+    """The first thread's request alone in the writer's (blocked) first commit, then the others queued behind
+    it: the writer takes a group only when it has nothing queued, so the first group is exactly one request."""
+    threads[0].start()
+    wait_taken(writer)
+    for t in threads[1:]:
+        t.start()
+    wait_queued(writer, len(threads) - 1)
+
+
+def check_outcomes(store: Store, statuses: list[int], commits: list) -> None:
+    counts = Counter(statuses)
+    # one 201 per distinct key (24), a 200 per same-label copy (6 plus, for a conflicting key, maybe none),
+    # and exactly one of each conflicting pair is rejected: 24 stored, 32 - 24 answered 200 or 409
+    assert counts[201] == 24 and counts[409] == 2 and counts[200] == 6, counts
+    assert len(commits) == 2, f"{len(commits)} commits for {REQUESTS} requests"
+    frame = store.feedback_frame()
+    assert len(frame) == 24 and frame.groupby(["prediction_id", "annotator"]).size().max() == 1
+
+
+def test_threads_share_one_commit_and_each_waits_for_it(store, tmp_path):
+    commits: list = []
+    sa.event.listen(store._writer, "commit", lambda conn: commits.append(time.monotonic()))
+    lock = WriteLock(tmp_path / "store.db")
+    answered: dict[int, tuple] = {}
+
+    def send(r: int) -> None:
+        response, _ = ingest(request_items(r), store, NAMES, THRESHOLDS)
+        answered[r] = (time.monotonic(), response.items[0].status)
+
+    threads = [threading.Thread(target=send, args=(r,)) for r in range(REQUESTS)]
+    start(threads, writer_for(store))
+    time.sleep(0.2)
+    assert not answered, "a request was answered before its commit"
+    lock.release()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(answered) == REQUESTS
+    assert all(at >= commits[0] for at, _ in answered.values())
+    check_outcomes(store, [status for _, status in answered.values()], commits)
+
+
+def test_event_loop_requests_share_one_commit(store, tmp_path):
+    commits: list = []
+    sa.event.listen(store._writer, "commit", lambda conn: commits.append(time.monotonic()))
+    lock = WriteLock(tmp_path / "store.db")
+
+    async def main() -> list[int]:
+        writer = writer_for(store)
+        tasks = [asyncio.ensure_future(ingest_async(request_items(0), store, NAMES, THRESHOLDS))]
+        # the first request is queued, then taken alone into the blocked first commit
+        while writer._queue.unfinished_tasks < 1 or writer._queue.qsize():
+            await asyncio.sleep(0.005)
+        tasks += [asyncio.ensure_future(ingest_async(request_items(r), store, NAMES, THRESHOLDS))
+                  for r in range(1, REQUESTS)]
+        deadline = time.monotonic() + 20
+        while writer._queue.qsize() != REQUESTS - 1:
+            assert time.monotonic() < deadline, f"{writer._queue.qsize()} requests queued"
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in tasks), "a request was answered before its commit"
+        lock.release()
+        return [(await t)[0].items[0].status for t in tasks]
+
+    statuses = asyncio.run(main())
+    check_outcomes(store, statuses, commits)
+
+
+def test_a_failing_request_does_not_fail_the_others_in_its_group(store, tmp_path):
+    """The database refuses one request's row (a trigger): the shared commit fails, each request is then
+    committed alone, and only that request gets the error."""
+    with sqlite3.connect(tmp_path / "store.db") as conn:
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON feedback WHEN NEW.annotator = 'doomed' "
+                     "BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END")
+    lock = WriteLock(tmp_path / "store.db")
+    results: dict[str, object] = {}
+
+    def send(name: str, items: list[dict]) -> None:
+        try:
+            results[name] = ingest(items, store, NAMES, THRESHOLDS)[0].stored
+        except Exception as err:
+            results[name] = str(err)
+
+    threads = [threading.Thread(target=send, args=(f"ok{r}", request_items(r))) for r in range(8)]
+    threads.insert(4, threading.Thread(target=send, args=(
+        "doomed", [{"prediction_id": "p31", "label": 0, "annotator": "doomed"}])))
+    start(threads, writer_for(store))
+    lock.release()
+    for t in threads:
+        t.join(timeout=60)
+    assert "refused by the test trigger" in results.pop("doomed")
+    assert results == {f"ok{r}": 1 for r in range(8)}
+    assert store.count("feedback") == 8
+
+
+# --- crash durability with many single-item clients (real server) ----------------------------------------
+CLIENTS = 32
+PREDICTIONS = 40
+KILL_AT = 0.4
+
+
+@pytest.mark.slow
+def test_sigkill_with_many_single_item_clients_loses_no_acknowledged_item(tmp_path):
+    model = ensure_reliability_model()
+    store_path = tmp_path / "store.db"
+    env = env_for(model, store_path, NOISEWISE_RELOAD_INTERVAL_S="0")
+    server = Server(env, tmp_path / "bentoml-serve.log")
+    try:
+        server.wait_ready()
+        x, _ = digits(PREDICTIONS, start=100)
+        response = httpx.post(f"{server.url}/predict", json={"inputs": x.reshape(PREDICTIONS, -1).tolist()}, timeout=60)
+        assert response.status_code == 200, response.text
+        ids = [p["id"] for p in response.json()["predictions"]]
+        items = {(ids[i], f"client-{c}"): label_for(i, c) for c in range(CLIENTS) for i in range(PREDICTIONS)}
+        acknowledged: set = set()
+        unanswered: set = set()
+        rejected: list = []
+        lock = threading.Lock()
+
+        def stream(client: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                for i in range(PREDICTIONS):
+                    key = (ids[i], f"client-{client}")
+                    body = {"items": [{"prediction_id": key[0], "annotator": key[1], "label": items[key]}]}
+                    try:
+                        answer = http.post("/feedback", json=body)
+                    except httpx.TransportError:
+                        with lock:
+                            unanswered.add(key)
+                        return
+                    with lock:
+                        if answer.status_code == 200 and answer.json()["items"][0]["status"] in (200, 201):
+                            acknowledged.add(key)
+                        else:
+                            rejected.append((answer.status_code, answer.text[:200]))
+
+        threads = [threading.Thread(target=stream, args=(c,), daemon=True) for c in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while len(acknowledged) < KILL_AT * len(items):
+            assert time.monotonic() < deadline and any(t.is_alive() for t in threads), \
+                f"stream stalled at {len(acknowledged)} acknowledged items: {rejected[:3]}"
+            time.sleep(0.002)
+        _, holders = server.sigkill(store_path)
+        for t in threads:
+            t.join(timeout=60)
+        acked_at_kill = set(acknowledged)
+    finally:
+        server.stop()
+
+    assert not rejected, rejected[:5]
+    assert holders, "the killed tree did not include the worker holding the store"
+    assert 0 < len(acked_at_kill) < len(items)
+    with running(env, tmp_path / "bentoml-serve-2.log") as restarted:
+        db = Store(f"sqlite:///{store_path}")
+        try:
+            frame = db.feedback_frame()
+            counts = Counter(zip(frame["prediction_id"], frame["annotator"]))
+            assert max(counts.values()) == 1
+            assert acked_at_kill <= set(counts), f"lost {len(acked_at_kill - set(counts))} acknowledged items"
+            assert set(counts) <= acked_at_kill | unanswered, "an item never sent is in the store"
+            everything = list(items)
+            per_item = {}
+            with httpx.Client(base_url=restarted.url, timeout=60) as http:
+                for start in range(0, len(everything), 100):
+                    batch = everything[start:start + 100]
+                    body = {"items": [{"prediction_id": p, "annotator": a, "label": items[p, a]} for p, a in batch]}
+                    answer = http.post("/feedback", json=body)
+                    assert answer.status_code == 200, answer.text[:500]
+                    per_item.update(zip(batch, (r["status"] for r in answer.json()["items"])))
+            assert all(per_item[k] == 200 for k in counts) and all(per_item[k] == 201 for k in set(items) - set(counts))
+            final = Counter(zip(*(db.feedback_frame()[c] for c in ("prediction_id", "annotator"))))
+            assert set(final) == set(items) and set(final.values()) == {1}
+        finally:
+            db.close()

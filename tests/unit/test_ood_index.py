@@ -1,0 +1,266 @@
+"""Reduced KNN banks (``--ood-index``): the false-OOD bound holds for what is served, detection power stays
+close to the exact bank, the choice survives save/load and is checked there, and ``auto`` picks by bank size."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from noisewise.models import choices
+from noisewise.models.arrays import NoiseAwareClassifier
+from noisewise.models.calibrate import (
+    OOD_BANK_BUDGET,
+    Calibration,
+    CalibrationError,
+    CalibrationSettings,
+    _ood_params,
+)
+from noisewise.models.uncertainty.ood import (
+    KNN_INDEXES,
+    KNNScorer,
+    OODGate,
+    build_ood_scorer,
+)
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
+
+K, D = 5, 16
+N_TRAIN, BUDGET = 2000, 200
+ALPHA = 0.1
+N_CAL, N_TEST = 199, 200  # alpha (n_cal + 1) is a whole number: the false-OOD rate is alpha exactly
+
+
+def _centers(rng: np.random.Generator) -> np.ndarray:
+    return rng.normal(0, 3, size=(K, D))
+
+
+def _draw(rng: np.random.Generator, centers: np.ndarray, n: int, shift: np.ndarray | float = 0.0):
+    y = rng.integers(0, K, n)
+    x = centers[y] + rng.normal(size=(n, D)) + shift
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def test_every_index_is_offered_on_the_command_line():
+    assert choices.OOD_INDEXES == KNN_INDEXES
+
+
+@pytest.mark.parametrize("index", KNN_INDEXES)
+def test_false_ood_rate_stays_at_alpha_for_the_served_bank(index):
+    """Gate fitted on the served scorer's scores of held-out ID items: over 4 training draws x 30 cal/test
+    splits the false-OOD rate is alpha within 3 standard errors (and the gate does flag: not far below)."""
+    rates = []
+    for draw in range(4):
+        rng = np.random.default_rng(100 + draw)
+        centers = _centers(rng)
+        f_train, y_train = _draw(rng, centers, N_TRAIN)
+        scorer = KNNScorer(k=50, index=index, budget=BUDGET, seed=draw).fit(f_train, labels=y_train)
+        assert scorer.state_dict()["bank"].shape[0] == (N_TRAIN if index == "exact" else BUDGET)
+        for _ in range(30):
+            f_cal, _ = _draw(rng, centers, N_CAL)
+            f_test, _ = _draw(rng, centers, N_TEST)
+            gate = OODGate(scorer.score(f_cal), alpha_ood=ALPHA)
+            rates.append(float(gate.is_ood(scorer.score(f_test)).double().mean()))
+    rates = np.array(rates)
+    se = rates.std(ddof=1) / math.sqrt(len(rates))
+    assert rates.mean() <= ALPHA + 3 * se, (rates.mean(), se)
+    assert rates.mean() >= ALPHA - 3 * se, (rates.mean(), se)
+
+
+@pytest.mark.parametrize("index", ["subsample", "kmeans"])
+def test_reduced_bank_detects_a_shift_as_well_as_the_exact_bank(index):
+    """AUROC on ID vs shifted Gaussian features with a bank of 10% of the rows: not more than 0.02 below exact.
+
+    k-means comes out slightly above exact here (cluster weights smooth the k-th distance), which is no loss."""
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        centers = _centers(rng)
+        f_train, y_train = _draw(rng, centers, 3000)
+        f_id, _ = _draw(rng, centers, 1000)
+        direction = rng.normal(size=D)
+        f_ood, _ = _draw(rng, centers, 1000, shift=4.0 * direction / np.linalg.norm(direction))
+        y = np.r_[np.zeros(len(f_id)), np.ones(len(f_ood))]
+        auroc = {}
+        for name in ("exact", index):
+            scorer = KNNScorer(k=50, index=name, budget=300).fit(f_train, labels=y_train)
+            auroc[name] = roc_auc_score(y, torch.cat([scorer.score(f_id), scorer.score(f_ood)]).numpy())
+        assert 0.7 < auroc["exact"] < 0.97, auroc  # a shift that is neither trivial nor invisible
+        assert auroc[index] >= auroc["exact"] - 0.02, (seed, auroc)
+
+
+def test_auto_keeps_the_exact_bank_up_to_the_budget_and_subsamples_above():
+    rng = np.random.default_rng(0)
+    centers = _centers(rng)
+    f, y = _draw(rng, centers, 1000)
+    at_budget = KNNScorer(k=10, index="auto", budget=1000).fit(f, labels=y)
+    assert at_budget.index_used == "exact" and at_budget.state_dict()["bank"].shape[0] == 1000
+    assert torch.equal(at_budget.score(f[:50]), KNNScorer(k=10).fit(f).score(f[:50]))
+    above = KNNScorer(k=10, index="auto", budget=999).fit(f, labels=y)
+    assert above.index_used == "subsample" and above.config()["bank_size"] == 999
+    assert above.config()["source_rows"] == 1000 and above.k_used == 10
+    # the defaults calibration uses: exact up to OOD_BANK_BUDGET training rows
+    assert _ood_params(CalibrationSettings())["index"] == "auto"
+    assert _ood_params(CalibrationSettings())["budget"] == OOD_BANK_BUDGET
+    assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(OOD_BANK_BUDGET) == "exact"
+    assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(OOD_BANK_BUDGET + 1) == "subsample"
+
+
+def test_subsample_keeps_each_class_share_and_scales_k():
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    features = torch.randn(1000, 4, generator=torch.Generator().manual_seed(0))
+    scorer = KNNScorer(k=50, index="subsample", budget=100, seed=3).fit(features, labels=labels)
+    bank = scorer.state_dict()["bank"]
+    unit = features / features.norm(dim=1, keepdim=True)
+    rows = [int((unit - b).norm(dim=1).argmin()) for b in bank]
+    kept = torch.bincount(labels[rows], minlength=3)
+    assert kept.tolist() == [90, 9, 1]  # the rare class keeps its 1%
+    assert len(set(rows)) == 100 and scorer.k_used == 5
+    again = KNNScorer(k=50, index="subsample", budget=100, seed=3).fit(features, labels=labels)
+    assert torch.equal(again.state_dict()["bank"], bank)  # the seed fixes the draw
+
+
+def test_kmeans_bank_weighs_centroids_by_their_cluster_sizes():
+    rng = np.random.default_rng(1)
+    f, y = _draw(rng, _centers(rng), 600)
+    scorer = KNNScorer(k=20, index="kmeans", budget=40).fit(f, labels=y)
+    counts = scorer.state_dict()["bank_counts"]
+    assert counts.shape[0] == scorer.state_dict()["bank"].shape[0] <= 40
+    assert int(counts.sum()) == 600 and int(counts.min()) >= 1
+    # one centroid holding every member: the k-th neighbour of anything is that centroid
+    one = KNNScorer(k=20, index="kmeans", budget=1).fit(f)
+    centroid = one.state_dict()["bank"][0]
+    q = f[:30]
+    expected = 1 - (q / q.norm(dim=1, keepdim=True)) @ centroid
+    assert torch.allclose(one.score(q), expected, atol=1e-6)
+
+
+def test_bad_index_parameters_are_refused_by_name():
+    with pytest.raises(ValueError, match="index must be one of"):
+        build_ood_scorer("knn", index="ivf-flat")
+    with pytest.raises(ValueError, match="budget must be a positive integer"):
+        build_ood_scorer("knn", budget=0)
+    with pytest.raises(CalibrationError, match="--ood-index: expected one of"):
+        CalibrationSettings(ood_index="faiss").check()
+    with pytest.raises(CalibrationError, match="--ood-index subsample: .*knn scorer only"):
+        CalibrationSettings(ood_index="subsample", ood_scorer="mahalanobis").check()
+    CalibrationSettings(ood_index="auto", ood_scorer="energy").check()  # auto is fine for any scorer
+
+
+# --- save / load ----------------------------------------------------------------------------------------
+
+
+def _calibration(index: str) -> Calibration:
+    rng = np.random.default_rng(0)
+    centers = _centers(rng)
+    f_train, y_train = _draw(rng, centers, 800)
+    f_cal, y_cal = _draw(rng, centers, 400)
+    logits = lambda f: (f.numpy() @ centers.T / 4).astype(np.float32)
+    clf = NoiseAwareClassifier(known_noise="none", ood_scorer="knn",
+                               ood_params={"k": 20, "index": index, "budget": 100})
+    clf.fit(f_train.numpy(), logits(f_train), y_train.numpy())
+    clf.conformalize(logits(f_cal), y_cal.numpy(), features=f_cal.numpy())
+    return clf.calibration_
+
+
+@pytest.fixture(scope="module", params=["exact", "subsample", "kmeans"])
+def saved(request, tmp_path_factory) -> tuple[str, Calibration, Path]:
+    directory = tmp_path_factory.mktemp(request.param)
+    calibration = _calibration(request.param)
+    calibration.save(directory)
+    return request.param, calibration, directory
+
+
+def test_round_trip_serves_the_same_scores_and_p_values(saved):
+    index, calibration, directory = saved
+    loaded = Calibration.load(directory)
+    doc = json.loads((directory / "calibration.json").read_text())
+    assert doc["ood_scorer"]["params"]["index"] == index
+    assert doc["ood_scorer"]["index_used"] == index
+    assert loaded.ood_scorer.index_used == index
+    assert loaded.ood_scorer.state_dict()["bank"].shape[0] == (800 if index == "exact" else 100)
+    q = torch.randn(64, D, generator=torch.Generator().manual_seed(5)) * 3
+    before, after = calibration.ood_scorer.score(q), loaded.ood_scorer.score(q)
+    assert torch.equal(before, after)
+    assert torch.equal(calibration.ood_gate.p_value(before), loaded.ood_gate.p_value(after))
+    # the gate is fitted on the served (reduced) scorer's scores of the calibration items
+    assert loaded.ood_gate.n == 400
+
+
+def _copy(directory: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "calibration"
+    shutil.copytree(directory, target)
+    return target
+
+
+def _refused(directory: Path, needle: str) -> None:
+    with pytest.raises(CalibrationError) as err:
+        Calibration.load(directory)
+    assert needle in str(err.value), str(err.value)
+
+
+def _edit_json(directory: Path, change) -> None:
+    path = directory / "calibration.json"
+    doc = json.loads(path.read_text())
+    change(doc["ood_scorer"])
+    path.write_text(json.dumps(doc))
+
+
+def _edit_tensors(directory: Path, change) -> None:
+    path = directory / "calibration.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def test_a_reduced_bank_over_its_budget_is_refused(saved, tmp_path):
+    index, _, directory = saved
+    if index == "exact":
+        pytest.skip("an exact bank has no row budget")
+    d = _copy(directory, tmp_path)
+    _edit_json(d, lambda s: s["params"].update(budget=99))
+    _refused(d, "holds at most params.budget=99 rows, got 100")
+
+
+def test_recorded_training_rows_must_match_the_index(saved, tmp_path):
+    index, _, directory = saved
+    d = _copy(directory, tmp_path)
+    if index == "exact":
+        _edit_json(d, lambda s: s.update(source_rows=801))
+        _refused(d, "an exact bank holds every training row")
+    else:
+        _edit_json(d, lambda s: s.update(source_rows=99))
+        _refused(d, "source_rows=99 must be a whole number >= the bank size")
+
+
+def test_index_used_must_be_known_and_fit_the_tensors(saved, tmp_path):
+    index, _, directory = saved
+    d = _copy(directory, tmp_path)
+    _edit_json(d, lambda s: s.update(index_used="ivf"))
+    _refused(d, "index_used must be exact, subsample or kmeans")
+    if index == "subsample":
+        d2 = _copy(directory, tmp_path / "k")
+        _edit_json(d2, lambda s: s.update(k_used=101))
+        _refused(d2, "k_used=101 must be a whole number in [1, 100]")
+    if index == "kmeans":
+        d3 = _copy(directory, tmp_path / "counts")
+        _edit_tensors(d3, lambda t: t.update({"ood_scorer.bank_counts": t["ood_scorer.bank_counts"] + 1}))
+        _refused(d3, "bank_counts must hold one positive whole count per bank row")
+        d4 = _copy(directory, tmp_path / "nocounts")
+        _edit_tensors(d4, lambda t: t.pop("ood_scorer.bank_counts"))
+        _refused(d4, "cluster sizes")
+
+
+@pytest.mark.parametrize("command", [["calibrate", "--model", "m@champion"], ["train"]])
+def test_ood_index_option_reaches_the_calibration_settings(command):
+    from noisewise.services.cli import _calibration_settings, build_parser
+
+    parser = build_parser()
+    assert _calibration_settings(parser.parse_args(command)).ood_index == "auto"
+    assert _calibration_settings(parser.parse_args([*command, "--ood-index", "kmeans"])).ood_index == "kmeans"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--ood-index", "ivf-flat"])
