@@ -11,8 +11,9 @@ Two halves:
   :func:`nacp_threshold` (noise-aware CP under uniform label noise, Penso, Goldberger and Fetaya,
   COPA 2025), :func:`audit_rectified_threshold` (noisy labels corrected by an audited subset, in the
   spirit of prediction-powered inference, Angelopoulos et al., Science 2023) and
-  :func:`audit_split_threshold` (split CP on the audited items alone). All are exact sort-based
-  searches, O(nK log nK), with no grid.
+  :func:`audit_split_threshold` (split CP on the audited items alone). All are exact searches
+  over the candidate thresholds (no approximation by a grid); NACP counts all ``n*K`` scores below
+  each candidate by bracketing bucket counts instead of sorting them, O(nK) passes in practice.
 
 MAPIE parity
 ------------
@@ -96,32 +97,74 @@ def _check_probs(probs: Any) -> None:
         raise ValueError(f"probs must be a floating-point tensor, got dtype {probs.dtype}")
 
 
-def _rank_masses(probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per label: mass and count strictly above its tie block, mass and count through it.
+# Row blocks of about this many elements bound the temporaries of the score computation (a few
+# [rows, K] arrays of 8 bytes each: ~32 MB per array in float64), whatever N is.
+_BLOCK_ELEMENTS = 1 << 22
 
-    Labels with equal probability form one block and share a rank, so the scores do not depend
-    on the class order (MAPIE puts a whole tie block in or out of a set together).
-    """
-    n, k = probs.shape
-    sorted_p, order = probs.sort(dim=1, descending=True)
-    # float rounding can push a cumulative sum a few ulps past 1, which would keep q = 1 sets from being full
-    cums = sorted_p.cumsum(dim=1).clamp_max(1.0)
-    excl = torch.nn.functional.pad(cums[:, :-1], (1, 0))
-    idx = torch.arange(k, device=probs.device).expand(n, k)
+# A per-rank score: (mass_above, mass_through, count_above, count_through) in sorted order -> scores.
+RankScore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, slice], torch.Tensor]
+
+
+def _descending_order(probs: torch.Tensor) -> torch.Tensor:
+    """Per row, the class indices by decreasing probability (order within tied values is arbitrary)."""
+    if probs.device.type == "cpu" and probs.dtype in (torch.float32, torch.float64):
+        # numpy's vectorized (AVX-512/AVX2) argsort is several times faster than torch.sort on one core;
+        # the ascending order read backwards is a descending one (the order of tied values does not matter).
+        ascending = np.argsort(probs.detach().numpy(), axis=1)
+        return torch.from_numpy(np.ascontiguousarray(ascending[:, ::-1]))
+    return probs.sort(dim=1, descending=True).indices
+
+
+def _tie_blocks(sorted_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position of the first and last member of each position's tie block, per row of ``sorted_p``."""
+    n, k = sorted_p.shape
+    idx = torch.arange(k, device=sorted_p.device).expand(n, k)
     differs = sorted_p[:, 1:] != sorted_p[:, :-1]
     starts_block = torch.nn.functional.pad(differs, (1, 0), value=True)
     ends_block = torch.nn.functional.pad(differs, (0, 1), value=True)
     start = torch.where(starts_block, idx, 0).cummax(dim=1).values
     end = (k - 1) - torch.where(ends_block, (k - 1) - idx, 0).flip(1).cummax(dim=1).values.flip(1)
+    return start, end
 
-    def unsort(sorted_values: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(sorted_values).scatter_(1, order, sorted_values)
 
-    mass_above = unsort(excl.gather(1, start))
-    mass_through = unsort(cums.gather(1, end))
-    count_above = unsort(start.to(probs.dtype))
-    count_through = unsort((end + 1).to(probs.dtype))
-    return mass_above, mass_through, count_above, count_through
+def _scores_by_rank(probs: torch.Tensor, rank_score: RankScore) -> torch.Tensor:
+    """Score every label of every row from its rank masses: one sort per row, one scatter back.
+
+    Per label, in the order of decreasing probability: the mass and count strictly above its tie
+    block and through it. Labels with equal probability form one block and share a rank, so the
+    scores do not depend on the class order (MAPIE puts a whole tie block in or out of a set
+    together). ``rank_score(mass_above, mass_through, count_above, count_through, rows)`` gets them
+    in sorted order for the rows ``rows`` and returns the scores in that order. Rows go in blocks
+    so the temporaries stay bounded; only rows that contain tied probabilities pay for the block
+    search.
+    """
+    n, k = probs.shape
+    out = torch.empty_like(probs)
+    step = max(1, _BLOCK_ELEMENTS // k)
+    positions = torch.arange(k, device=probs.device, dtype=probs.dtype)
+    for first in range(0, n, step):
+        rows = slice(first, min(first + step, n))
+        block = probs[rows]
+        order = _descending_order(block)
+        sorted_p = block.gather(1, order)
+        # float rounding can push a cumulative sum a few ulps past 1, which would keep q = 1 sets from being full
+        cums = sorted_p.cumsum(dim=1).clamp_max_(1.0)
+        excl = torch.nn.functional.pad(cums[:, :-1], (1, 0))
+        mass_above, mass_through = excl, cums
+        count_above = positions.expand_as(cums)
+        count_through = count_above + 1
+        tied = (sorted_p[:, 1:] == sorted_p[:, :-1]).any(dim=1).nonzero().flatten()
+        if tied.numel():
+            start, end = _tie_blocks(sorted_p[tied])
+            mass_above, mass_through = excl.clone(), cums.clone()
+            mass_above[tied] = excl[tied].gather(1, start)
+            mass_through[tied] = cums[tied].gather(1, end)
+            count_above, count_through = count_above.clone(), count_through.clone()
+            count_above[tied] = start.to(probs.dtype)
+            count_through[tied] = (end + 1).to(probs.dtype)
+        values = rank_score(mass_above, mass_through, count_above, count_through, rows)
+        out[rows].scatter_(1, order, values)
+    return out
 
 
 def _resolve_u(
@@ -210,8 +253,12 @@ def aps_scores(
     """
     _check_probs(probs)
     u = _resolve_u(probs, u, include_last_label, generator)
-    mass_above, mass_through, _, _ = _rank_masses(probs)
-    return mass_above + u * (mass_through - mass_above)
+
+    def rank_score(mass_above, mass_through, count_above, count_through, rows):
+        share = u[rows] if isinstance(u, torch.Tensor) else u
+        return mass_above + share * (mass_through - mass_above)
+
+    return _scores_by_rank(probs, rank_score)
 
 
 def raps_scores(
@@ -254,9 +301,14 @@ def raps_scores(
     if isinstance(k_reg, bool) or int(k_reg) != k_reg or k_reg < 0:
         raise ValueError(f"k_reg must be an integer >= 0, got {k_reg!r}")
     u = _resolve_u(probs, u, include_last_label, generator)
-    mass_above, mass_through, count_above, count_through = _rank_masses(probs)
-    rank = count_above if include_last_label else count_through
-    return mass_above + u * (mass_through - mass_above) + lam * (rank - int(k_reg)).clamp(min=0)
+    k_reg = int(k_reg)
+
+    def rank_score(mass_above, mass_through, count_above, count_through, rows):
+        share = u[rows] if isinstance(u, torch.Tensor) else u
+        rank = count_above if include_last_label else count_through
+        return mass_above + share * (mass_through - mass_above) + lam * (rank - k_reg).clamp(min=0)
+
+    return _scores_by_rank(probs, rank_score)
 
 
 ConformityScore = Callable[..., torch.Tensor]
@@ -597,6 +649,81 @@ def _last_permanent_pass(ok: np.ndarray) -> int:
     return 0 if bad.size == 0 else int(bad[-1]) + 1
 
 
+# Buckets of the value grid that brackets how many of the n*K scores lie at or below each candidate.
+_GRID_BUCKETS = 1 << 20
+# Below this many scores, sorting them is cheaper than another bucket pass.
+_SORT_BELOW = 1 << 18
+_MAX_GRID_LEVELS = 4
+# Up to this many candidates, count each by direct comparison.
+_COMPARE_AT_MOST = 4
+
+# verdict(which, n_at_or_below, n_below) -> (F_c(q) >= tau, F_c(q-) >= tau) for the candidates ``which``,
+# given how many of all the scores are <= q and < q. The more scores below, the lower F_c.
+Verdict = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _grid_bucket(values: np.ndarray, lo: float, scale: float, buckets: int) -> np.ndarray:
+    """Bucket index in ``[0, buckets + 1]`` on a uniform grid; nondecreasing in the value, rounding included."""
+    t = np.subtract(values, lo)
+    t *= scale
+    np.clip(t, -1.0, float(buckets), out=t)
+    np.floor(t, out=t)
+    return t.astype(np.int64) + 1
+
+
+def _count_verdicts(blocks: list[np.ndarray], cand: np.ndarray, which: np.ndarray, offset: np.ndarray,
+                    verdict: Verdict, level: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Verdicts at sorted candidates ``cand`` when ``offset + #(scores in blocks <= c)`` (and ``< c``) are the counts.
+
+    Rather than sorting all the scores, a monotone bucket map on a uniform grid over the candidates'
+    span (``s1 <= s2`` implies ``bucket(s1) <= bucket(s2)`` in floating point too) counts in one pass
+    the scores of the buckets below each candidate's bucket and through it: a bracket on both counts.
+    Since the verdict only worsens as the count grows, a bracket that gets the same verdict at both
+    ends decides it. The scores of the buckets of undecided candidates go one level down, on a grid
+    over the undecided candidates' (narrower) span; small remainders are sorted. The verdicts are
+    those of the exact counts.
+    """
+    if cand.size <= _COMPARE_AT_MOST:  # a few candidates: one comparison pass each beats any sort
+        at_or_below = np.array([sum(np.count_nonzero(block <= c) for block in blocks) for c in cand], dtype=np.int64)
+        strictly_below = np.array([sum(np.count_nonzero(block < c) for block in blocks) for c in cand], dtype=np.int64)
+        return verdict(which, offset + at_or_below, offset + strictly_below)
+    size = sum(block.size for block in blocks)
+    span = float(cand[-1]) - float(cand[0])
+    # about 16 scores per bucket at most: a finer grid would cost more to count than it saves
+    buckets = min(_GRID_BUCKETS, max(64, size // 16))
+    scale = buckets / span if span > 0 else 0.0
+    if size <= _SORT_BELOW or level >= _MAX_GRID_LEVELS or not (0.0 < scale < math.inf) \
+            or not math.isfinite(float(cand[0])):
+        every = np.sort(np.concatenate(blocks)) if blocks else np.empty(0)
+        return verdict(which, offset + np.searchsorted(every, cand, "right"),
+                       offset + np.searchsorted(every, cand, "left"))
+    lo = float(cand[0])
+    counts = np.zeros(buckets + 2, dtype=np.int64)
+    for block in blocks:
+        counts += np.bincount(_grid_bucket(block, lo, scale, buckets), minlength=counts.size)
+    through = np.cumsum(counts)
+    bucket = _grid_bucket(cand, lo, scale, buckets)  # >= 1: every candidate is >= lo
+    below, through = offset + through[bucket - 1], offset + through[bucket]
+    at_ok, left_ok = verdict(which, through, through)  # True here: True whatever the exact count
+    at_maybe, left_maybe = verdict(which, below, below)  # False here: False whatever the exact count
+    unsure = np.flatnonzero((at_maybe & ~at_ok) | (left_maybe & ~left_ok))
+    if unsure.size:
+        wanted = np.zeros(counts.size, dtype=bool)
+        wanted[bucket[unsure]] = True
+        inside = [block[wanted[_grid_bucket(block, lo, scale, buckets)]] for block in blocks]
+        # the scores of lower wanted buckets are < c and already in `below`: take them out of the offset
+        lower_wanted = np.cumsum(np.where(wanted, counts, 0))[bucket[unsure] - 1]
+        sub_at, sub_left = _count_verdicts(inside, cand[unsure], which[unsure],
+                                           below[unsure] - lower_wanted, verdict, level + 1)
+        at_ok[unsure], left_ok[unsure] = sub_at, sub_left
+    return at_ok, left_ok
+
+
+def _row_blocks(scores: np.ndarray) -> list[np.ndarray]:
+    step = max(1, _BLOCK_ELEMENTS // scores.shape[1])
+    return [scores[first:first + step].ravel() for first in range(0, scores.shape[0], step)]
+
+
 def nacp_threshold(
     all_scores: Any,
     noisy_labels: Any,
@@ -646,7 +773,10 @@ def nacp_threshold(
 
     Notes
     -----
-    O(nK log nK): one sort of all scores, one of the noisy-label scores, binary searches.
+    One sort of the noisy-label scores and one bucket-count pass over all scores, in row blocks
+    (O(n log n + nK)); the scores that share a bucket with a candidate whose verdict the bucket
+    counts leave open go through finer grids, then a sort. The result is the one a sort of all
+    ``n*K`` scores gives.
     """
     alpha, eps = _check_alpha(alpha), _check_eps(eps)
     scores = _check_scores_2d(all_scores, "all_scores")
@@ -671,19 +801,28 @@ def nacp_threshold(
         return ConformalThreshold(q=math.inf, full_sets=True, note=note, **common)
 
     noisy = np.sort(scores[np.arange(n), labels])
-    every = np.sort(scores, axis=None)
     cand = np.unique(noisy)
+    noisy_at = np.searchsorted(noisy, cand, "right")
+    noisy_left = np.searchsorted(noisy, cand, "left")
 
     def corrected(noisy_count: np.ndarray, all_count: np.ndarray) -> np.ndarray:
         return (noisy_count / n - eps * (all_count / (n * k))) / (1 - eps)
 
-    at = corrected(np.searchsorted(noisy, cand, "right"), np.searchsorted(every, cand, "right"))
-    left = corrected(np.searchsorted(noisy, cand, "left"), np.searchsorted(every, cand, "left"))
+    if eps == 0.0:  # F_r drops out
+        at_ok, left_ok = corrected(noisy_at, 0) >= tau, corrected(noisy_left, 0) >= tau
+    else:
+        # F_r needs the rank of each candidate among all n*K scores; only whether F_c >= tau matters, so
+        # count them by brackets rather than sorting them all (same verdicts as a full sort).
+        def verdict(which, all_at, all_left):
+            return corrected(noisy_at[which], all_at) >= tau, corrected(noisy_left[which], all_left) >= tau
+
+        at_ok, left_ok = _count_verdicts(_row_blocks(scores), cand, np.arange(cand.size),
+                                         np.zeros(cand.size, dtype=np.int64), verdict)
     # q = cand[j] is admissible iff F_c(cand[j]) >= tau and, for every later candidate i > j,
     # both F_c(cand[i]) and its left limit (the infimum of F_c on [cand[i-1], cand[i])) are >= tau.
-    later_ok = np.append((at[1:] >= tau) & (left[1:] >= tau), True)
+    later_ok = np.append(at_ok[1:] & left_ok[1:], True)
     suffix_ok = np.flip(np.logical_and.accumulate(np.flip(later_ok)))
-    admissible = (at >= tau) & suffix_ok
+    admissible = at_ok & suffix_ok
     if not admissible.any():
         note = f"{method}: the corrected CDF never stays >= tau={tau:.4f}; every set is the full label set"
         return ConformalThreshold(q=math.inf, full_sets=True, note=note, **common)
