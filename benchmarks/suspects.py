@@ -33,10 +33,12 @@ Criterion: recall(ours) >= 0.8 recall(cleanlab) at equal or better precision.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -258,6 +260,239 @@ def interpretation(report: dict) -> list[str]:
     ]
 
 
+# --------------------------------------------------------------------------------------------
+# Scale: /suspects and monitor against the number of stored feedback rows
+# --------------------------------------------------------------------------------------------
+
+SCALE_SIZES = (10_000, 100_000, 1_000_000)
+SCALE_SECTION = "## Scale: /suspects and monitor against the store's size"
+PREDICTION_FIELDS = ("id", "created_at", "model_name", "model_version", "weights", "predicted", "confidence",
+                     "prediction_set", "set_size", "is_ood", "ood_score", "ood_p_value", "decision", "reason", "probs")
+FEEDBACK_FIELDS = ("prediction_id", "annotator", "label", "audited", "received_at", "quality", "suspect", "proposed",
+                   "in_set", "model_name", "is_ood")
+
+
+def synthetic_rows(start: int, n: int, k: int, model_name: str, seed: int = 0) -> tuple[list[tuple], list[tuple]]:
+    """``n`` predictions and one feedback row each (ids from ``start``), as the service would store them:
+    softmax-like probabilities, 20% of the labels moved to another class, 5% OOD inputs, one millisecond apart.
+    The ingestion rule is applied as at ``/feedback`` (quality, suspect, proposed), with thresholds ``1/k``.
+    Returns ``(prediction tuples, feedback tuples)`` in :data:`PREDICTION_FIELDS` / :data:`FEEDBACK_FIELDS` order."""
+    from datetime import datetime, timedelta, timezone
+
+    from noisewise.monitoring.feedback import score_feedback
+
+    rng = np.random.default_rng([seed, start])
+    logits = rng.normal(size=(n, k)) * 3.0
+    probs = np.exp(logits - logits.max(1, keepdims=True)).astype(np.float32)
+    probs /= probs.sum(1, keepdims=True)
+    predicted = probs.argmax(1)
+    flipped = rng.random(n) < 0.2
+    labels = np.where(flipped, (predicted + rng.integers(1, k, size=n)) % k, predicted)
+    scores = score_feedback(probs, labels, np.full(k, 1.0 / k))
+    ood = rng.random(n) < 0.05
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    preds, feedback = [], []
+    for i in range(n):
+        at = t0 + timedelta(milliseconds=start + i)
+        pid = f"p{start + i:010d}"
+        top = int(predicted[i])
+        preds.append((pid, at, model_name, "1", "w" * 12, top, float(probs[i, top]), [top], 1, bool(ood[i]), 0.5,
+                      0.01 if ood[i] else 0.5, "abstain" if ood[i] else "accept", "ood" if ood[i] else None,
+                      probs[i].tobytes()))
+        feedback.append((pid, "annotator", int(labels[i]), False, at, float(scores.quality[i]),
+                         bool(scores.suspect[i]), int(scores.proposed[i]), int(labels[i]) == top, model_name,
+                         bool(ood[i])))
+    return preds, feedback
+
+
+def bulk_load(store, start: int, n: int, k: int, model_name: str, chunk: int = 50_000) -> None:
+    """Append ``n`` synthetic predictions + feedback rows with the driver's bulk path: ``executemany`` of
+    prepared inserts on SQLite (one transaction), ``COPY`` on PostgreSQL; then refresh the planner's
+    statistics (``ANALYZE``)."""
+    import json as _json
+
+    sqlite = store.engine.dialect.name == "sqlite"
+    raw = store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        if sqlite:
+            cursor.execute("BEGIN")  # the store's connections run in autocommit mode: one explicit transaction
+        for offset in range(start, start + n, chunk):
+            preds, feedback_rows = synthetic_rows(offset, min(chunk, start + n - offset), k, model_name)
+            for table, fields, rows in (("predictions", PREDICTION_FIELDS, preds),
+                                        ("feedback", FEEDBACK_FIELDS, feedback_rows)):
+                if sqlite:
+                    # SQLAlchemy's storage forms: times as text with microseconds, JSON as text
+                    rows = [tuple(v.strftime("%Y-%m-%d %H:%M:%S.%f") if hasattr(v, "strftime")
+                                  else _json.dumps(v) if isinstance(v, list) else v for v in row) for row in rows]
+                    cursor.executemany(f"INSERT INTO {table} ({', '.join(fields)}) VALUES "
+                                       f"({', '.join('?' * len(fields))})", rows)
+                else:
+                    with cursor.copy(f"COPY {table} ({', '.join(fields)}) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row([_json.dumps(v) if isinstance(v, list) else v for v in row])
+        if sqlite:
+            cursor.execute("COMMIT")
+        else:
+            raw.commit()
+        cursor.execute("ANALYZE")
+        if not sqlite:
+            raw.commit()
+    finally:
+        raw.close()
+
+
+def _median_time(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)), result
+
+
+def scale_point(store, loaded, names: list[str], workspace: Path, window: int, old_path: bool) -> dict:
+    """Times at the store's current size: the ``/suspects`` work (first page, a class filter, the second page),
+    the old whole-table path when ``old_path``, and ``run_monitor(window=...)``."""
+    from noisewise.monitoring.feedback import suspects
+    from noisewise.monitoring.monitor import run_monitor
+
+    model = loaded.name
+    first_s, first = _median_time(lambda: store.suspects(model, names, limit=100), 5)
+    class_s, _ = _median_time(lambda: store.suspects(model, names, class_name=names[3], limit=100), 5)
+    next_s, _ = _median_time(lambda: store.suspects(model, names, limit=100, cursor=first["next_cursor"]), 5)
+    point = {"n_feedback": store.count("feedback"), "suspects_s": first_s, "suspects_class_s": class_s,
+             "suspects_page2_s": next_s, "n_suspects": first["n_suspects"], "load_before": os.getloadavg()[0]}
+    if old_path:
+        point["old_suspects_s"], _ = _median_time(
+            lambda: suspects(store.feedback_frame(model_name=model), names, limit=100), 1)
+    started = time.perf_counter()
+    frame = store.feedback_frame(window=window, model_name=model)
+    point["monitor_window_read_s"] = time.perf_counter() - started
+    # the command as an operator runs it: a new process (imports, model load, Evidently reports), its own store
+    env = {**os.environ, "NOISEWISE_STORE_URL": store.url}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "noisewise.services.cli", "monitor", "--model", f"{model}@champion",
+                           "--window", str(window), "--workspace", str(workspace), "--json"],
+                          env=env, capture_output=True, text=True, check=False)
+    point["monitor_s"] = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"noisewise monitor failed: {done.stderr.strip()[-2000:]}")
+    report = json.loads(done.stdout)
+    point["monitor_window_rows"] = len(frame)
+    point["monitor_totals"] = report["totals"]
+    started = time.perf_counter()
+    run_monitor(store, loaded, workspace, window=window)  # warm: this process has imported everything already
+    point["monitor_warm_s"] = time.perf_counter() - started
+    point["load_after"] = os.getloadavg()[0]
+    return point
+
+
+def run_scale(sizes: tuple[int, ...], backends: tuple[str, ...], window: int, home: Path) -> dict:
+    """Grow one store per backend through ``sizes`` (bulk loads) and time each point."""
+    os.environ["NOISEWISE_HOME"] = str(home)
+    from noisewise.models import registry
+    from noisewise.monitoring.store import Store
+    from noisewise.services.cli import main as cli_main
+
+    name = "suspects-scale"
+    if not registry.has_alias(name):
+        with contextlib.redirect_stdout(sys.stderr):
+            status = cli_main(["train", "--dataset", "digits", "--noise", "symmetric:0.2", "--recipe", "ce", "--epochs",
+                               "4", "--risk", "0.25", "--seed", "0", "--register", name, "--promote", "--json",
+                               "--quiet"])
+        if status != 0:
+            raise SystemExit("could not train the benchmark's model")
+    loaded = registry.load_model(f"{name}@champion")
+    names = list(loaded.calibration.class_names)
+    out: dict = {"window": window, "backends": {}, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    for backend in backends:
+        points = []
+        with contextlib.ExitStack() as stack:
+            if backend == "sqlite":
+                url = f"sqlite:///{home / f'scale-{os.getpid()}.db'}"
+            else:
+                sys.path.insert(0, str(ROOT))
+                from tests.postgres_server import postgres_session
+
+                server = stack.enter_context(postgres_session())
+                url = server.url(server.create_database())
+            store = Store(url)
+            stack.callback(store.close)
+            loaded_rows = 0
+            for size in sorted(sizes):
+                started = time.perf_counter()
+                bulk_load(store, loaded_rows, size - loaded_rows, len(names), name)
+                load_s = time.perf_counter() - started
+                loaded_rows = size
+                point = scale_point(store, loaded, names, home / f"evidently-{backend}", window,
+                                    old_path=size <= 100_000)
+                points.append({**point, "bulk_load_s": load_s})
+                print(f"{backend} {size}: {json.dumps(points[-1])}", file=sys.stderr, flush=True)
+        out["backends"][backend] = points
+    return out
+
+
+def render_scale(report: dict, command: str) -> str:
+    """The scale section of docs/suspects.md."""
+    lines = [
+        SCALE_SECTION, "",
+        f"Command: `{command}`  ",
+        f"Machine: {report['machine']}. Date: {report['date']}. Load average (1 min) before / after each point in "
+        "the table: other jobs shared the cores.", "",
+        "Store: one prediction and one feedback label per row, 10 classes (the digits test model), 5% OOD inputs, "
+        "20% of the labels moved to another class, scored at ingestion as `/feedback` does; bulk-loaded "
+        "(`executemany` on SQLite, `COPY` on PostgreSQL), then `ANALYZE`. `/suspects` = `Store.suspects`, "
+        "the work the route awaits (median of 5): first page of 100, with a `class_name` filter, and the page after "
+        "`next_cursor`. `old` = the previous path (the whole feedback table read into pandas, then ranked), timed "
+        f"up to 100k rows. `monitor` = `noisewise monitor --window {report['window']}` in a new process, as an "
+        "operator runs it (imports, model load, feedback state, suspects and the Evidently reports on the window, "
+        "whole-store totals by SQL `COUNT`); `warm` = `run_monitor` again in the benchmark's process, without the "
+        "imports; `window read` = the window's feedback rows alone.", "",
+        "| backend | feedback rows | /suspects | class filter | next page | old /suspects | window read | monitor "
+        "| monitor, warm | bulk load | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, points in report["backends"].items():
+        for p in points:
+            old = f"{p['old_suspects_s']:.2f} s" if "old_suspects_s" in p else "-"
+            lines.append(f"| {backend} | {p['n_feedback']:,} | {p['suspects_s'] * 1000:.0f} ms | "
+                         f"{p['suspects_class_s'] * 1000:.0f} ms | {p['suspects_page2_s'] * 1000:.0f} ms | {old} | "
+                         f"{p['monitor_window_read_s']:.2f} s | {p['monitor_s']:.1f} s | {p['monitor_warm_s']:.1f} s | "
+                         f"{p['bulk_load_s']:.0f} s | "
+                         f"{p['load_before']:.1f} / {p['load_after']:.1f} |")
+    lines += [
+        "",
+        "* `/suspects` filters, ranks and pages in SQL: the lists come from the index "
+        "`ix_feedback_suspect_rank` (model, suspect, OOD, quality, received_at, id) and `ix_feedback_ood_recent`, "
+        "reading one page of rows; the counts (`n_feedback`, `n_suspects`, `n_ood`) are one pass over the covering "
+        "index `ix_feedback_model_received`, the only part that grows with the table.",
+        "* `monitor` reads the newest N feedback rows through `ix_feedback_model_received` (ORDER BY received_at "
+        "DESC LIMIT N) and the newest N predictions through `ix_predictions_model_created`; its remaining time is "
+        "the Evidently reports on the window, which do not depend on the store's size.",
+        "* Which numbers cover what: `noisewise monitor` computes the noise-rate estimates, the realized coverage, "
+        "the suspects and the drift reports over the window (`n_predictions`, `n_feedback` are the window's); "
+        "`totals` (predictions, feedback, OOD feedback, suspects of the model) are whole-store SQL counts.",
+        "* Paging: `POST /suspects` takes `limit` (items per list and page) and `cursor`; the answer keeps "
+        "`suspects`, `ood`, `n_feedback`, `n_suspects`, `n_ood` (counts over every matching row) and adds "
+        "`next_cursor` (null after the last page). Each page continues both lists after the previous page's last "
+        "row (keyset on the ranking's sort key), so a page costs the same wherever it is. "
+        "`noisewise flags --cursor` does the same on the command line.",
+        "* The cold `monitor` time is mostly fixed: starting Python, importing Evidently, torch and MLflow, and "
+        "loading the model (`warm` shows the rest); it does not grow with the store. The first `warm` value of "
+        "a run also includes importing Evidently into the benchmark's process.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_scale_section(markdown: str, path: Path) -> None:
+    """Replace (or append) the scale section of ``path``, keeping the rest of the page."""
+    text = path.read_text() if path.exists() else ""
+    head = text.split(SCALE_SECTION)[0].rstrip() if SCALE_SECTION in text else text.rstrip()
+    path.write_text((head + "\n\n" if head else "") + markdown)
+
+
 def _format_command(argv: list[str]) -> str:
     command = ".venv/bin/python " + " ".join(shlex.quote(a) for a in argv)
     try:
@@ -277,7 +512,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="markdown output (default docs/suspects.md)")
     parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="probability cache ('' disables it)")
     parser.add_argument("--json", action="store_true", help="print every number as JSON instead of the markdown")
+    parser.add_argument("--scale", action="store_true",
+                        help="time /suspects and monitor against the store's size instead (its section of the page)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SCALE_SIZES), help="--scale: feedback rows")
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"],
+                        help="--scale: stores to time")
+    parser.add_argument("--window", type=int, default=10_000, help="--scale: monitor's window")
     args = parser.parse_args(argv)
+    if args.scale:
+        import tempfile
+
+        out = Path(args.out) if args.out else ROOT / "docs" / "suspects.md"
+        with tempfile.TemporaryDirectory(prefix="noisewise-scale-") as home:
+            report = run_scale(tuple(args.sizes), tuple(args.backends), args.window, Path(home))
+        command = _format_command(["benchmarks/suspects.py", *argv])
+        markdown = render_scale(report, command)
+        write_scale_section(markdown, out)
+        print(json.dumps(report, indent=1) if args.json else markdown)
+        print(f"wrote {out}", file=sys.stderr)
+        return
     seeds = tuple(args.seeds) if args.seeds else ((0, 1) if args.quick else DEFAULT_SEEDS)
     epochs = args.epochs or (3 if args.quick else DEFAULT_EPOCHS)
     out = Path(args.out) if args.out else (Path("/tmp/noisewise-suspects-quick.md") if args.quick
@@ -287,7 +540,9 @@ def main(argv: list[str] | None = None) -> None:
     report["meta"]["command"] = command
     markdown = render_markdown(report, command)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown)
+    previous = out.read_text() if out.exists() else ""
+    scale = SCALE_SECTION + previous.split(SCALE_SECTION, 1)[1] if SCALE_SECTION in previous else ""
+    out.write_text(markdown + ("\n" + scale if scale else ""))  # the scale section is kept
     print(json.dumps(report, indent=1) if args.json else markdown)
     print(f"wrote {out}", file=sys.stderr)
 

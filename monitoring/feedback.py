@@ -33,6 +33,8 @@ Which rows feed what
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -444,6 +446,81 @@ def suspects(
         "n_suspects": len(flagged),
         "n_ood": len(ood_rows),
     }
+
+
+class CursorError(ValueError):
+    """A suspects cursor that this service did not hand out (or that was altered)."""
+
+
+def encode_cursor(after: tuple | None, ood_after: tuple | None, suspects_done: bool, ood_done: bool) -> str:
+    """Opaque cursor for the next suspects page: where each list stopped, or that it ended.
+
+    Positions are the lists' sort keys (``quality``, ``received_at``, ``feedback_id`` for suspects;
+    ``received_at``, ``feedback_id`` for OOD rows); floats are written with ``repr``, so they read back exact."""
+    def at(position: tuple | None) -> list | None:
+        if position is None:
+            return None
+        *key, feedback_id = position
+        head = [repr(float(key[0]))] if len(key) == 2 else []  # the suspects key starts with quality
+        return [*head, _iso(_to_utc(key[-1], "cursor")), int(feedback_id)]
+
+    state = {"s": "end" if suspects_done else at(after), "o": "end" if ood_done else at(ood_after)}
+    return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> dict[str, Any]:
+    """``{"after", "ood_after", "suspects_done", "ood_done"}`` of a cursor from :func:`encode_cursor`.
+
+    Raises
+    ------
+    CursorError
+        For any other string (one line, ready to show)."""
+    problem = CursorError("not a cursor returned by /suspects (`next_cursor` of the previous page)")
+    try:
+        state = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        s, o = state["s"], state["o"]
+        after = None if s in (None, "end") else (float(s[0]), _to_utc(s[1], "cursor").to_pydatetime(), int(s[2]))
+        ood_after = None if o in (None, "end") else (_to_utc(o[0], "cursor").to_pydatetime(), int(o[1]))
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, AttributeError):
+        raise problem from None
+    if after is not None and not math.isfinite(after[0]):
+        raise problem
+    return {"after": after, "ood_after": ood_after, "suspects_done": s == "end", "ood_done": o == "end"}
+
+
+def suspects_page(page: Any, class_names: list[str], *, started: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``/suspects`` answer for one page of rows ranked in SQL (``Store.suspect_page``): the fields of
+    :func:`suspects`, plus ``next_cursor`` (None once both lists are exhausted).
+
+    ``started`` is the decoded cursor of this page (None on the first page): a list that ended on an earlier
+    page stays ended."""
+    names = list(class_names)
+    started = started or {"after": None, "ood_after": None, "suspects_done": False, "ood_done": False}
+
+    def common(r: dict) -> dict[str, Any]:
+        return {"prediction_id": str(r["prediction_id"]), "feedback_id": int(r["feedback_id"]),
+                "annotator": "" if r["annotator"] is None else str(r["annotator"]),
+                "label": _class_name(names, r["label"])}
+
+    listed = [{**common(r), "proposed": _class_name(names, r["proposed"]), "quality": float(r["quality"]),
+               "received_at": _iso(_to_utc(r["received_at"], "received_at")), "audited": bool(r["audited"])}
+              for r in page.suspects]
+    listed_ood = [{**common(r), "predicted": _class_name(names, r["predicted"]), "ood_score": float(r["ood_score"]),
+                   "ood_p_value": float(r["ood_p_value"]), "received_at": _iso(_to_utc(r["received_at"], "received_at")),
+                   "audited": bool(r["audited"])}
+                  for r in page.ood]
+    suspects_done = started["suspects_done"] or not page.more_suspects
+    ood_done = started["ood_done"] or not page.more_ood
+    next_cursor = None
+    if not (suspects_done and ood_done):
+        last = page.suspects[-1] if page.suspects else None
+        last_ood = page.ood[-1] if page.ood else None
+        next_cursor = encode_cursor(
+            (last["quality"], last["received_at"], last["feedback_id"]) if last else started["after"],
+            (last_ood["received_at"], last_ood["feedback_id"]) if last_ood else started["ood_after"],
+            suspects_done, ood_done)
+    return {"suspects": listed, "ood": listed_ood, "n_feedback": page.n_feedback, "n_suspects": page.n_suspects,
+            "n_ood": page.n_ood, "next_cursor": next_cursor}
 
 
 # --------------------------------------------------------------------------------------------

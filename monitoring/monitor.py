@@ -81,13 +81,19 @@ def reference_frame(loaded) -> pd.DataFrame:
 
 def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit: int = 20) -> dict[str, Any]:
     """The ``noisewise monitor`` report: feedback state, suspects, Evidently drift/quality reports (saved to the
-    workspace), stored in the store as a ``monitor`` report for the service's drift gauges."""
+    workspace), stored in the store as a ``monitor`` report for the service's drift gauges.
+
+    Everything is computed over the newest ``window`` feedback items and predictions of the model (all when
+    None), read newest first through the store's indexes, so the cost follows the window, not the store;
+    ``totals`` (whole store: predictions, feedback, OOD feedback, suspects) come from SQL counts.
+    ``n_predictions`` and ``n_feedback`` are the window's."""
     from noisewise.monitoring.drift import drift_report
     from noisewise.monitoring.operator_view import operator_numbers
 
     calibration = loaded.calibration
     feedback = store.feedback_frame(window=window, model_name=loaded.name)
     predictions = store.prediction_frame(limit=window, model_name=loaded.name)
+    totals = store.feedback_totals(loaded.name)
     state = feedback_state(feedback, calibration)
     flagged = suspects(feedback, calibration.class_names, limit=limit)
     calibration_noise = calibration.noise or {}
@@ -98,7 +104,7 @@ def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit
                          operator=operator_numbers(state, calibration_noise, above))
     report = {
         "model": {"name": loaded.name, "version": loaded.version},
-        "n_predictions": len(predictions), "n_feedback": len(feedback),
+        "window": window, "n_predictions": len(predictions), "n_feedback": len(feedback), "totals": totals,
         "feedback": state,
         "calibration_noise": {"flip_rate": calibration_noise.get("flip_rate"), "lower": calibration_noise.get("lower"),
                               "method": calibration_noise.get("method"),

@@ -75,8 +75,15 @@ feedback = sa.Table(
     sa.Column("suspect", sa.Boolean, nullable=False),
     sa.Column("proposed", sa.Integer, nullable=False),
     sa.Column("in_set", sa.Boolean, nullable=False),
+    # copies of the prediction's model and OOD flag: suspects and windows are then one index range, no join
+    sa.Column("model_name", sa.String(256), nullable=False, server_default=""),
+    sa.Column("is_ood", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("prediction_id", "annotator", name="uq_feedback_prediction_annotator"),
+    sa.Index("ix_feedback_suspect_rank", "model_name", "suspect", "is_ood", "quality", "received_at", "id"),
+    sa.Index("ix_feedback_ood_recent", "model_name", "is_ood", "received_at", "id"),
+    sa.Index("ix_feedback_model_received", "model_name", "received_at", "id", "label", "is_ood", "suspect"),
 )
+sa.Index("ix_predictions_model_created", predictions.c.model_name, predictions.c.created_at)
 
 reports = sa.Table(
     "reports", metadata,
@@ -196,6 +203,9 @@ class FeedbackRow:
     suspect: bool
     proposed: int
     in_set: bool
+    #: the prediction's model and OOD flag; looked up in the store when not given
+    model_name: str | None = None
+    is_ood: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -327,9 +337,11 @@ class Store:
         for r, key in zip(rows, keys):
             new.setdefault(key, {"prediction_id": r.prediction_id, "annotator": r.annotator, "label": int(r.label),
                                  "audited": bool(r.audited), "received_at": now, "quality": float(r.quality),
-                                 "suspect": bool(r.suspect), "proposed": int(r.proposed), "in_set": bool(r.in_set)})
+                                 "suspect": bool(r.suspect), "proposed": int(r.proposed), "in_set": bool(r.in_set),
+                                 "model_name": r.model_name, "is_ood": r.is_ood})
         self._require_durable()
         with self._writer.begin() as conn:
+            _fill_prediction_fields(conn, list(new.values()))
             # insert-or-ignore with RETURNING: the rows returned are exactly the ones this call inserted, also
             # when a concurrent caller sends the same items; everything else is read back to classify it
             inserted = {(row.prediction_id, row.annotator) for row in conn.execute(
@@ -367,21 +379,8 @@ class Store:
     def feedback_frame(self, since: datetime | None = None, window: int | None = None,
                        model_name: str | None = None) -> pd.DataFrame:
         """Feedback joined with its predictions (columns :data:`FEEDBACK_COLUMNS`), oldest first; ``window``
-        keeps the most recent items."""
-        p, f = predictions, feedback
-        query = sa.select(
-            f.c.id.label("feedback_id"), f.c.prediction_id, f.c.annotator, f.c.label, f.c.audited, f.c.received_at,
-            p.c.predicted, p.c.probs, f.c.in_set, p.c.set_size, p.c.is_ood, p.c.ood_score, p.c.ood_p_value,
-            p.c.confidence, p.c.decision, p.c.reason, p.c.model_name, p.c.model_version, p.c.weights, f.c.quality,
-            f.c.suspect, f.c.proposed,
-        ).join(p, p.c.id == f.c.prediction_id)
-        if since is not None:
-            query = query.where(f.c.received_at >= _utc(since))
-        if model_name is not None:
-            query = query.where(p.c.model_name == model_name)
-        query = query.order_by(f.c.id.desc())
-        if window is not None:
-            query = query.limit(window)
+        keeps the most recent items (see :func:`feedback_frame_query`)."""
+        query = feedback_frame_query(since, window, model_name)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         frame = pd.DataFrame([r._asdict() for r in reversed(rows)], columns=FEEDBACK_COLUMNS)
@@ -405,6 +404,58 @@ class Store:
             rows = conn.execute(query).all()
         return _typed(pd.DataFrame([r._asdict() for r in reversed(rows)], columns=PREDICTION_COLUMNS), "created_at")
 
+    # --- ranked suspects and whole-table totals -------------------------------------------------------------
+    def suspect_page(self, model_name: str, *, since: datetime | None = None, label: int | None = None,
+                     limit: int = 100, after: SuspectKey | None = None, ood_after: OodKey | None = None,
+                     skip_suspects: bool = False, skip_ood: bool = False) -> SuspectPage:
+        """One page of each suspects list of ``model_name``, ranked in SQL (see :func:`suspect_queries`).
+
+        ``after`` / ``ood_after`` continue each list after the given row (keyset pagination); ``skip_*``
+        leaves a list out (a previous page ended it). The counts are over every row matching the filters."""
+        queries = suspect_queries(model_name, since=since, label=label, limit=limit + 1, after=after,
+                                  ood_after=ood_after)
+        with self.engine.connect() as conn:
+            flagged = [] if skip_suspects else [r._asdict() for r in conn.execute(queries["suspects"])]
+            ood = [] if skip_ood else [r._asdict() for r in conn.execute(queries["ood"])]
+            counts = conn.execute(queries["counts"]).one()
+        return SuspectPage(suspects=flagged[:limit], ood=ood[:limit], more_suspects=len(flagged) > limit,
+                           more_ood=len(ood) > limit, n_feedback=int(counts.n_feedback or 0),
+                           n_suspects=int(counts.n_suspects or 0), n_ood=int(counts.n_ood or 0))
+
+    def suspects(self, model_name: str, class_names: Sequence[str], *, since: datetime | None = None,
+                 class_name: str | None = None, limit: int = 100, cursor: str | None = None) -> dict:
+        """The ``/suspects`` answer: ``noisewise.monitoring.feedback.suspects`` computed in SQL, one page at a
+        time (same lists, order and counts), plus ``next_cursor`` for the next page (None after the last).
+
+        Raises
+        ------
+        ValueError
+            For a ``class_name`` that is not one of ``class_names``, or a ``cursor`` not handed out here
+            (``noisewise.monitoring.feedback.CursorError``)."""
+        from noisewise.monitoring.feedback import decode_cursor, suspects_page
+
+        names = list(class_names)
+        if class_name is not None and class_name not in names:
+            raise ValueError(f"`class_name` {class_name!r} is not a class of this model; valid names: {names}.")
+        started = decode_cursor(cursor) if cursor is not None else None
+        page = self.suspect_page(
+            model_name, since=since, label=None if class_name is None else names.index(class_name), limit=limit,
+            after=started and started["after"], ood_after=started and started["ood_after"],
+            skip_suspects=bool(started and started["suspects_done"]), skip_ood=bool(started and started["ood_done"]))
+        return suspects_page(page, names, started=started)
+
+    def feedback_totals(self, model_name: str) -> dict[str, int]:
+        """Whole-table counts for ``model_name`` from SQL aggregates (no row is loaded): ``predictions``,
+        ``feedback``, ``feedback_ood``, ``suspects`` (in-distribution rows flagged at ingestion)."""
+        counts = suspect_queries(model_name)["counts"]
+        n_predictions = sa.select(sa.func.count()).select_from(predictions).where(
+            predictions.c.model_name == model_name)
+        with self.engine.connect() as conn:
+            row = conn.execute(counts).one()
+            total_predictions = int(conn.execute(n_predictions).scalar_one())
+        return {"predictions": total_predictions, "feedback": int(row.n_feedback or 0),
+                "feedback_ood": int(row.n_ood or 0), "suspects": int(row.n_suspects or 0)}
+
     # --- monitor reports -----------------------------------------------------------------------------------
     def add_report(self, kind: str, payload: Mapping) -> None:
         self._require_durable()
@@ -418,6 +469,115 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return None if row is None else {**row.payload, "created_at": _utc(row.created_at).isoformat()}
+
+
+#: Position of a row in the suspects list: (quality, received_at, feedback id), the ranking's sort key.
+SuspectKey = tuple[float, datetime, int]
+#: Position of a row in the OOD list: (received_at, feedback id), newest first.
+OodKey = tuple[datetime, int]
+
+SUSPECT_COLUMNS = (feedback.c.id.label("feedback_id"), feedback.c.prediction_id, feedback.c.annotator,
+                   feedback.c.label, feedback.c.proposed, feedback.c.quality, feedback.c.received_at,
+                   feedback.c.audited)
+
+
+@dataclass(frozen=True)
+class SuspectPage:
+    """Rows of one suspects page (dicts of the selected columns) and the counts over every matching row."""
+
+    suspects: list[dict]
+    ood: list[dict]
+    more_suspects: bool
+    more_ood: bool
+    n_feedback: int
+    n_suspects: int
+    n_ood: int
+
+
+def suspect_queries(model_name: str, *, since: datetime | None = None, label: int | None = None,
+                    limit: int | None = None, after: SuspectKey | None = None,
+                    ood_after: OodKey | None = None) -> dict[str, sa.Select]:
+    """The three queries behind a suspects page, on one model's feedback received at or after ``since`` whose
+    given label is ``label`` (each filter when not None).
+
+    * ``suspects``: in-distribution rows flagged at ingestion, most suspicious first: ``ORDER BY quality,
+      received_at, id`` (ties: earliest first), after the row ``after``; index ``ix_feedback_suspect_rank``.
+    * ``ood``: rows on OOD inputs whatever their flag, newest first (``received_at DESC, id DESC``), after
+      ``ood_after``; index ``ix_feedback_ood_recent``.
+    * ``counts``: ``n_feedback``, ``n_suspects``, ``n_ood`` over every matching row, one pass over the
+      covering index ``ix_feedback_model_received``.
+
+    Every feedback row counts (several annotators of one prediction are several rows), as in
+    ``noisewise.monitoring.feedback.suspects``."""
+    f = feedback
+    where = [f.c.model_name == model_name]
+    if since is not None:
+        where.append(f.c.received_at >= _utc(since))
+    if label is not None:
+        where.append(f.c.label == int(label))
+    flagged = sa.select(*SUSPECT_COLUMNS).where(
+        *where, f.c.suspect == sa.true(), f.c.is_ood == sa.false())
+    if after is not None:
+        quality, received_at, feedback_id = after
+        flagged = flagged.where(sa.tuple_(f.c.quality, f.c.received_at, f.c.id) >
+                                sa.tuple_(float(quality), _utc(received_at), int(feedback_id)))
+    flagged = flagged.order_by(f.c.quality, f.c.received_at, f.c.id)
+    # the prediction's columns are joined for the listed rows only (primary-key lookups)
+    ood = sa.select(*SUSPECT_COLUMNS, predictions.c.predicted, predictions.c.ood_score, predictions.c.ood_p_value
+                    ).join(predictions, predictions.c.id == f.c.prediction_id).where(*where, f.c.is_ood == sa.true())
+    if ood_after is not None:
+        received_at, feedback_id = ood_after
+        ood = ood.where(sa.tuple_(f.c.received_at, f.c.id) < sa.tuple_(_utc(received_at), int(feedback_id)))
+    ood = ood.order_by(f.c.received_at.desc(), f.c.id.desc())
+    if limit is not None:
+        flagged, ood = flagged.limit(limit), ood.limit(limit)
+    counts = sa.select(
+        sa.func.count().label("n_feedback"),
+        sa.func.sum(sa.case((sa.and_(f.c.suspect == sa.true(), f.c.is_ood == sa.false()), 1), else_=0)
+                    ).label("n_suspects"),
+        sa.func.sum(sa.case((f.c.is_ood == sa.true(), 1), else_=0)).label("n_ood"),
+    ).where(*where)
+    return {"suspects": flagged, "ood": ood, "counts": counts}
+
+
+def feedback_frame_query(since: datetime | None = None, window: int | None = None,
+                         model_name: str | None = None) -> sa.Select:
+    """Feedback joined with its predictions, newest first (``received_at``, then id), the newest ``window``
+    rows when given: with ``model_name`` an index range of ``ix_feedback_model_received``, so a window reads
+    only its own rows and their predictions."""
+    p, f = predictions, feedback
+    query = sa.select(
+        f.c.id.label("feedback_id"), f.c.prediction_id, f.c.annotator, f.c.label, f.c.audited, f.c.received_at,
+        p.c.predicted, p.c.probs, f.c.in_set, p.c.set_size, p.c.is_ood, p.c.ood_score, p.c.ood_p_value,
+        p.c.confidence, p.c.decision, p.c.reason, p.c.model_name, p.c.model_version, p.c.weights, f.c.quality,
+        f.c.suspect, f.c.proposed,
+    ).join(p, p.c.id == f.c.prediction_id)
+    if since is not None:
+        query = query.where(f.c.received_at >= _utc(since))
+    if model_name is not None:
+        query = query.where(f.c.model_name == model_name)  # the feedback row's copy: an index range
+    query = query.order_by(f.c.received_at.desc(), f.c.id.desc())
+    return query if window is None else query.limit(window)
+
+
+def _fill_prediction_fields(conn, rows: list[dict]) -> None:
+    """Give each feedback row its prediction's model name and OOD flag where the caller did not: one
+    primary-key lookup per 500 predictions. An unknown prediction keeps the defaults; the foreign key then
+    refuses the row."""
+    missing = sorted({r["prediction_id"] for r in rows if r["model_name"] is None or r["is_ood"] is None})
+    found: dict[str, tuple[str, bool]] = {}
+    for start in range(0, len(missing), 500):
+        chunk = missing[start:start + 500]
+        query = sa.select(predictions.c.id, predictions.c.model_name, predictions.c.is_ood).where(
+            predictions.c.id.in_(chunk))
+        found.update({row.id: (row.model_name, bool(row.is_ood)) for row in conn.execute(query)})
+    for r in rows:
+        model_name, is_ood = found.get(r["prediction_id"], ("", False))
+        if r["model_name"] is None:
+            r["model_name"] = model_name
+        if r["is_ood"] is None:
+            r["is_ood"] = is_ood
+        r["is_ood"] = bool(r["is_ood"])
 
 
 def _first_line(err: BaseException) -> str:

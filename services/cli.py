@@ -590,94 +590,90 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def _example_request(ref: str) -> Path:
-    """Write the example input stored with the version (a test input of its data) as a JSON body; returns its
-    path. A version that stores none (registered by an older noisewise) takes a test input of its data when the
-    data is still there, else a blank input (the lowest value of the input range)."""
-    import numpy as np
-
-    from noisewise.models import registry
-    from noisewise.models.data import DataError
-
-    loaded = registry.load_model(ref)
-    reference = registry.load_reference(loaded)
-    if reference is not None:
-        x = reference.example
-    else:
-        try:
-            x = registry.training_data(loaded, needed_by="the example request", alternative="").split("test")[0][:1]
-        except DataError:
-            x = np.empty(0)
-        if len(x) == 0:
-            x = np.full((1, *loaded.spec.input_shape), float(loaded.spec.input_range[0]), dtype=np.float32)
-    path = registry.home_dir() / "example-request.json"
-    path.write_text(json.dumps({"inputs": [[round(float(v), 4) for v in x[0].ravel()]]}))
-    return path
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``bentoml serve`` the model in this very process (exec), with a small forked child that prints the curl
+    once the server is ready.
+
+    Nothing heavy is imported here: the server checks the model once before its worker starts (and writes the
+    example request the curl sends), the worker loads it once, and no wrapper stays resident beside the
+    server. Being the server, this process gets Ctrl-C and SIGTERM itself and exits with the server's status
+    (3 for a model that cannot be served).
+    """
+    import contextlib
+
+    from noisewise.services.settings import ensure_home
+
+    example = ensure_home() / "example-request.json"
+    with contextlib.suppress(FileNotFoundError):  # one left by another model must not be sent
+        example.unlink()
+    env = {**os.environ, "NOISEWISE_MODEL": args.model, "NOISEWISE_EXAMPLE_REQUEST": str(example)}
+    command = [sys.executable, "-m", "bentoml", "serve", "noisewise.services.service:Noisewise", "--host", args.host,
+               "--port", str(args.port)]
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    print(f"noisewise: starting {args.model} on http://{args.host}:{args.port} ...", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    server = os.getpid()  # the server's, once exec'd below
+    if os.fork() == 0:
+        status = 0
+        try:
+            status = _announce_when_ready(server, base, example, env, args.ready_timeout)
+        finally:
+            os._exit(status)
+    os.execve(sys.executable, command, env)
+    return 1  # not reached: execve replaces this process or raises
+
+
+def _announce_when_ready(server: int, base: str, example: Path, env: dict[str, str], ready_timeout: float) -> int:
+    """The forked child of ``noisewise serve``: wait for ``/readyz``, print the curl lines, exit. Quiet when the
+    server (its parent) stops first or on Ctrl-C; stops the server past ``ready_timeout`` seconds."""
+    import contextlib
     import signal
-    import subprocess
-    import time
     import urllib.request
 
-    from noisewise.models import registry
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))  # Ctrl-C reaches the whole group: the server stops
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        if os.getppid() != server:  # the server exited (it said why): nothing to announce
+            return 0
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            print(f"noisewise: error: the server did not become ready within {ready_timeout:g} s; stopping it",
+                  file=sys.stderr, flush=True)
+            os.kill(server, signal.SIGTERM)
+            return 0
+        time.sleep(0.25)
     from noisewise.services.auth import AuthConfig, auth_from_env
     from noisewise.services.client import API_KEY_ENV, curl_command
     from noisewise.services.settings import SettingsError
 
-    name, version, _ = registry.resolve_version(args.model)  # a clear one-line error before starting anything
-    env = {**os.environ, "NOISEWISE_MODEL": args.model}
-    command = [sys.executable, "-m", "bentoml", "serve", "noisewise.services.service:Noisewise", "--host", args.host,
-               "--port", str(args.port)]
-    print(f"noisewise: starting {name}/{version} on http://{args.host}:{args.port} ...", file=sys.stderr, flush=True)
-    server = subprocess.Popen(command, env=env)
-    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
-    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    deadline = time.monotonic() + args.ready_timeout
-    try:
-        # while the server starts: the example stored with the version (no dataset is rebuilt for it)
-        example = _example_request(args.model)
-        while server.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                server.terminate()
-                raise UsageError(f"the server did not become ready within {args.ready_timeout} s")
-            time.sleep(0.5)
-        if server.poll() is not None:
-            return server.returncode or 1
-        try:  # the keys the server reads from the same environment decide which curl lines need the header
-            auth = auth_from_env(env)
-        except SettingsError:
-            auth = AuthConfig()
-        metrics_key = f"; needs `Authorization: Bearer ${API_KEY_ENV}`" if auth.requires_key("/metrics") else ""
-        demo_key = f" with {API_KEY_ENV} set to one of its keys" if auth.enabled else ""
-        print(f"\nnoisewise is serving {name} version {version} at {base}\n\n"
-              f"  try it:   {curl_command(base, '/predict', auth, body=str(example))}\n"
-              f"  model:    {curl_command(base, '/model', auth)}\n"
-              f"  metrics:  {base}/metrics (Prometheus format; noisewise_* and bentoml_service_* series{metrics_key})\n"
-              f"  feedback loop: `noisewise demo --url {base}`{demo_key} in a second shell (traffic, feedback, "
-              "suspects, monitor, live recalibration)\n"
-              f"  API docs: {base}/docs.json\n\nCtrl-C stops the server.\n", flush=True)
-        return server.wait()
-    except BaseException as err:  # Ctrl-C, or no example could be read: never leave the server running
-        server.terminate()
-        try:
-            code = server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = 130
-        if isinstance(err, KeyboardInterrupt):
-            return code
-        if isinstance(err, registry.RegistryError):  # refused artifacts
-            print(f"noisewise: error: cannot serve model {args.model!r}: {err}", file=sys.stderr, flush=True)
-            return EXIT_MODEL
-        raise
+    try:  # the keys the server reads from the same environment decide which curl lines need the header
+        auth = auth_from_env(env)
+    except SettingsError:
+        auth = AuthConfig()
+    served = env["NOISEWISE_MODEL"]
+    request = urllib.request.Request(f"{base}/model")
+    if env.get(API_KEY_ENV):
+        request.add_header("Authorization", f"Bearer {env[API_KEY_ENV]}")
+    # a key that is needed and not at hand: the reference as given
+    with contextlib.suppress(OSError, ValueError, KeyError), urllib.request.urlopen(request, timeout=5) as response:
+        info = json.loads(response.read())
+        served = f"{info['name']} version {info['version']}"
+    metrics_key = f"; needs `Authorization: Bearer ${API_KEY_ENV}`" if auth.requires_key("/metrics") else ""
+    demo_key = f" with {API_KEY_ENV} set to one of its keys" if auth.enabled else ""
+    print(f"\nnoisewise is serving {served} at {base}\n\n"
+          f"  try it:   {curl_command(base, '/predict', auth, body=str(example))}\n"
+          f"  model:    {curl_command(base, '/model', auth)}\n"
+          f"  metrics:  {base}/metrics (Prometheus format; noisewise_* and bentoml_service_* series{metrics_key})\n"
+          f"  feedback loop: `noisewise demo --url {base}`{demo_key} in a second shell (traffic, feedback, "
+          "suspects, monitor, live recalibration)\n"
+          f"  API docs: {base}/docs.json\n\nCtrl-C stops the server.\n", flush=True)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

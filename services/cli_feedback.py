@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 
 
+#: Feedback items (and predictions) ``noisewise monitor`` reads by default.
+DEFAULT_MONITOR_WINDOW = 10_000
+
+
 def add_parsers(commands, common) -> None:
     """Register the three commands; ``common`` is noisewise.services.cli (its argument types and helpers)."""
     default_model = os.environ.get("NOISEWISE_MODEL", "noisewise-demo@champion")
@@ -27,7 +31,8 @@ def add_parsers(commands, common) -> None:
     flags.add_argument("--model", default=default_model, help="served model (NAME@ALIAS or NAME/VERSION)")
     flags.add_argument("--since", default=None, help="only feedback received at or after this ISO 8601 time")
     flags.add_argument("--class", dest="class_name", default=None, help="only labels of this class")
-    flags.add_argument("--limit", type=common._positive_int, default=50, help="most suspects listed")
+    flags.add_argument("--limit", type=common._positive_int, default=50, help="most suspects listed (one page)")
+    flags.add_argument("--cursor", default=None, help="the next page: the `next_cursor` a previous call printed")
     flags.add_argument("--csv", type=Path, default=None, help="also write the suspects to this CSV file")
     flags.add_argument("--json", action="store_true", help="print one JSON object")
     flags.set_defaults(handler=cmd_flags)
@@ -44,8 +49,10 @@ def add_parsers(commands, common) -> None:
         "as noisewise_drift_* gauges.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     monitor.add_argument("--model", default=default_model, help="served model (NAME@ALIAS or NAME/VERSION)")
-    monitor.add_argument("--window", type=common._positive_int, default=None,
-                         help="only the most recent N feedback items and predictions (default: all)")
+    monitor.add_argument("--window", type=common._positive_int, default=DEFAULT_MONITOR_WINDOW,
+                         help="estimates, coverage, suspects and drift over the most recent N feedback items and "
+                         "predictions (read newest first through an index: the cost follows N, not the store); "
+                         "the whole-store totals are counted in SQL")
     monitor.add_argument("--workspace", type=Path, default=None,
                          help="Evidently workspace (default $NOISEWISE_HOME/evidently)")
     monitor.add_argument("--json", action="store_true", help="print one JSON object")
@@ -114,16 +121,26 @@ def _loaded(ref: str):
 
 
 def cmd_flags(args: argparse.Namespace) -> int:
-    from noisewise.monitoring.feedback import suspects
+    from noisewise.monitoring.feedback import CursorError, _to_utc, decode_cursor
 
     cli = _cli()
     loaded = _loaded(args.model)
     names = list(loaded.calibration.class_names)
     if args.class_name is not None and args.class_name not in names:
         raise cli.UsageError(f"--class: unknown class {args.class_name!r}: expected one of {', '.join(names[:20])}")
+    try:
+        since = None if args.since is None else _to_utc(args.since, "--since").to_pydatetime()
+    except ValueError:
+        raise cli.UsageError(f"--since: expected an ISO 8601 time, got {args.since!r}") from None
+    if args.cursor is not None:
+        try:
+            decode_cursor(args.cursor)
+        except CursorError as err:
+            raise cli.UsageError(f"--cursor: {err}") from None
     store = _open_store()
-    frame = store.feedback_frame(model_name=loaded.name)
-    result = suspects(frame, names, since=args.since, class_name=args.class_name, limit=args.limit)
+    # ranked and paged in SQL: one page of rows is read, whatever the store's size
+    result = store.suspects(loaded.name, names, since=since, class_name=args.class_name, limit=args.limit,
+                            cursor=args.cursor)
     if args.csv is not None:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         fields = ["prediction_id", "feedback_id", "annotator", "label", "proposed", "quality", "received_at", "audited"]
@@ -140,6 +157,8 @@ def cmd_flags(args: argparse.Namespace) -> int:
                          f"{(s['annotator'] or '-'):>10}  {s['prediction_id']}")
     if result["ood"]:
         lines.append(f"feedback on OOD inputs (the model cannot judge these labels): {len(result['ood'])} listed")
+    if result["next_cursor"] is not None:
+        lines.append(f"more: --cursor {result['next_cursor']}")
     if args.csv is not None:
         lines.append(f"written to {args.csv}")
     cli._emit(args, result, "\n".join(lines))
@@ -175,8 +194,12 @@ def _noise_line(method: str, est: dict, used: bool) -> str:
 def _monitor_text(report: dict, workspace: Path) -> str:
     state, drift = report["feedback"], report["drift"]
     model = report["model"]
-    lines = [f"{model['name']} version {model['version']}: {report['n_predictions']} predictions, "
-             f"{report['n_feedback']} feedback labels ({state['n_ood']} on OOD inputs)"]
+    totals = report.get("totals") or {}
+    lines = [f"{model['name']} version {model['version']}, whole store: {totals.get('predictions', 'n/a')} "
+             f"predictions, {totals.get('feedback', 'n/a')} feedback labels ({totals.get('feedback_ood', 'n/a')} on "
+             f"OOD inputs, {totals.get('suspects', 'n/a')} suspected errors)",
+             f"window (newest {report.get('window') or 'all'}; every number below): {report['n_predictions']} "
+             f"predictions, {report['n_feedback']} feedback labels ({state['n_ood']} on OOD inputs)"]
     if state["noise"]:
         for method, est in state["noise"].items():
             lines.append(_noise_line(method, est, used=method == state["best"]))

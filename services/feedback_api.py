@@ -107,7 +107,22 @@ class SuspectsRequest(BaseModel):
     since: datetime | None = Field(None, description="only feedback received at or after this time (ISO 8601; "
                                    "without a zone, UTC)")
     class_name: str | None = Field(None, max_length=MAX_LABEL_CHARS, description="only labels of this class")
-    limit: int = Field(100, ge=1, le=10_000, description="most suspects listed")
+    limit: int = Field(100, ge=1, le=10_000, description="most suspects (and most OOD items) on one page")
+    cursor: str | None = Field(None, max_length=1024, description="`next_cursor` of the previous page: the next "
+                               "page of both lists (same filters)")
+
+    @field_validator("cursor")
+    @classmethod
+    def check_cursor(cls, value: str | None) -> str | None:
+        """Refuse a cursor this service did not hand out here, naming the field, not in the store."""
+        from noisewise.monitoring.feedback import CursorError, decode_cursor
+
+        if value is not None:
+            try:
+                decode_cursor(value)
+            except CursorError as err:
+                raise PydanticCustomError("invalid_cursor", str(err)) from None
+        return value
 
     @field_validator("since")
     @classmethod
@@ -371,7 +386,8 @@ def _score(jobs: list[_Job]) -> None:
             job.rows = [
                 FeedbackRow(prediction_id=item.prediction_id, label=label, annotator=item.annotator or "",
                             audited=item.audited, quality=float(job.quality[j]), suspect=bool(job.suspect[j]),
-                            proposed=int(job.proposed[j]), in_set=label in stored.prediction_set)
+                            proposed=int(job.proposed[j]), in_set=label in stored.prediction_set,
+                            model_name=stored.model_name, is_ood=bool(stored.is_ood))
                 for j, (_, item, label, stored) in enumerate(job.scorable)
             ]
 

@@ -32,9 +32,10 @@ store cannot take are not sent, the request gets 503 with ``Retry-After``. Metri
 ``monitoring/metrics.py``. Configuration: ``services/settings.py``.
 
 Start-up: ``bentoml serve noisewise.services.service:Noisewise`` first checks the model and the store once,
-before any worker starts (``check_model``, which runs ``python -m noisewise.services.service``): a missing,
-uncalibrated, broken or refused model, or a store that cannot be opened, prints one line and the server exits
-with status 3.
+before any worker starts (``check_model``: the version's artifacts against their recorded digests and its
+calibration document, in a forked child, without building the network): a missing, uncalibrated, tampered or
+refused model, or a store that cannot be opened, prints one line and the server exits with status 3. The
+worker then loads the model, once.
 """
 
 from __future__ import annotations
@@ -465,12 +466,10 @@ class Noisewise:
     def check_model() -> None:
         """Runs once in the ``bentoml serve`` process before workers start: a model that cannot be served
         stops the server here with one line and exit status 3 (a worker that failed instead would be
-        restarted forever by BentoML's process manager). The check loads the model in a child process, on
-        the CPU, so that the long-lived server process keeps neither torch nor a CUDA context."""
-        root = str(Path(__file__).resolve().parents[1])  # where the `services` package lives, also in a Bento
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        status = subprocess.run([sys.executable, "-m", "noisewise.services.service"],
-                                env={**os.environ, "PYTHONPATH": path}, check=False).returncode
+        restarted forever by BentoML's process manager). The check (:func:`check_model_here`) verifies the
+        artifacts without building the network, in a forked child: no second interpreter start-up, and the
+        long-lived server process keeps neither torch, MLflow nor a CUDA context."""
+        status = run_check_forked()
         if status != 0:
             if status != EXIT_MODEL:
                 print(f"noisewise: error: the model check crashed (exit status {status})", file=sys.stderr,
@@ -619,8 +618,8 @@ class Noisewise:
     @bentoml.api(route="/suspects")
     async def suspects(self, body: SuspectsBody, /) -> dict:
         """Suspected annotation errors in the feedback, most suspicious first, with the model's proposed label,
-        for re-annotation: `{"since"?: ISO time, "class_name"?: str, "limit"?: int}`. Feedback on inputs flagged
-        OOD is listed apart (`ood`): the model cannot judge those labels."""
+        for re-annotation: `{"since"?: ISO time, "class_name"?: str, "limit"?: int, "cursor"?: str}`. Feedback on
+        inputs flagged OOD is listed apart (`ood`): the model cannot judge those labels. `next_cursor` pages on."""
         if body._parse_error is not None:
             return _bad_request(body._parse_error)
         if self.store is None:
@@ -629,17 +628,16 @@ class Noisewise:
             request = SuspectsRequest.model_validate(body.fields())
         except ValidationError as err:
             return _bad_request(err)
-        from noisewise.monitoring.feedback import suspects
-
         names = self.served.calibration.class_names
         if request.class_name is not None and request.class_name not in names:
             return _error(422, f"class_name: unknown class {request.class_name[:40]!r}: expected one of "
                                f"{', '.join(repr(n) for n in names[:20])}")
-        try:
-            frame = await asyncio.to_thread(self.store.feedback_frame, request.since, None, self.served.name)
+        try:  # filtered, ranked and paged in SQL: one page of rows is read, whatever the table's size
+            result = await asyncio.to_thread(self.store.suspects, self.served.name, names, since=request.since,
+                                             class_name=request.class_name, limit=request.limit,
+                                             cursor=request.cursor)
         except Exception as err:
             return _error(503, f"the store is unavailable ({type(err).__name__})")
-        result = suspects(frame, names, since=request.since, class_name=request.class_name, limit=request.limit)
         return JSONResponse(finite_or_none(result))
 
     @bentoml.api(route="/reload")
@@ -793,10 +791,139 @@ def _fail(message: str):
     raise StartupError(message)
 
 
+#: A file that the start-up check writes the example request of the served version into (a JSON body for
+#: ``/predict``): ``noisewise serve`` sets it and prints a curl that sends it.
+EXAMPLE_REQUEST_ENV = "NOISEWISE_EXAMPLE_REQUEST"
+
+
+@dataclass(frozen=True)
+class CheckedVersion:
+    """A registered version that :func:`check_artifacts` found servable."""
+
+    name: str
+    version: str
+    run_id: str
+    spec: Any  # models.registry.ModelSpec
+
+
+def check_artifacts(ref: str) -> CheckedVersion:
+    """Check a registered version as serving it would, without building its network.
+
+    The version must resolve, every file with a sha256 recorded at registration must match it, the version
+    must be calibrated, and ``calibration.json`` must pass the document checks of
+    :meth:`noisewise.models.calibrate.Calibration.load`. The tensors (weights, OOD bank) are covered by their
+    digests, so they are not loaded here: the worker loads them once. A version with files that carry no
+    recorded digest (registered by an older noisewise) is loaded in full instead, as the digests cannot vouch
+    for it.
+
+    Raises
+    ------
+    StartupError
+        One line saying why the version cannot be served.
+    """
+    import json
+    import tempfile
+
+    from noisewise.models import registry
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        mlflow = registry._mlflow()
+        name, version, run_id = registry.resolve_version(ref)
+        tags = mlflow.MlflowClient().get_run(run_id).data.tags
+        label = f"{name}/{version}"
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{label}", dst_path=tmp)
+            except Exception as err:
+                raise registry.RegistryError(f"cannot download artifacts of {label}: {_one_line(err)}") from None
+            directory = Path(local) / "artifacts"
+            if registry.verify_digests(directory, tags, label):  # some file no digest covers: the full checks
+                loaded = registry.load_model_dir(directory)
+                spec, calibrated = loaded.spec, loaded.calibration is not None
+            else:
+                spec = registry.ModelSpec.from_json(_read(directory / "model.json"))
+                calibrated = (directory / "calibration.json").is_file()
+                if calibrated:
+                    _check_calibration_document(json.loads(_read(directory / "calibration.json")), spec)
+    except (registry.RegistryError, ValueError) as err:
+        raise StartupError(f"cannot serve model {ref!r}: {_one_line(err)}") from None
+    except StartupError:
+        raise
+    except Exception as err:  # a corrupt store, or an artifact this version of noisewise cannot read
+        raise StartupError(f"cannot load model {ref!r}: {type(err).__name__}: {_one_line(err)}") from None
+    if not calibrated:
+        raise StartupError(f"model {ref!r} ({label}) has no calibration: run `noisewise calibrate --model {ref}` "
+                           "and serve the calibrated version")
+    return CheckedVersion(name, version, run_id, spec)
+
+
+def _read(path: Path) -> str:
+    from noisewise.models.registry import RegistryError
+
+    if not path.is_file():
+        raise RegistryError(f"model artifacts lack {path.name}")
+    return path.read_text()
+
+
+def _check_calibration_document(doc: Any, spec: Any) -> None:
+    """``calibration.json`` as :meth:`Calibration.load` checks it, without its tensors; a ValueError
+    (:class:`~noisewise.models.calibrate.CalibrationError`) naming the field otherwise."""
+    from noisewise.models.calibrate import (
+        CALIBRATION_FORMAT,
+        CONFORMITY_SCORES,
+        CalibrationError,
+        _check_document,
+    )
+    from noisewise.models.uncertainty.conformal import ConformalThreshold
+    from noisewise.models.uncertainty.selective import CertifiedThreshold
+
+    if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
+        raise CalibrationError(f"calibration.json: expected format {CALIBRATION_FORMAT!r}")
+    missing = {"class_names", "ood_scorer", "ood_gate", "conformity_score", "threshold", "certified",
+               "confidence_name", "cl_thresholds"} - set(doc)
+    if missing:
+        raise CalibrationError(f"calibration.json: missing fields {sorted(missing)}")
+    if doc["conformity_score"] not in CONFORMITY_SCORES:
+        raise CalibrationError(f"calibration.json: unknown conformity score {doc['conformity_score']!r}")
+    if not isinstance(doc["cl_thresholds"], list) or len(doc["cl_thresholds"]) != len(doc["class_names"]):
+        raise CalibrationError("calibration.json: cl_thresholds must have one value per class")
+    try:
+        threshold = ConformalThreshold.from_dict(doc["threshold"])
+        certified = CertifiedThreshold.from_dict(doc["certified"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CalibrationError(f"calibration artifacts are inconsistent: {err}") from None
+    _check_document(doc, threshold, certified)
+    if list(doc["class_names"]) != list(spec.class_names):
+        raise CalibrationError("calibration.json: class_names differ from model.json")
+
+
+def write_example_request(checked: CheckedVersion, path: Path) -> Path:
+    """Write the example input stored with the ``checked`` version (a test input of its data) to ``path`` as a
+    ``/predict`` body, without loading the network; a version that stores none gets a blank input (the
+    lowest value of its input range). :class:`noisewise.models.registry.RegistryError` if the stored example
+    does not match its recorded digest."""
+    import json
+
+    from noisewise.models import registry
+
+    spec = checked.spec
+    described = registry.LoadedModel(net=None, spec=spec, name=checked.name,  # type: ignore[arg-type]
+                                     version=checked.version, run_id=checked.run_id)  # no network needed
+    reference = registry.load_reference(described)
+    if reference is not None:
+        x = reference.example
+    else:
+        x = np.full((1, *spec.input_shape), float(spec.input_range[0]), dtype=np.float32)
+    path.write_text(json.dumps({"inputs": [[round(float(v), 4) for v in x[0].ravel()]]}))
+    return path
+
+
 def check_model_here() -> int:
-    """The start-up check (``python -m noisewise.services.service``): 0 if NOISEWISE_MODEL can be served and the
-    store opened, else one line on stderr and EXIT_MODEL (a worker that failed instead would be restarted
-    again and again, and the server would only be reported as never ready)."""
+    """The start-up check: 0 if NOISEWISE_MODEL can be served and the store opened, else one line on stderr
+    and EXIT_MODEL (a worker that failed instead would be restarted again and again, and the server would only
+    be reported as never ready). With NOISEWISE_EXAMPLE_REQUEST set, also writes the version's example request
+    there. Also ``python -m noisewise.services.service``."""
     from noisewise.models.nets import pick_device
 
     try:
@@ -805,13 +932,46 @@ def check_model_here() -> int:
             pick_device(settings.device)
         except ValueError as err:
             raise StartupError(f"NOISEWISE_DEVICE: {err}") from None
-        load_served(dataclasses.replace(settings, device="cpu"))
+        checked = check_artifacts(settings.model)
+        example = os.environ.get(EXAMPLE_REQUEST_ENV)
+        if example:
+            try:
+                write_example_request(checked, Path(example))
+            except Exception as err:  # a tampered stored example, or an unwritable file
+                raise StartupError(f"cannot serve model {settings.model!r}: {_one_line(err)}") from None
         if settings.store:
             open_store().close()
     except (SettingsError, StartupError) as err:
         print(f"noisewise: error: {err}", file=sys.stderr, flush=True)
         return EXIT_MODEL
     return 0
+
+
+def run_check_forked() -> int:
+    """:func:`check_model_here` in a forked child of this process: its exit status. The child imports torch
+    and MLflow and exits, so this process keeps neither; forking skips a second interpreter start-up and
+    the import of this module. Where there is no fork, a child interpreter runs it instead."""
+    if not hasattr(os, "fork"):
+        root = str(Path(__file__).resolve().parents[1])  # where the `services` package lives, also in a Bento
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        return subprocess.run([sys.executable, "-m", "noisewise.services.service"],
+                              env={**os.environ, "PYTHONPATH": path}, check=False).returncode
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into BentoML's code
+        status = 1
+        try:
+            status = check_model_here()
+        except BaseException as err:  # noqa: BLE001 - reported as a crash by the parent
+            print(f"noisewise: error: the model check failed: {type(err).__name__}: {_one_line(err)}",
+                  file=sys.stderr, flush=True)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status)
 
 
 if __name__ == "__main__":

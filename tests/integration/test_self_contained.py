@@ -85,9 +85,9 @@ def test_evaluate_uses_the_stored_test_split(moved):
 
 
 def test_example_request_and_service_start_without_the_data(moved, tmp_path):
-    from noisewise.services.cli import _example_request
+    from noisewise.services.service import check_artifacts, write_example_request
 
-    body = json.loads(_example_request(REF).read_text())
+    body = json.loads(write_example_request(check_artifacts(REF), tmp_path / "example.json").read_text())
     first = moved["with_data"]["x_test"][0].ravel()
     assert len(body["inputs"]) == 1 and np.abs(np.asarray(body["inputs"][0]) - first).max() <= 5e-5
     with serve({"NOISEWISE_MODEL": REF, "NOISEWISE_STORE_URL": f"sqlite:///{tmp_path / 'store.db'}"}) as client:
@@ -163,7 +163,7 @@ def test_commands_that_need_the_data_say_so_in_one_line(moved, tmp_path):
 def test_a_version_without_stored_reference_falls_back_to_the_data(moved, tmp_path, monkeypatch):
     """A version that stores no reference (as older versions): the commands read the data on disk, and say in
     one line what to do when it is gone."""
-    from noisewise.services.cli import _example_request
+    from noisewise.services.service import check_artifacts, write_example_request
 
     loaded = moved["loaded"]
     logged = registry.log_training_run(loaded.net, loaded.spec, {}, [], {}, register_as=f"{NAME}-legacy",
@@ -176,7 +176,8 @@ def test_a_version_without_stored_reference_falls_back_to_the_data(moved, tmp_pa
     monkeypatch.setenv("NOISEWISE_STORE_URL", f"sqlite:///{tmp_path / 'store.db'}")
     status, _, err = run("monitor", "--model", ref, "--workspace", str(tmp_path / "ws"))
     assert status == 2 and str(moved["path"]) in err and len(err.strip().splitlines()) == 1
-    body = json.loads(_example_request(ref).read_text())  # a blank input of the right size, still a valid request
+    body = json.loads(write_example_request(check_artifacts(ref), tmp_path / "example.json").read_text())
+    # a blank input of the right size, still a valid request
     assert body["inputs"] == [[0.0] * 64]
 
 
