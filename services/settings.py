@@ -208,6 +208,9 @@ OTHER_VARIABLES: tuple[Variable, ...] = (
              read_by="monitoring/store.py"),
     Variable("NOISEWISE_API_KEY", "(none)", "the key the `noisewise` commands send to a service that needs one "
              "(`Authorization: Bearer`); `--api-key` overrides it", read_by="services/client.py"),
+    Variable("NOISEWISE_EXAMPLE_REQUEST", "(none)", "a path: the start-up check writes the served version's "
+             "example `/predict` body there (`noisewise serve` sets it for the curl it prints)",
+             read_by="services/service.py"),
 )
 
 

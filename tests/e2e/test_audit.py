@@ -131,8 +131,11 @@ def test_production_audit_counts_the_noise_rate_and_rectifies_recalibration(serv
     assert noise["flip_rate"] == pytest.approx(flips / (N_AUDIT - 1), abs=1e-4)  # the count itself
     exact = stats.binomtest(flips, N_AUDIT - 1).proportion_ci(0.95, method="exact")
     assert (noise["lower"], noise["upper"]) == pytest.approx((exact.low, exact.high), abs=1e-4)
-    population = float(flip[in_dist].mean())  # what the audit samples: the interval holds it
-    assert noise["lower"] <= population <= noise["upper"], (noise, population)
+    # what the audit samples: its 95% interval misses it in 5% of draws (the draw changes with the prediction
+    # ids), so this single draw is held to the 99.99% interval; coverage itself is tested over many splits
+    population = float(flip[in_dist].mean())
+    wide = stats.binomtest(flips, N_AUDIT - 1).proportion_ci(0.9999, method="exact")
+    assert wide.low <= population <= wide.high, (noise, population)
     assert result["recalibrate"]["rectified"] and result["recalibrate"]["n_audited"] == N_AUDIT - 1
 
     status, out, err = run("audit", "submit", str(worklist), "--url", server, "--json")

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tests.e2e.test_server import ROOT, START_TIMEOUT_S, free_port, server_env, stop
-from tests.integration.serving_model import ensure_model, run_in_process
+from tests.integration.serving_model import ensure_model, run_in_process, stored_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def test_an_edited_calibration_is_refused_with_or_without_its_digest(monkeypatch
     client = registry._mlflow().MlflowClient()
     tag = f"{registry.DIGEST_TAG}calibration.json"
     expected = client.get_run(run_id).data.tags[tag]
-    stored = [p for p in registry.home_dir().rglob("calibration.json") if registry._sha256(p) == expected]
+    stored = [p for p in stored_artifacts(ref, "calibration.json") if registry._sha256(p) == expected]
     assert stored
     for path in stored:
         doc = json.loads(path.read_text())

@@ -35,6 +35,18 @@ def ensure_model(name: str = NAME) -> str:
     return f"{name}@champion"
 
 
+def stored_artifacts(ref: str, file_name: str) -> list:
+    """The copies of ``file_name`` of version ``ref`` in the artifact store (what load_model reads). Selected by
+    the version's own artifact folder, never by content: a model trained with the same seed has identical bytes,
+    and a test that tampers with its own version must leave that one alone."""
+    from noisewise.models import registry
+
+    name, version, _ = registry.resolve_version(ref)
+    source = registry._mlflow().MlflowClient().get_model_version(name, version).source
+    folder = source.rstrip("/").split("/")[-1]
+    return [p for p in registry.home_dir().rglob(file_name) if folder in p.parts]
+
+
 def run_in_process(*argv: str) -> tuple[int, str, str]:
     """``noisewise ARGV`` in this process (the session's NOISEWISE_HOME): ``(exit status, stdout, stderr)``."""
     from noisewise.services.cli import main

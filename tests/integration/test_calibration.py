@@ -245,21 +245,21 @@ def test_old_calibrations_say_they_state_no_kind_and_tampered_kinds_are_refused(
 def test_cli_calibrates_and_evaluates_on_another_labelled_file(tmp_path, confusion_model):
     ds, _ = confusion_model
     trained = run_cli("train", "--dataset", "digits", "--noise", "confusion:0.2", "--recipe", "ce", "--epochs", "10",
-                      "--register", "other", "--promote", "--json", home=tmp_path)
+                      "--register", "other", "--json", home=tmp_path)
     assert trained.returncode == 0, trained.stderr
     first = json.loads(trained.stdout)
     assert first["calibration"]["sets"]["method"] == "split"
     rows = np.random.default_rng(1).choice(len(ds.y), 900, replace=False)
     other = tmp_path / "other.npz"
     np.savez(other, x=ds.x[rows], y=ds.y[rows], y_clean=ds.y_clean[rows], class_names=np.array(ds.class_names))
-    evaluated = run_cli("evaluate", "--model", "other@champion", "--dataset", str(other), "--json", home=tmp_path)
+    evaluated = run_cli("evaluate", "--model", "other/1", "--dataset", str(other), "--json", home=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
     # every item of the file is scored, against its reference labels, and the file's realized rate is reported
     assert result["n_test"] == 900 and result["items"] == "every item of the file"
     assert result["labels"].startswith("reference")
     assert result["realized_noise_rate"] == pytest.approx(float((ds.y[rows] != ds.y_clean[rows]).mean()), abs=1e-4)
-    recal = run_cli("calibrate", "--model", "other@champion", "--dataset", str(other), "--json", home=tmp_path)
+    recal = run_cli("calibrate", "--model", "other/1", "--dataset", str(other), "--json", home=tmp_path)
     assert recal.returncode == 0, recal.stderr
     out = json.loads(recal.stdout)
     assert out["model_version"] == "2" and out["n_calibration"] == 900
@@ -267,5 +267,5 @@ def test_cli_calibrates_and_evaluates_on_another_labelled_file(tmp_path, confusi
     assert out["calibration"]["sets"]["method"] == "split"
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, x=ds.x[rows, :, :4], y=ds.y[rows])
-    refused = run_cli("calibrate", "--model", "other@champion", "--dataset", str(wrong), home=tmp_path)
+    refused = run_cli("calibrate", "--model", "other/1", "--dataset", str(wrong), home=tmp_path)
     assert refused.returncode == 2 and "the model takes" in refused.stderr

@@ -29,7 +29,7 @@ from noisewise.services.schemas import Cancelled, InputSpec, images_batch
 from noisewise.services.service import EXIT_MODEL, check_model_here
 from noisewise.services.settings import Settings, SettingsError
 from tests.e2e.test_hardening_serving import png
-from tests.integration.serving_model import digits, ensure_model, run_in_process, serve
+from tests.integration.serving_model import digits, ensure_model, run_in_process, serve, stored_artifacts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -137,7 +137,7 @@ def test_start_up_check_refuses_tampered_artifacts_with_status_3(monkeypatch, ca
         registry.set_alias(name, "1")  # whether or not it certifies: the check refuses it before that matters
     _, _, run_id = registry.resolve_version(f"{name}@champion")
     expected = registry._mlflow().MlflowClient().get_run(run_id).data.tags[f"{registry.DIGEST_TAG}weights.safetensors"]
-    stored = [p for p in registry.home_dir().rglob("weights.safetensors") if registry._sha256(p) == expected]
+    stored = [p for p in stored_artifacts(f"{name}@champion", "weights.safetensors") if registry._sha256(p) == expected]
     assert stored
     for path in stored:
         data = bytearray(path.read_bytes())

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from noisewise.models.registry import RegistryError, load_model, load_model_dir, save_model_dir
-from tests.integration.serving_model import ensure_model
+from tests.integration.serving_model import ensure_model, stored_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -256,7 +256,7 @@ def test_a_flipped_byte_in_registered_tensor_data_is_refused(name):
     registry.load_model(f"{model}@champion")  # intact: loads
     _, _, run_id = registry.resolve_version(f"{model}@champion")
     expected = registry._mlflow().MlflowClient().get_run(run_id).data.tags[f"{registry.DIGEST_TAG}{name}"]
-    stored = [p for p in registry.home_dir().rglob(name) if registry._sha256(p) == expected]
+    stored = [p for p in stored_artifacts(f"{model}@champion", name) if registry._sha256(p) == expected]
     assert stored, "the registered artifact was not found in the store"
     for path in stored:
         data = bytearray(path.read_bytes())

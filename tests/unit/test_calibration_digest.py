@@ -215,11 +215,9 @@ def registered() -> str:
 
 def _stored(ref: str, file_name: str) -> Path:
     """The file of the registered version in the artifact store (the one load_model downloads)."""
-    from noisewise.models import registry
+    from tests.integration.serving_model import stored_artifacts
 
-    name, version, _ = registry.resolve_version(ref)
-    source = registry._mlflow().MlflowClient().get_model_version(name, version).source
-    (path,) = [p for p in registry.home_dir().rglob(file_name) if source.split("/")[-1] in str(p)]
+    (path,) = stored_artifacts(ref, file_name)
     return path
 
 
