@@ -205,3 +205,15 @@ def postgres_server_fixture() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], name="url")
+def store_url_fixture(request, tmp_path) -> str:
+    """The URL of an empty store database: a new SQLite file, or a new database on the session's PostgreSQL
+    (dropped afterwards). Import it next to :func:`postgres_server_fixture` to run a test on both backends."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    server = request.getfixturevalue("postgres_server")
+    name = server.create_database()
+    request.addfinalizer(lambda: server.drop_database(name))
+    return server.url(name)

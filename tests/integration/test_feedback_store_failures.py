@@ -18,23 +18,13 @@ from pydantic import ValidationError
 from noisewise.monitoring.store import PredictionRow, Store, StoreUnavailable
 from noisewise.services.feedback_api import SuspectsRequest, ingest
 from tests.integration.serving_model import digits, ensure_model, serve
-from tests.postgres_server import postgres_server_fixture  # noqa: F401 (session fixture)
+from tests.postgres_server import postgres_server_fixture, store_url_fixture  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
 
 K = 4
 NAMES = ["cat", "dog", "fox", "owl"]
 THRESHOLDS = np.full(K, 0.5, dtype=np.float32)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    server = request.getfixturevalue("postgres_server")
-    name = server.create_database()
-    request.addfinalizer(lambda: server.drop_database(name))
-    return server.url(name)
 
 
 @pytest.fixture

@@ -36,10 +36,9 @@ from noisewise.monitoring.store import (
     metadata,
     upgrade,
 )
-from tests.postgres_server import free_port, postgres_server_fixture  # noqa: F401 (session fixture)
+from tests.postgres_server import free_port, postgres_server_fixture, store_url_fixture  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
-BACKENDS = ["sqlite", "postgresql"]
 K = 5  # classes
 OUTCOMES = {"stored", "duplicate", "conflict"}
 TABLES = {"predictions", "feedback", "reports", "alembic_version"}
@@ -53,17 +52,6 @@ def head_revision() -> str:
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
-@pytest.fixture(params=BACKENDS)
-def url(request, tmp_path) -> str:
-    """A URL of an empty database: a new SQLite file, or a new database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    server = request.getfixturevalue("postgres_server")
-    name = server.create_database()
-    request.addfinalizer(lambda: server.drop_database(name))
-    return server.url(name)
-
-
 @pytest.fixture
 def store(url):
     opened = Store(url)

@@ -21,24 +21,13 @@ from noisewise.monitoring.store import (
 )
 
 from tests.benchmark_loader import load_benchmark
-from tests.postgres_server import postgres_server_fixture  # noqa: F401 (session fixture)
+from tests.postgres_server import postgres_server_fixture, store_url_fixture  # noqa: F401 (fixtures)
 
 K = 4
 NAMES = ["cat", "dog", "fox", "owl"]
 MODEL = "mlp"
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path) -> str:
-    """An empty database: a new SQLite file, or a new database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    server = request.getfixturevalue("postgres_server")
-    name = server.create_database()
-    request.addfinalizer(lambda: server.drop_database(name))
-    return server.url(name)
 
 
 @pytest.fixture
