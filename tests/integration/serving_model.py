@@ -47,6 +47,19 @@ def stored_artifacts(ref: str, file_name: str) -> list:
     return [p for p in registry.home_dir().rglob(file_name) if folder in p.parts]
 
 
+def prediction_rows(model, outputs, ids) -> list:
+    """Store rows for ``outputs`` of ``model`` (a LoadedModel) under ``ids``, as the service records them."""
+    import numpy as np
+
+    from noisewise.monitoring.store import PredictionRow
+
+    return [PredictionRow(id=i, model_name=model.name, model_version=model.version, weights=model.weights,
+                          predicted=o.label, confidence=o.confidence, prediction_set=o.set_indices, is_ood=o.is_ood,
+                          ood_score=o.ood_score, ood_p_value=o.ood_p_value, decision=o.decision, reason=o.reason,
+                          probs=np.asarray(o.probs, dtype=np.float32))
+            for i, o in zip(ids, outputs)]
+
+
 def run_in_process(*argv: str) -> tuple[int, str, str]:
     """``noisewise ARGV`` in this process (the session's NOISEWISE_HOME): ``(exit status, stdout, stderr)``."""
     from noisewise.services.cli import main

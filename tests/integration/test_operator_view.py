@@ -28,12 +28,12 @@ import pytest
 from evidently.sdk.models import ProjectModel
 from evidently.ui.workspace import Workspace
 
-from tests.integration.serving_model import ensure_model
+from tests.integration.serving_model import ensure_model, prediction_rows
 from tests.integration.serving_model import run_in_process as run
 
 from noisewise.monitoring.feedback import score_feedback
 from noisewise.monitoring.operator_view import DASHBOARD_TAB, dashboard_panels
-from noisewise.monitoring.store import FeedbackRow, PredictionRow, Store
+from noisewise.monitoring.store import FeedbackRow, Store
 
 pytestmark = pytest.mark.slow
 
@@ -65,12 +65,7 @@ def monitored(tmp_path_factory):
     thresholds = np.asarray(model.calibration.cl_thresholds, dtype=np.float32)
     ids = [str(uuid.uuid4()) for _ in outputs]
     store = Store(url)
-    store.add_predictions([
-        PredictionRow(id=i, model_name=model.name, model_version=model.version, weights=model.weights,
-                      predicted=o.label, confidence=o.confidence, prediction_set=o.set_indices, is_ood=o.is_ood,
-                      ood_score=o.ood_score, ood_p_value=o.ood_p_value, decision=o.decision, reason=o.reason,
-                      probs=np.asarray(o.probs, dtype=np.float32))
-        for i, o in zip(ids, outputs)])
+    store.add_predictions(prediction_rows(model, outputs, ids))
     rng = np.random.default_rng(3)
 
     def add(rows: np.ndarray, labels: np.ndarray, annotator: str, audited: bool) -> None:

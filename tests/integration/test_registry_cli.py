@@ -77,7 +77,8 @@ def _fill_feedback_store(model) -> None:
     from sklearn.datasets import load_digits
 
     from noisewise.monitoring.feedback import score_feedback
-    from noisewise.monitoring.store import FeedbackRow, PredictionRow, Store
+    from noisewise.monitoring.store import FeedbackRow, Store
+    from tests.integration.serving_model import prediction_rows
     from noisewise.models.predictor import Predictor
 
     bunch = load_digits()
@@ -86,12 +87,7 @@ def _fill_feedback_store(model) -> None:
     outputs = Predictor(model.net, model.calibration, device="cpu").predict(x)
     ids = [str(uuid.uuid4()) for _ in outputs]
     store = Store()
-    store.add_predictions([
-        PredictionRow(id=i, model_name=model.name, model_version=model.version, weights=model.weights,
-                      predicted=o.label, confidence=o.confidence, prediction_set=o.set_indices, is_ood=o.is_ood,
-                      ood_score=o.ood_score, ood_p_value=o.ood_p_value, decision=o.decision, reason=o.reason,
-                      probs=np.asarray(o.probs, dtype=np.float32))
-        for i, o in zip(ids, outputs)])
+    store.add_predictions(prediction_rows(model, outputs, ids))
     probs = np.stack([np.asarray(o.probs, dtype=np.float32) for o in outputs])
     scores = score_feedback(probs, y, np.asarray(model.calibration.cl_thresholds, dtype=np.float32))
     store.add_feedback([
