@@ -157,7 +157,7 @@ def test_overhead_markdown_and_help(overhead_report, capsys):
     text = overhead_bench.render_markdown(overhead_report, "python benchmarks/overhead.py --quick",
                                           overhead_bench.explain(overhead_report))
     assert "Command: `python benchmarks/overhead.py --quick`" in text
-    assert "| model | bank | batch |" in text and "## Where the time goes" in text
+    assert "| model | bank (training rows x dim -> served rows) | batch |" in text and "## Where the time goes" in text
     assert "torch.set_num_threads(1)" in text
     with pytest.raises(SystemExit) as exit_info:
         overhead_bench.main(["--help"])
@@ -168,3 +168,25 @@ def test_overhead_markdown_and_help(overhead_report, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--json" in out
+
+
+def test_bank_index_on_augmented_real_features(one_thread):
+    """--bank-index --augment: the bank is the features of augmented train images; every reduced bank keeps
+    its budget of rows and gets its own gate, whose false-OOD rate on the ID test split stays near alpha."""
+    report = ood_bench.run_bank_index(seeds=(0,), budgets=(100, 400), n_ood=60, augment=2, epochs=2,
+                                      indexes=("exact", "subsample"), timing_rows=2000, timing_budget=200,
+                                      timing_reps=3)
+    (run,) = report["runs"]
+    assert run["bank_rows"] == 2 * 2500
+    assert report["banks"] == ["exact", "subsample:100", "subsample:400"]
+    assert [run["banks"][key]["bank_size"] for key in report["banks"]] == [5000, 100, 400]
+    # mnist5k: the gate is fitted on 1,250 calibration items and read on 750 test items; both draws vary
+    tolerance = 3 * (0.05 * 0.95 * (1 / 1250 + 1 / 750)) ** 0.5
+    for entry in run["banks"].values():
+        assert entry["false_ood"] <= 0.05 + tolerance
+        assert 0.0 <= entry["same_decisions"] <= 1.0
+        assert all(0.0 <= m["auroc"] <= 1.0 for m in entry["ood"].values())
+    assert run["banks"]["subsample:400"]["same_decisions"] > 0.8
+    text = ood_bench.render_bank_index(report, "benchmarks/ood.py --bank-index --augment 2")
+    assert "5,000 features of 2 augmented copies" in text
+    assert text.count("| `subsample` | 400 |") == len(ood_bench.OOD_DATASETS) + 1
