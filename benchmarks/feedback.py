@@ -196,6 +196,30 @@ def make_predictions(url: str, n: int) -> list[str]:
     return ids
 
 
+def sqlite_commit_ms(folder: Path, commits: int = 200, rows: int = 8) -> dict:
+    """Latency of a bare SQLite commit of ``rows`` rows on the store's disk (WAL, ``synchronous=FULL``, as the
+    store commits), in ms: the floor of every group commit, whatever the server does around it."""
+    import sqlite3
+    import statistics
+
+    path = folder / "commit-probe.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER)")
+        times = []
+        for i in range(commits):
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO t VALUES (?, ?)", [(f"{i}-{j}", j) for j in range(rows)])
+            conn.execute("COMMIT")
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        conn.close()
+    return {"p50": statistics.median(times), "mean": statistics.fmean(times)}
+
+
 def run_backend(backend: str, store_url: str, model: str, work: Path, args: argparse.Namespace) -> list[dict]:
     env = {**os.environ, "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "NOISEWISE_MODEL": model, "NOISEWISE_STORE_URL": store_url,
@@ -237,6 +261,25 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+LANE = """## The feedback lane
+
+`POST /feedback` is served by the feedback lane (`services/feedback_lane.py`), an ASGI app installed in front of
+the app BentoML builds, because BentoML's middleware stack around a route (its request metrics, OpenTelemetry,
+access log, timeout, routing and endpoint wrapper) cost several times the handler itself on the event loop. Every
+other request, and `/feedback` with another method or a body that is not JSON, goes to BentoML's app unchanged.
+
+What it keeps: the route's answers, status and body alike (the body is parsed by the route's own input model and
+answered by the function the route calls, `answer_feedback` in `services/feedback_api.py`); the API-key check
+(`ApiKeyAuth`) and the body limit (`BodyLimit`) themselves; the noisewise feedback metrics; BentoML's request
+metrics for endpoint `/feedback` (`bentoml_service_request_total` by status code, the duration histogram,
+requests in progress, last request time), on the metric objects BentoML created, so dashboards count it as
+before; BentoML's traffic timeout (504) and its `Server` header. What it skips: BentoML's access-log line and
+OpenTelemetry trace span for `/feedback`. `NOISEWISE_FEEDBACK_LANE=0` turns it off: `/feedback` then goes
+through BentoML's stack, with its access log and tracing, at a higher cost per request. The lane is also off
+when BentoML's CORS handling is on (its headers come from BentoML's stack).
+"""
+
+
 def render(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -256,15 +299,27 @@ def render(r: dict) -> str:
         "",
     ]
     lines += [(
-        "How a request is handled: items are validated first (text the store cannot hold, such as a "
+        "How a request is handled: `POST /feedback` is served by the feedback lane, in front of BentoML's "
+        "middleware stack (same answers, same key check and body limit, BentoML's request metrics kept; no "
+        "access-log line or trace span; `NOISEWISE_FEEDBACK_LANE=0` sends it through BentoML's stack). Items are "
+        "validated first (text the store cannot hold, such as a "
         "NUL character, is that item's 400 on SQLite and PostgreSQL alike); then one writer thread takes every "
-        "request waiting at that moment, looks up their predictions in one query, scores them in one pass and "
+        "request waiting at that moment (after a commit of several requests, it waits up to 2 ms for as many "
+        "to come back), looks up their predictions in one query (the predictions named lately are kept in "
+        "memory: they never change), scores them in one pass and "
         "commits all their items in one transaction. Each request is answered after that commit, so a 201 or 200 "
         "item is on disk, and the outcomes are those of the requests applied one after the other (an item sent "
         "twice is stored once). A commit that fails is retried per request, so one request's error is never "
         "another's. Writes are refused (503) once the SQLite file was deleted or replaced under the service."),
         "",
     ]
+    if m.get("sqlite_commit_ms"):
+        c = m["sqlite_commit_ms"]
+        lines += [(f"The disk's floor: a bare SQLite commit of 8 rows (WAL, `synchronous=FULL`, no server) took "
+                   f"{c['p50']:.1f} ms (median), {c['mean']:.1f} ms (mean) on this run. With N clients sending one "
+                   "item at a time, a commit holds at most N items and each client waits for its commit, so "
+                   f"items/s cannot pass N / commit time: about {8e3 / c['mean']:.0f} items/s for 8 clients, "
+                   "before any work of the server's."), ""]
     if m["load_before"][0] > 0.5 or m["load_after"][0] > 0.5 * m["nproc"] + 1.5:
         lines += [(f"**The machine was shared with other work during this run** (load average "
                    f"{m['load_before'][0]:.2f} before the run, on {m['nproc']} cores): the figures are a lower "
@@ -301,8 +356,10 @@ def render(r: dict) -> str:
                    f"({floor['server_cpu_ms_per_request']:.1f} ms of it is the HTTP path alone): "
                    f"{GOAL_ITEMS_PER_S} such requests per second need "
                    f"{GOAL_ITEMS_PER_S * best['server_cpu_ms_per_request'] / 1e3:.1f} cores at that cost, and the "
-                   f"server got {best['server_cpu']:.2f} of the machine's {m['nproc']}. Batching items into "
+                   f"server got {best['server_cpu']:.2f} of the machine's {m['nproc']}. Where the server used "
+                   "well under a core, the commit latency above, not its CPU, is the bound. Batching items into "
                    "fewer requests is what raises items/s on a small machine."), ""]
+    lines += [LANE]
     return "\n".join(lines)
 
 
@@ -346,13 +403,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["NOISEWISE_HOME"] = str(args.home or work / "home")
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         model = args.model or ensure_model("feedback-bench")
+        commit_ms = sqlite_commit_ms(work) if "sqlite" in args.backends else None
         for backend in args.backends:
             with store_for(backend, work) as store_url:
                 rows += run_backend(backend, store_url, model, work, args)
     report = {"date": datetime.date.today().isoformat(), "model": model, "service": args.service, "flags": flags, "duration_s": args.duration,
               "backends": args.backends, "clients": args.clients, "items_per_request": args.items_per_request,
               "rows": rows, "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
-                                        "load_before": load_before, "load_after": load_average()}}
+                                        "load_before": load_before, "load_after": load_average(),
+                                        "sqlite_commit_ms": commit_ms}}
     out.write_text(render(report))
     print(json.dumps({"out": str(out), "load": [load_before, report["machine"]["load_after"]],
                       "items_per_s": {f"{x['backend']}/{x['clients']}c/{x['items_per_request']}": round(x["items_per_s"])

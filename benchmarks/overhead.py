@@ -103,11 +103,12 @@ QUICK = {"batches": (1, 2), "bank": 2_000, "reps": 3, "warmup": 1, "chunk_sizes"
 # ----------------------------------------------------------------------------------------------
 
 
-def build_calibration(feature_dim: int, bank_rows: int, seed: int = 0, index: str = "exact") -> Calibration:
+def build_calibration(feature_dim: int, bank_rows: int, seed: int = 0, index: str = "exact",
+                      budget: int = OOD_BANK_BUDGET) -> Calibration:
     """A Calibration with a knn scorer fitted on ``bank_rows x feature_dim`` random features (reduced by ``index``
-    to at most ``OOD_BANK_BUDGET`` rows, as calibration does) and APS sets."""
+    to at most ``budget`` rows, as calibration does) and APS sets."""
     g = torch.Generator().manual_seed(seed)
-    scorer = build_ood_scorer("knn", k=K_NEIGHBOURS, index=index, budget=OOD_BANK_BUDGET).fit(
+    scorer = build_ood_scorer("knn", k=K_NEIGHBOURS, index=index, budget=budget).fit(
         torch.randn(bank_rows, feature_dim, generator=g))
     gate = OODGate(scorer.score(torch.randn(N_CALIBRATION, feature_dim, generator=g)), alpha_ood=0.05)
     # random calibrated probabilities (top-1 accuracy ~86%, so a threshold certifies): labels drawn from them
@@ -360,7 +361,8 @@ class LoadMonitor:
 
 
 def run_benchmark(threads: int = 2, quick: bool = False, models=None, batches=BATCHES, reps_scale: float = 1.0,
-                  progress: bool = True, seed: int = 0, variants: bool = True, max_attempts: int = 3) -> dict:
+                  progress: bool = True, seed: int = 0, variants: bool = True, max_attempts: int = 3,
+                  budget: int = OOD_BANK_BUDGET) -> dict:
     """Time bare vs full for every model and batch; returns the report (``results``, ``target``, ``meta``)."""
     torch.set_num_threads(threads)
     chosen = [m for m in MODELS if models is None or m[0] in models]
@@ -380,12 +382,15 @@ def run_benchmark(threads: int = 2, quick: bool = False, models=None, batches=BA
             if name not in cache:
                 torch.manual_seed(seed)
                 net = build_net(arch, shape, NUM_CLASSES).eval()
-                calibration = build_calibration(net.feature_dim, bank, seed, index)
+                calibration = build_calibration(net.feature_dim, bank, seed, index, budget)
                 predictor = Predictor(net, calibration, device="cpu")
                 bf16_predictor = None
                 if variants:
-                    bank_rows = calibration.ood_scorer.state_dict()["bank"]
-                    bf16_scorer = BF16BankKNN(k=K_NEIGHBOURS).fit(bank_rows)
+                    # the served scorer with its bank in bf16 (same rows, same neighbour rank as served)
+                    served = calibration.ood_scorer
+                    bf16_scorer = BF16BankKNN(**served.params())
+                    bf16_scorer._state, bf16_scorer._fitted_meta = dict(served.state_dict()), dict(served._fitted_meta)
+                    bf16_scorer._after_load()
                     bf16_predictor = Predictor(net, dataclasses.replace(calibration, ood_scorer=bf16_scorer), device="cpu")
                 cache = {name: (net, predictor, bf16_predictor)}  # one model in memory at a time
             net, predictor, bf16_predictor = cache[name]
@@ -429,7 +434,7 @@ def run_benchmark(threads: int = 2, quick: bool = False, models=None, batches=BA
                             "paired": row["ratio_paired_median"], "pass": row["ratio_of_medians"] <= limit})
     return {"results": results, "target": target, "targets": targets,
             "meta": {"threads": threads, "quick": quick, "seed": seed, "reps_scale": reps_scale, "variants": variants,
-                     "max_attempts": 1 if quick else max_attempts, "quiet_cores": QUIET_CORES,
+                     "max_attempts": 1 if quick else max_attempts, "quiet_cores": QUIET_CORES, "budget": budget,
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": _cpu_flags(),
                      "load": monitor.result, **machine_info()}}
 
@@ -581,8 +586,9 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
         "with a 50,000 x 512 bank (CIFAR-10's training-set size); `mlp` = the mnist5k MLP (input (1, 28, 28), "
         "hidden 512-512) with the bank of its real training split (2,500 x 512, `mlp-bank2500`) and with a "
         "50,000 x 512 bank (`mlp-bank50000`); `resnet18-bank1m` = the same ResNet-18 whose bank is fitted on "
-        f"1,000,000 training rows with `--ood-index auto`, the default, which keeps a class-stratified subsample of "
-        f"{OOD_BANK_BUDGET:,} rows (the served bank) and reads the neighbour rank scaled to it.",
+        f"1,000,000 training rows with `--ood-index auto`, which keeps a class-stratified subsample of "
+        f"{meta.get('budget', OOD_BANK_BUDGET):,} rows (the served bank; the default budget is {OOD_BANK_BUDGET:,}) "
+        "and reads the neighbour rank scaled to it.",
         "",
         "## Bare vs full",
         "",
@@ -685,6 +691,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print every number as JSON on stdout instead of the "
                                                             "markdown (the markdown is still written)")
     parser.add_argument("--json-out", default=None, help="also write every number as JSON to this file")
+    parser.add_argument("--budget", type=int, default=OOD_BANK_BUDGET,
+                        help=f"rows a reduced (`auto`) bank keeps (default {OOD_BANK_BUDGET:,}, the calibration default)")
     parser.add_argument("--attempts", type=int, default=3,
                         help=f"measure a row up to this many times while other processes use more than {QUIET_CORES} "
                              "cores during it; the least-disturbed attempt is kept (default 3)")
@@ -696,7 +704,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else (Path("/tmp/noisewise-overhead-quick.md") if args.quick
                                            else ROOT / "docs" / "overhead.md")
     report = run_benchmark(threads=args.threads, quick=args.quick, models=args.models, batches=tuple(args.batches),
-                           reps_scale=args.reps_scale, variants=not args.no_variants, max_attempts=args.attempts)
+                           reps_scale=args.reps_scale, variants=not args.no_variants, max_attempts=args.attempts,
+                           budget=args.budget)
     command = _format_command(["benchmarks/overhead.py", *argv])
     report["meta"]["command"] = command
     markdown = render_markdown(report, command, explain(report))

@@ -96,9 +96,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def one_run(server: str, model: str, env: dict[str, str], timeout_s: float) -> dict:
-    """Start ``server``, sample its tree until ``/readyz`` answers 200, stop it; the measurements."""
-    port = free_port()
+def one_run(server: str, model: str, env: dict[str, str], timeout_s: float, port: int | None = None) -> dict:
+    """Start ``server`` (on ``port``, a free one when None), sample its tree until ``/readyz`` answers 200, stop
+    it; the measurements."""
+    port = port or free_port()
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     proc = subprocess.Popen(command(server, model, port), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", default="noisewise,plain", help="comma-separated: noisewise, plain")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for /readyz per run")
     parser.add_argument("--json", type=Path, help="also write the runs and the summary to this file")
+    parser.add_argument("--port", type=int, default=None,
+                        help="serve every run on this port (default: a free port per run)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs: expected at least 1")
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for i in range(args.runs):
         for server in servers:
-            result = one_run(server, args.model, env, args.timeout)
+            result = one_run(server, args.model, env, args.timeout, args.port)
             print(json.dumps({"run": i, **result}), flush=True)
             runs.append(result)
     result = {"model": args.model, "cpus": os.cpu_count(), "runs": runs, "summary": summary(runs)}

@@ -478,9 +478,11 @@ def render_scale(report: dict, command: str) -> str:
         "`next_cursor` (null after the last page). Each page continues both lists after the previous page's last "
         "row (keyset on the ranking's sort key), so a page costs the same wherever it is. "
         "`noisewise flags --cursor` does the same on the command line.",
-        "* The cold `monitor` time is mostly fixed: starting Python, importing Evidently, torch and MLflow, and "
-        "loading the model (`warm` shows the rest); it does not grow with the store. The first `warm` value of "
-        "a run also includes importing Evidently into the benchmark's process.",
+        "* The cold `monitor` time is mostly fixed: starting Python, importing Evidently, MLflow and its store, "
+        "torch and scipy, then the Evidently reports (`warm` shows the rest); it does not grow with the store. "
+        "`monitor` reads the calibration document alone (`load_model(..., network=False)`): no network, weights "
+        "or OOD bank. The first `warm` value of a run also includes importing Evidently into the benchmark's "
+        "process.",
         "",
     ]
     return "\n".join(lines)

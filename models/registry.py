@@ -29,14 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
-from noisewise.models import imported
 from noisewise.models.choices import CHAMPION
-from noisewise.models.nets import Classifier, arch_name, build_net
 
+# torch, safetensors.torch, the networks and MLflow are imported by the functions that use them: resolving a
+# version and checking its digests and documents (the server's pre-start check, `noisewise monitor`) needs none
+# of torch, which takes seconds to import.
 if TYPE_CHECKING:
+    import torch
+
+    from noisewise.models.nets import Classifier
     from noisewise.models.calibrate import Calibration
     from noisewise.models.data import Dataset
 
@@ -244,6 +246,10 @@ def save_model_dir(net: Classifier, spec: ModelSpec, directory: Path,
                    calibration: "Calibration | None" = None) -> dict[str, str]:
     """Write ``weights.safetensors``, ``model.json`` and the calibration files (and an imported model's
     original archive); returns MLflow's artifacts mapping (name -> path)."""
+    from safetensors.torch import save_file
+
+    from noisewise.models import imported
+
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(directory / "weights.safetensors"))
@@ -257,14 +263,27 @@ def save_model_dir(net: Classifier, spec: ModelSpec, directory: Path,
     return artifacts
 
 
-def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the network from a folder holding ``weights.safetensors`` and ``model.json``."""
+def load_model_dir(directory: Path, device: str | torch.device = "cpu", *, network: bool = True) -> LoadedModel:
+    """Rebuild the network from a folder holding ``weights.safetensors`` and ``model.json``.
+
+    With ``network=False``, only ``model.json`` and the calibration document are read (with their checks):
+    no network is built, no tensor is loaded and torch is not imported; ``net``, ``weights`` and the
+    calibration's OOD scorer and gate are None. For what needs the class names, thresholds and targets alone
+    (``noisewise monitor``).
+    """
     directory = Path(directory)
     spec_file, weights_file = directory / "model.json", directory / "weights.safetensors"
     for f in (spec_file, weights_file):
         if not f.is_file():
             raise RegistryError(f"model artifacts in {directory} lack {f.name}")
     spec = ModelSpec.from_json(spec_file.read_text())
+    if not network:
+        return LoadedModel(None, spec, _calibration_document(directory, spec))  # type: ignore[arg-type]
+    from safetensors.torch import load_file
+
+    from noisewise.models import imported
+    from noisewise.models.nets import build_net
+
     if imported.is_imported(spec.arch):
         try:  # checks the archive against the sha256 in model.json; never unpickles
             net = imported.load_imported(spec, directory)
@@ -293,6 +312,21 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Loade
     return LoadedModel(net.to(device).eval(), spec, calibration, weights=weights)
 
 
+def _calibration_document(directory: Path, spec: ModelSpec) -> "Calibration | None":
+    """The calibration of a version's folder without its tensors (None when it has none)."""
+    if not (directory / "calibration.json").exists() and not (directory / "calibration.safetensors").exists():
+        return None
+    from noisewise.models.calibrate import Calibration, CalibrationError
+
+    try:
+        calibration = Calibration.load(directory, tensors=False)
+    except CalibrationError as err:
+        raise RegistryError(str(err)) from None
+    if calibration.class_names != spec.class_names:
+        raise RegistryError("calibration.json: class_names differ from model.json")
+    return calibration
+
+
 def log_training_run(
     net: Classifier,
     spec: ModelSpec,
@@ -317,6 +351,8 @@ def log_training_run(
     ``load_reference(..., test=True)``); ``reference`` alone is stored as it is. With neither, the version
     stores no reference and those commands need the data (or ``--dataset``).
     """
+    from noisewise.models import imported
+
     if dataset is not None:
         reference = reference_from_dataset(net, dataset, base=reference)
     mlflow = _mlflow()
@@ -858,8 +894,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_model(ref: str, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(ref: str, device: str | torch.device = "cpu", *, network: bool = True) -> LoadedModel:
     """Load a registered version (``NAME@ALIAS`` or ``NAME/VERSION``) onto ``device``.
+
+    ``network=False`` reads the spec and the calibration document only (see :func:`load_model_dir`), after
+    the same digest checks.
 
     Every file whose sha256 was recorded when the version was logged must be there and match it, or the
     version is refused (:class:`RegistryError` naming the file). A version registered before noisewise
@@ -878,7 +917,7 @@ def load_model(ref: str, device: str | torch.device = "cpu") -> LoadedModel:
             raise RegistryError(f"cannot download artifacts of {name}/{version}: {_first_line(err)}") from None
         directory = Path(local) / "artifacts"
         unverified = verify_digests(directory, tags, f"{name}/{version}")
-        loaded = load_model_dir(directory, device=device)
+        loaded = load_model_dir(directory, device=device, network=network)
     loaded.name, loaded.version, loaded.run_id, loaded.uri = name, version, run_id, f"models:/{name}/{version}"
     loaded.unverified = unverified
     if unverified and (name, version) not in _WARNED_UNVERIFIED:
@@ -893,7 +932,7 @@ def load_model(ref: str, device: str | torch.device = "cpu") -> LoadedModel:
 #: Files of a version's folder that :func:`load_model_dir` reads: each one has a recorded digest in a version
 #: registered by this noisewise.
 _LOADED_FILES = ("weights.safetensors", "model.json", "calibration.json", "calibration.safetensors",
-                 *imported.ARCHIVE_FILES.values())
+                 "model.torchscript", "program.pt2")  # the last two: noisewise.models.imported.ARCHIVE_FILES
 #: ``(name, version)`` pairs already warned about in this process (the service reloads a version often).
 _WARNED_UNVERIFIED: set[tuple[str, str]] = set()
 
@@ -941,6 +980,8 @@ def _first_line(err: Exception) -> str:
 
 def spec_from_training(net: Classifier, dataset, recipe, arch_kwargs: dict | None = None) -> ModelSpec:
     from dataclasses import asdict
+
+    from noisewise.models.nets import arch_name
 
     return ModelSpec(
         arch=arch_name(net),
@@ -1030,15 +1071,17 @@ class VersionReference:
             lineage=dict(spec.lineage))
 
 
-@torch.no_grad()
 def _predicted_classes(net: Classifier, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """The network's class ``[N]`` on ``x`` ``[N, *input_shape]``, in eval mode on the network's device."""
+    import torch
+
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     training = net.training
     net.eval()
     try:
-        parts = [net(torch.as_tensor(x[i : i + batch_size]).to(device)).argmax(1).cpu()
-                 for i in range(0, len(x), batch_size)]
+        with torch.no_grad():
+            parts = [net(torch.as_tensor(x[i : i + batch_size]).to(device)).argmax(1).cpu()
+                     for i in range(0, len(x), batch_size)]
     finally:
         net.train(training)
     return torch.cat(parts).numpy().astype(np.int64) if parts else np.empty(0, dtype=np.int64)

@@ -9,6 +9,7 @@ result as a ``monitor`` report, from which the service exports the drift gauges.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,10 @@ def reference_frame(loaded) -> pd.DataFrame:
         import torch
 
         from noisewise.models.calibrate import features_and_logits
+
+        if loaded.net is None:  # loaded without its network (``load_model(..., network=False)``): needed now
+            net = registry.load_model(f"{loaded.name}/{loaded.version}").net
+            loaded = dataclasses.replace(loaded, net=net)
 
         dataset = registry.training_data(loaded, needed_by="monitor (the drift reference)",
                                          alternative=f"calibrate it on labelled data you hold (`noisewise calibrate "

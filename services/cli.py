@@ -273,8 +273,8 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ood-alpha", type=_unit_interval, default=0.05, help="false-OOD rate bound on ID inputs")
     group.add_argument("--ood-scorer", choices=sorted(OOD_SCORERS), default="knn", help="OOD score")
     group.add_argument("--ood-index", choices=OOD_INDEXES, default="auto",
-                       help="knn bank: exact (every training row), subsample (a class-stratified 20,000 rows), "
-                       "kmeans (20,000 weighted k-means centroids) or auto (exact up to 20,000 training rows, "
+                       help="knn bank: exact (every training row), subsample (a class-stratified 10,000 rows), "
+                       "kmeans (10,000 weighted k-means centroids) or auto (exact up to 10,000 training rows, "
                        "subsample above), so the cost per request stops growing with the training set. The OOD "
                        "gate is fitted on the served bank's scores, so the false-OOD bound holds either way")
     group.add_argument("--calibration-seed", type=int, default=0, help="seed for the audit draw and randomized scores")
@@ -594,13 +594,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """``bentoml serve`` the model in this very process (exec), with a small forked child that prints the curl
     once the server is ready.
 
-    Nothing heavy is imported here: the server checks the model once before its worker starts (and writes the
-    example request the curl sends), the worker loads it once, and no wrapper stays resident beside the
-    server. Being the server, this process gets Ctrl-C and SIGTERM itself and exits with the server's status
+    Nothing heavy is imported here: the model check (which also writes the example request the curl sends) is
+    forked here, so that it runs while the server starts, and the server waits for it before its worker
+    starts; the worker loads the model once, and no wrapper stays resident beside the server. Being the server, this process gets Ctrl-C and SIGTERM itself and exits with the server's status
     (3 for a model that cannot be served).
     """
     import contextlib
 
+    from noisewise.services import startup_check
     from noisewise.services.settings import ensure_home
 
     example = ensure_home() / "example-request.json"
@@ -612,6 +613,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(f"noisewise: starting {args.model} on http://{args.host}:{args.port} ...", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    os.environ.update(env)  # the model check reads the model and the example request's path from it
+    startup_check.fork_check_for_exec()  # runs while the server starts; the server waits for it
+    env = dict(os.environ)
     server = os.getpid()  # the server's, once exec'd below
     if os.fork() == 0:
         status = 0

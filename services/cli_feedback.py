@@ -111,10 +111,10 @@ def _open_store():
         raise _cli().UsageError(str(err)) from None
 
 
-def _loaded(ref: str):
+def _loaded(ref: str, network: bool = True):
     from noisewise.models import registry
 
-    loaded = registry.load_model(ref)
+    loaded = registry.load_model(ref, network=network)
     if loaded.calibration is None:
         raise _cli().UsageError(f"{ref} has no calibration: run `noisewise calibrate --model {ref}` first")
     return loaded
@@ -170,7 +170,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from noisewise.monitoring.monitor import run_monitor
 
     cli = _cli()
-    loaded = _loaded(args.model)
+    loaded = _loaded(args.model, network=False)  # the calibration's classes, thresholds and targets suffice
     store = _open_store()
     workspace = args.workspace or home_dir() / "evidently"
     report = run_monitor(store, loaded, workspace, window=args.window)

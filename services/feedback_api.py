@@ -17,20 +17,30 @@ transaction and one fsync, and each is answered only after the commit that holds
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
-
 from noisewise.services.schemas import location
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 log = logging.getLogger("bentoml.noisewise")
 
@@ -200,6 +210,74 @@ async def ingest_async(raw_items: list, store, class_names: Sequence[str],
     return _answer(job, [])
 
 
+#: Media type of every /feedback answer.
+JSON = "application/json"
+
+
+def _json(content: Any) -> bytes:
+    """``content`` serialized exactly as Starlette's ``JSONResponse`` does (both routes answer the same bytes)."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+
+
+def _error(status: int, message: str) -> tuple[int, bytes]:
+    return status, _json({"error": message, "detail": []})
+
+
+async def answer_feedback(body: Mapping[str, Any] | ValidationError, store, calibration,
+                          max_items: int) -> tuple[int, bytes]:
+    """The whole of ``POST /feedback`` from its parsed body to its answer: the HTTP status and the JSON body.
+
+    The BentoML route and the feedback lane (:mod:`noisewise.services.feedback_lane`) both answer with it, so
+    that the two cannot drift apart.
+
+    Parameters
+    ----------
+    body : Mapping or pydantic.ValidationError
+        The body's top-level fields, or why it is not a JSON object.
+    store : noisewise.monitoring.store.Store or None
+        Where feedback goes; None when the service runs without a store (503).
+    calibration
+        The served model's calibration: its ``class_names`` and ``cl_thresholds``.
+    max_items : int
+        Most items in one request (413 beyond).
+
+    Returns
+    -------
+    tuple of (int, bytes)
+        The status (200, 207, a 4xx, 503) and the JSON body.
+    """
+    from noisewise.monitoring import metrics
+    from noisewise.monitoring.store import StoreUnavailable
+    from noisewise.services.schemas import error_response, error_status
+
+    if isinstance(body, ValidationError):
+        return error_status(body), _json(error_response(body).model_dump())
+    if store is None:
+        return _error(503, "feedback is off: this service runs with NOISEWISE_STORE=0")
+    items = body.get("items")
+    extra = body.keys() - {"items"}
+    if extra:
+        return _error(400, f"{sorted(extra)[0]}: unknown field: a feedback request has only 'items'")
+    if not isinstance(items, list) or not items:
+        return _error(400, "items: expected a non-empty array of {prediction_id, label, annotator?, audited?}")
+    if len(items) > max_items:
+        return _error(413, f"items: {len(items)} items is over the limit of {max_items} "
+                           "per request (NOISEWISE_MAX_FEEDBACK_ITEMS)")
+    class_names = calibration.class_names
+    try:
+        # waits for its group commit without holding a thread, so one commit serves every request in flight
+        response, stored = await ingest_async(items, store, class_names, calibration.cl_thresholds)
+    except StoreUnavailable as err:  # the file is gone or replaced: a retry cannot help until a restart
+        log.error("noisewise: storing feedback failed: %s", err)
+        return _error(503, f"{err}; nothing was stored")
+    except Exception as err:  # the store is down: nothing was acknowledged, the client retries
+        log.error("noisewise: storing feedback failed: %s: %s", type(err).__name__, err)
+        return _error(503, f"the store is unavailable ({type(err).__name__}); nothing was stored, retry")
+    metrics.observe_feedback({"stored": response.stored, "duplicate": response.duplicates,
+                              "rejected": response.rejected}, stored, class_names)
+    return response_status(response), _json(response.model_dump())
+
+
 def _validate(raw_items: list, class_names: Sequence[str], thresholds: np.ndarray) -> _Job:
     """Per-item validation that needs no database: the shape of each item and its label."""
     from noisewise.monitoring.store import text_problem
@@ -239,17 +317,31 @@ class FeedbackWriter:
     after the other in arrival order (an item sent twice at once is stored once, then a duplicate). When the
     shared commit fails, each request is committed alone, so one request's failure is never another's.
 
+    After a commit whose group had several requests, the thread waits up to ``linger_s`` for as many to
+    queue again before the next commit: clients answered together send their next requests together, and
+    without the wait they would be split over two commits (two fsyncs). A lone client never waits. Stored
+    predictions never change, so the last ``cached_predictions`` the feedback named are kept in memory and
+    not read again (unknown ids are always looked up).
+
     Parameters
     ----------
     store : noisewise.monitoring.store.Store
         Where feedback goes; the writer stops (after its queued commits) when the store closes.
     max_items : int
         Most items in one transaction.
+    linger_s : float
+        Longest wait for the requests of the last group before committing.
+    cached_predictions : int
+        Stored predictions kept in memory for the lookups.
     """
 
-    def __init__(self, store, max_items: int = 8192):
+    def __init__(self, store, max_items: int = 8192, linger_s: float = 0.002, cached_predictions: int = 10_000):
         self.store = store
         self.max_items = max_items
+        self.linger_s = linger_s
+        self._last_group = 1  # requests in the last group: as many are expected back
+        self._predictions: collections.OrderedDict = collections.OrderedDict()
+        self._cached_predictions = cached_predictions
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="noisewise-feedback-writer", daemon=True)
         self._thread.start()
@@ -273,9 +365,15 @@ class FeedbackWriter:
             if first is _STOP:
                 return
             jobs, size, stop = [first], len(first.valid), False
+            # the requests of the last group are on their way back (their clients send the next one once
+            # answered): wait a little for as many, so that they share this commit rather than the next one
+            deadline = time.monotonic() + self.linger_s
             while size < self.max_items:
                 try:
-                    job = self._queue.get_nowait()
+                    if len(jobs) < self._last_group:
+                        job = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                    else:
+                        job = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is _STOP:
@@ -283,6 +381,7 @@ class FeedbackWriter:
                     break
                 jobs.append(job)
                 size += len(job.valid)
+            self._last_group = len(jobs)
             try:
                 self._handle(jobs)
             except Exception as err:  # the store is down (the lookup failed): every request gets the error
@@ -291,8 +390,26 @@ class FeedbackWriter:
             if stop:
                 return
 
+    def _lookup(self, ids: list[str]) -> dict:
+        """The stored predictions among ``ids``: from the cache, the others in one query."""
+        cache, found, missing = self._predictions, {}, []
+        for pid in ids:
+            stored = cache.get(pid)
+            if stored is None:
+                missing.append(pid)
+            else:
+                found[pid] = stored
+                cache.move_to_end(pid)
+        if missing:
+            fetched = self.store.get_predictions(missing)
+            found.update(fetched)
+            cache.update(fetched)
+            while len(cache) > self._cached_predictions:
+                cache.popitem(last=False)
+        return found
+
     def _handle(self, jobs: list[_Job]) -> None:
-        found = self.store.get_predictions([item.prediction_id for job in jobs for _, item, _ in job.valid])
+        found = self._lookup([item.prediction_id for job in jobs for _, item, _ in job.valid])
         for job in jobs:
             _check_predictions(job, found)
         _score(jobs)

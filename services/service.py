@@ -33,24 +33,31 @@ store cannot take are not sent, the request gets 503 with ``Retry-After``. Metri
 
 Start-up: ``bentoml serve noisewise.services.service:Noisewise`` first checks the model and the store once,
 before any worker starts (``check_model``: the version's artifacts against their recorded digests and its
-calibration document, in a forked child, without building the network): a missing, uncalibrated, tampered or
-refused model, or a store that cannot be opened, prints one line and the server exits with status 3. The
-worker then loads the model, once.
+calibration document, in a forked child, without building the network or importing torch; see
+``services/startup_check.py``): a missing, uncalibrated, tampered or refused model, or a store that cannot be
+opened, prints one line and the server exits with status 3. The `bentoml serve` process forks the check as
+soon as it imports this module, so that the check overlaps the rest of its start-up; the deployment hook waits
+for it before any worker starts. The worker then loads the model, once.
 """
 
+# ruff: noqa: E402 - the model check is forked before the imports below, which take seconds
+
 from __future__ import annotations
+
+# First, before the heavy imports: in the `bentoml serve` process (only there), fork the model check now.
+from noisewise.services import startup_check
+
+startup_check.start_check_early()
 
 import asyncio
 import dataclasses
 import logging
 import os
-import subprocess
 import sys
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import bentoml
@@ -63,7 +70,6 @@ from starlette.routing import Route
 
 import noisewise
 from noisewise.monitoring import metrics
-from noisewise.monitoring.store import StoreUnavailable
 from noisewise.services import bentoml_patches
 from noisewise.services.auth import ApiKeyAuth, AuthConfig
 from noisewise.services.body_limit import BodyLimit
@@ -89,10 +95,20 @@ from noisewise.services.schemas import (
     guarantees_from,
     images_batch,
 )
-from noisewise.services.feedback_api import FeedbackRequest, FeedbackResponse, SuspectsRequest, ingest_async, response_status
+from noisewise.services.feedback_api import FeedbackRequest, FeedbackResponse, SuspectsRequest, answer_feedback
 from noisewise.services.settings import Settings, SettingsError
+from noisewise.services.startup_check import (  # noqa: F401 - the check's API, also importable from here
+    EXAMPLE_REQUEST_ENV,
+    EXIT_MODEL,
+    CheckedVersion,
+    StartupError,
+    check_artifacts,
+    check_model_here,
+    open_store,
+    run_check_forked,
+    write_example_request,
+)
 
-EXIT_MODEL = 3
 #: Threads that decode request images, per worker, and requests queued or decoding at most (503 beyond):
 #: bounded so that decoding never takes the threads of /feedback and /suspects, nor unbounded memory.
 DECODE_THREADS = 2
@@ -100,10 +116,6 @@ DECODE_QUEUE = 64
 #: Seconds a client should wait before it retries a prediction the store could not take.
 STORE_RETRY_AFTER_S = 5
 log = logging.getLogger("bentoml.noisewise")  # under "bentoml" so that BentoML's server logging shows it
-
-
-class StartupError(RuntimeError):
-    """The configured model cannot be served (one line, ready to show)."""
 
 
 @dataclass
@@ -176,18 +188,6 @@ def load_served(settings: Settings) -> Served:
     )
     return Served(loaded.name, loaded.version, predictor.predict, spec, info, guarantees, loaded.weights or "",
                   loaded.calibration)
-
-
-def open_store():
-    """The store of NOISEWISE_STORE_URL (:class:`noisewise.monitoring.store.Store`), or :class:`StartupError`
-    saying why it cannot be opened."""
-    from noisewise.monitoring.store import Store, StoreError
-
-    try:
-        return Store()
-    except StoreError as err:
-        raise StartupError(f"{err} (set NOISEWISE_STORE_URL, or NOISEWISE_STORE=0 to serve without storing "
-                           "predictions and feedback)") from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -468,8 +468,9 @@ class Noisewise:
         stops the server here with one line and exit status 3 (a worker that failed instead would be
         restarted forever by BentoML's process manager). The check (:func:`check_model_here`) verifies the
         artifacts without building the network, in a forked child: no second interpreter start-up, and the
-        long-lived server process keeps neither torch, MLflow nor a CUDA context."""
-        status = run_check_forked()
+        long-lived server process keeps neither torch, MLflow nor a CUDA context. The child was forked when
+        this process imported the service (``startup_check.start_check_early``); here it is waited for."""
+        status = startup_check.wait_for_check()
         if status != 0:
             if status != EXIT_MODEL:
                 print(f"noisewise: error: the model check crashed (exit status {status})", file=sys.stderr,
@@ -587,33 +588,12 @@ class Noisewise:
         Each item is scored at once for label quality (a suspected annotation error or not). Bad items get
         their own 4xx status and message; the others are stored. Every item acknowledged (201/200) is on
         disk when the response is sent."""
-        if body._parse_error is not None:
-            return _bad_request(body._parse_error)
-        if self.store is None:
-            return _error(503, "feedback is off: this service runs with NOISEWISE_STORE=0")
-        items = body.fields().get("items")
-        if set(body.fields()) - {"items"}:
-            extra = sorted(set(body.fields()) - {"items"})[0]
-            return _error(400, f"{extra}: unknown field: a feedback request has only 'items'")
-        if not isinstance(items, list) or not items:
-            return _error(400, "items: expected a non-empty array of {prediction_id, label, annotator?, audited?}")
-        if len(items) > self.settings.max_feedback_items:
-            return _error(413, f"items: {len(items)} items is over the limit of {self.settings.max_feedback_items} "
-                               "per request (NOISEWISE_MAX_FEEDBACK_ITEMS)")
-        served = self.served
-        try:
-            # waits for its group commit without holding a thread, so one commit serves every request in flight
-            response, stored = await ingest_async(items, self.store, served.calibration.class_names,
-                                                  np.asarray(served.calibration.cl_thresholds, dtype=np.float32))
-        except StoreUnavailable as err:  # the file is gone or replaced: a retry cannot help until a restart
-            log.error("noisewise: storing feedback failed: %s", err)
-            return _error(503, f"{err}; nothing was stored")
-        except Exception as err:  # the store is down: nothing was acknowledged, the client retries
-            log.error("noisewise: storing feedback failed: %s: %s", type(err).__name__, err)
-            return _error(503, f"the store is unavailable ({type(err).__name__}); nothing was stored, retry")
-        metrics.observe_feedback({"stored": response.stored, "duplicate": response.duplicates,
-                                  "rejected": response.rejected}, stored, served.calibration.class_names)
-        return JSONResponse(response.model_dump(), status_code=response_status(response))
+        # one function answers here and in the feedback lane (services/feedback_lane.py), which serves
+        # /feedback outside BentoML's middleware unless NOISEWISE_FEEDBACK_LANE=0
+        parsed = body.fields() if body._parse_error is None else body._parse_error
+        status, content = await answer_feedback(parsed, self.store, self.served.calibration,
+                                                self.settings.max_feedback_items)
+        return Response(content, status_code=status, media_type="application/json")
 
     @bentoml.api(route="/suspects")
     async def suspects(self, body: SuspectsBody, /) -> dict:
@@ -789,189 +769,6 @@ def _fail(message: str):
         logging.shutdown()
         os._exit(EXIT_MODEL)
     raise StartupError(message)
-
-
-#: A file that the start-up check writes the example request of the served version into (a JSON body for
-#: ``/predict``): ``noisewise serve`` sets it and prints a curl that sends it.
-EXAMPLE_REQUEST_ENV = "NOISEWISE_EXAMPLE_REQUEST"
-
-
-@dataclass(frozen=True)
-class CheckedVersion:
-    """A registered version that :func:`check_artifacts` found servable."""
-
-    name: str
-    version: str
-    run_id: str
-    spec: Any  # models.registry.ModelSpec
-
-
-def check_artifacts(ref: str) -> CheckedVersion:
-    """Check a registered version as serving it would, without building its network.
-
-    The version must resolve, every file with a sha256 recorded at registration must match it, the version
-    must be calibrated, and ``calibration.json`` must pass the document checks of
-    :meth:`noisewise.models.calibrate.Calibration.load`. The tensors (weights, OOD bank) are covered by their
-    digests, so they are not loaded here: the worker loads them once. A version with files that carry no
-    recorded digest (registered by an older noisewise) is loaded in full instead, as the digests cannot vouch
-    for it.
-
-    Raises
-    ------
-    StartupError
-        One line saying why the version cannot be served.
-    """
-    import json
-    import tempfile
-
-    from noisewise.models import registry
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        mlflow = registry._mlflow()
-        name, version, run_id = registry.resolve_version(ref)
-        tags = mlflow.MlflowClient().get_run(run_id).data.tags
-        label = f"{name}/{version}"
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{label}", dst_path=tmp)
-            except Exception as err:
-                raise registry.RegistryError(f"cannot download artifacts of {label}: {_one_line(err)}") from None
-            directory = Path(local) / "artifacts"
-            if registry.verify_digests(directory, tags, label):  # some file no digest covers: the full checks
-                loaded = registry.load_model_dir(directory)
-                spec, calibrated = loaded.spec, loaded.calibration is not None
-            else:
-                spec = registry.ModelSpec.from_json(_read(directory / "model.json"))
-                calibrated = (directory / "calibration.json").is_file()
-                if calibrated:
-                    _check_calibration_document(json.loads(_read(directory / "calibration.json")), spec)
-    except (registry.RegistryError, ValueError) as err:
-        raise StartupError(f"cannot serve model {ref!r}: {_one_line(err)}") from None
-    except StartupError:
-        raise
-    except Exception as err:  # a corrupt store, or an artifact this version of noisewise cannot read
-        raise StartupError(f"cannot load model {ref!r}: {type(err).__name__}: {_one_line(err)}") from None
-    if not calibrated:
-        raise StartupError(f"model {ref!r} ({label}) has no calibration: run `noisewise calibrate --model {ref}` "
-                           "and serve the calibrated version")
-    return CheckedVersion(name, version, run_id, spec)
-
-
-def _read(path: Path) -> str:
-    from noisewise.models.registry import RegistryError
-
-    if not path.is_file():
-        raise RegistryError(f"model artifacts lack {path.name}")
-    return path.read_text()
-
-
-def _check_calibration_document(doc: Any, spec: Any) -> None:
-    """``calibration.json`` as :meth:`Calibration.load` checks it, without its tensors; a ValueError
-    (:class:`~noisewise.models.calibrate.CalibrationError`) naming the field otherwise."""
-    from noisewise.models.calibrate import (
-        CALIBRATION_FORMAT,
-        CONFORMITY_SCORES,
-        CalibrationError,
-        _check_document,
-    )
-    from noisewise.models.uncertainty.conformal import ConformalThreshold
-    from noisewise.models.uncertainty.selective import CertifiedThreshold
-
-    if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
-        raise CalibrationError(f"calibration.json: expected format {CALIBRATION_FORMAT!r}")
-    missing = {"class_names", "ood_scorer", "ood_gate", "conformity_score", "threshold", "certified",
-               "confidence_name", "cl_thresholds"} - set(doc)
-    if missing:
-        raise CalibrationError(f"calibration.json: missing fields {sorted(missing)}")
-    if doc["conformity_score"] not in CONFORMITY_SCORES:
-        raise CalibrationError(f"calibration.json: unknown conformity score {doc['conformity_score']!r}")
-    if not isinstance(doc["cl_thresholds"], list) or len(doc["cl_thresholds"]) != len(doc["class_names"]):
-        raise CalibrationError("calibration.json: cl_thresholds must have one value per class")
-    try:
-        threshold = ConformalThreshold.from_dict(doc["threshold"])
-        certified = CertifiedThreshold.from_dict(doc["certified"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CalibrationError(f"calibration artifacts are inconsistent: {err}") from None
-    _check_document(doc, threshold, certified)
-    if list(doc["class_names"]) != list(spec.class_names):
-        raise CalibrationError("calibration.json: class_names differ from model.json")
-
-
-def write_example_request(checked: CheckedVersion, path: Path) -> Path:
-    """Write the example input stored with the ``checked`` version (a test input of its data) to ``path`` as a
-    ``/predict`` body, without loading the network; a version that stores none gets a blank input (the
-    lowest value of its input range). :class:`noisewise.models.registry.RegistryError` if the stored example
-    does not match its recorded digest."""
-    import json
-
-    from noisewise.models import registry
-
-    spec = checked.spec
-    described = registry.LoadedModel(net=None, spec=spec, name=checked.name,  # type: ignore[arg-type]
-                                     version=checked.version, run_id=checked.run_id)  # no network needed
-    reference = registry.load_reference(described)
-    if reference is not None:
-        x = reference.example
-    else:
-        x = np.full((1, *spec.input_shape), float(spec.input_range[0]), dtype=np.float32)
-    path.write_text(json.dumps({"inputs": [[round(float(v), 4) for v in x[0].ravel()]]}))
-    return path
-
-
-def check_model_here() -> int:
-    """The start-up check: 0 if NOISEWISE_MODEL can be served and the store opened, else one line on stderr
-    and EXIT_MODEL (a worker that failed instead would be restarted again and again, and the server would only
-    be reported as never ready). With NOISEWISE_EXAMPLE_REQUEST set, also writes the version's example request
-    there. Also ``python -m noisewise.services.service``."""
-    from noisewise.models.nets import pick_device
-
-    try:
-        settings = Settings.from_env()
-        try:
-            pick_device(settings.device)
-        except ValueError as err:
-            raise StartupError(f"NOISEWISE_DEVICE: {err}") from None
-        checked = check_artifacts(settings.model)
-        example = os.environ.get(EXAMPLE_REQUEST_ENV)
-        if example:
-            try:
-                write_example_request(checked, Path(example))
-            except Exception as err:  # a tampered stored example, or an unwritable file
-                raise StartupError(f"cannot serve model {settings.model!r}: {_one_line(err)}") from None
-        if settings.store:
-            open_store().close()
-    except (SettingsError, StartupError) as err:
-        print(f"noisewise: error: {err}", file=sys.stderr, flush=True)
-        return EXIT_MODEL
-    return 0
-
-
-def run_check_forked() -> int:
-    """:func:`check_model_here` in a forked child of this process: its exit status. The child imports torch
-    and MLflow and exits, so this process keeps neither; forking skips a second interpreter start-up and
-    the import of this module. Where there is no fork, a child interpreter runs it instead."""
-    if not hasattr(os, "fork"):
-        root = str(Path(__file__).resolve().parents[1])  # where the `services` package lives, also in a Bento
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        return subprocess.run([sys.executable, "-m", "noisewise.services.service"],
-                              env={**os.environ, "PYTHONPATH": path}, check=False).returncode
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into BentoML's code
-        status = 1
-        try:
-            status = check_model_here()
-        except BaseException as err:  # noqa: BLE001 - reported as a crash by the parent
-            print(f"noisewise: error: the model check failed: {type(err).__name__}: {_one_line(err)}",
-                  file=sys.stderr, flush=True)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-    _, wait_status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(wait_status)
 
 
 if __name__ == "__main__":

@@ -524,7 +524,7 @@ class KNNScorer(OODScorer):
     chunk_size : int, default 65536
         Most bank rows per block of the similarity matmul.
     index : {"exact", "subsample", "kmeans", "auto"}, default "exact"
-    budget : int, default 20000
+    budget : int, default 10000
         Most bank rows of a reduced bank (and the ``auto`` threshold).
     seed : int, default 0
         Seed of the subsample draw or of k-means.
@@ -538,7 +538,7 @@ class KNNScorer(OODScorer):
     _state_keys = ("bank",)
     _optional_state_keys = ("bank_counts",)
 
-    def __init__(self, k: int = 50, chunk_size: int = 65536, index: str = "exact", budget: int = 20000,
+    def __init__(self, k: int = 50, chunk_size: int = 65536, index: str = "exact", budget: int = 10000,
                  seed: int = 0):
         super().__init__()
         self.k = _check_positive_int(k, "k")

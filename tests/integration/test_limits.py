@@ -262,7 +262,6 @@ def test_service_overlong_label_is_a_400_naming_the_field_and_the_limit(client):
 
 @pytest.mark.slow
 def test_service_prediction_past_the_timeout_is_408_and_feedback_is_never_cut_off(client, store_url, monkeypatch):
-    import noisewise.services.service as service_module
     from noisewise.monitoring.store import Store
 
     prediction = client.post("/predict", json={"inputs": [ROW]})
@@ -280,13 +279,15 @@ def test_service_prediction_past_the_timeout_is_408_and_feedback_is_never_cut_of
     assert client.post("/predict", json={"inputs": [ROW]}).status_code == 200  # still serving
 
     # /feedback has no deadline: a commit slower than the timeout is finished and acknowledged
-    ingest = service_module.ingest_async
+    from noisewise.services import feedback_api
+
+    ingest = feedback_api.ingest_async
 
     async def slow_ingest(*args):
         await asyncio.sleep(3 * TIMEOUT_S)
         return await ingest(*args)
 
-    monkeypatch.setattr(service_module, "ingest_async", slow_ingest)
+    monkeypatch.setattr(feedback_api, "ingest_async", slow_ingest)
     pid = prediction.json()["predictions"][0]["id"]
     response = client.post("/feedback", json={"items": [{"prediction_id": pid, "label": 3, "annotator": "slow"}]})
     assert response.status_code == 200 and response.json()["stored"] == 1
