@@ -356,9 +356,10 @@ def render(r: dict) -> str:
                    f"({floor['server_cpu_ms_per_request']:.1f} ms of it is the HTTP path alone): "
                    f"{GOAL_ITEMS_PER_S} such requests per second need "
                    f"{GOAL_ITEMS_PER_S * best['server_cpu_ms_per_request'] / 1e3:.1f} cores at that cost, and the "
-                   f"server got {best['server_cpu']:.2f} of the machine's {m['nproc']}. Where the server used "
-                   "well under a core, the commit latency above, not its CPU, is the bound. Batching items into "
-                   "fewer requests is what raises items/s on a small machine."), ""]
+                   f"server got {best['server_cpu']:.2f} of the machine's {m['nproc']}: its Python work (the event "
+                   "loop and the writer thread) shares one interpreter lock, so one server process runs on about "
+                   "one core whatever the machine has, and the commit itself (the disk's floor above) is not the "
+                   "bound. Batching items into fewer requests is what raises items/s on a small machine."), ""]
     lines += [LANE]
     return "\n".join(lines)
 
