@@ -27,6 +27,9 @@ import logging
 from timeit import default_timer
 from typing import Any
 
+from _bentoml_impl.serde import ALL_SERDE, JSONSerde
+from _bentoml_sdk.service import get_current_service
+
 from noisewise.services.auth import ApiKeyAuth
 from noisewise.services.body_limit import BodyLimit
 from noisewise.services.feedback_api import JSON, answer_feedback
@@ -46,8 +49,6 @@ UNEXPECTED = b'{"error":"An unexpected error has occurred, please check the serv
 
 def _json_request(scope) -> bool:
     """Whether BentoML would parse this request's body as JSON (its default for a missing or unknown type)."""
-    from _bentoml_impl.serde import ALL_SERDE, JSONSerde
-
     for name, value in scope.get("headers") or ():
         if name == b"content-type":  # ASGI header names are lower-case
             media = value.decode("latin-1").split(";")[0].strip()
@@ -221,8 +222,6 @@ class FeedbackLane:
 
 def _service():
     """The service instance, or None before BentoML created it."""
-    from _bentoml_sdk.service import get_current_service
-
     try:
         return get_current_service()
     except Exception:

@@ -113,9 +113,6 @@ def env_for(model: str, store: Path, **extra: str) -> dict:
 
 # ------------------------------------------------------------------------------------------- SIGKILL durability
 
-CLIENTS = 4
-ITEMS_PER_REQUEST = 5
-PREDICTIONS = 200
 KILL_AT = 0.4  # share of all items acknowledged when the server is killed
 
 
@@ -124,33 +121,40 @@ def label_for(index: int, client: int) -> int:
     return (index * 7 + client * 3) % 10
 
 
-def test_sigkill_mid_feedback_loses_no_acknowledged_item(model, tmp_path):
+# (clients, predictions each client labels, items per request): batches from a few clients, then many clients
+# sending one item at a time, whose requests share group commits
+SIGKILL_STREAMS = [(4, 200, 5), (32, 40, 1)]
+
+
+@pytest.mark.parametrize("clients, predictions, per_request", SIGKILL_STREAMS,
+                         ids=["4-clients-batches", "32-clients-single-items"])
+def test_sigkill_mid_feedback_loses_no_acknowledged_item(model, tmp_path, clients, predictions, per_request):
     store = tmp_path / "store.db"
     env = env_for(model, store, NOISEWISE_RELOAD_INTERVAL_S="0")
     log = tmp_path / "bentoml-serve.log"
     server = Server(env, log)
     try:
         server.wait_ready()
-        x, _ = digits(PREDICTIONS, start=100)
+        x, _ = digits(predictions, start=100)
         ids: list[str] = []
-        for start in range(0, PREDICTIONS, 50):
+        for start in range(0, predictions, 50):
             response = httpx.post(f"{server.url}/predict", json={"inputs": x[start:start + 50].reshape(-1, 64).tolist()},
                                   timeout=60)
             assert response.status_code == 200, response.text
             ids += [p["id"] for p in response.json()["predictions"]]
 
         # every client labels every prediction under its own annotator name: all items are distinct
-        items = {(ids[i], f"client-{c}"): label_for(i, c) for c in range(CLIENTS) for i in range(PREDICTIONS)}
+        items = {(ids[i], f"client-{c}"): label_for(i, c) for c in range(clients) for i in range(predictions)}
         acknowledged: set[tuple[str, str]] = set()
         unanswered: set[tuple[str, str]] = set()
         rejected: list[dict] = []
         lock = threading.Lock()
 
         def stream(client: int) -> None:
-            mine = [(ids[i], f"client-{client}", label_for(i, client)) for i in range(PREDICTIONS)]
+            mine = [(ids[i], f"client-{client}", label_for(i, client)) for i in range(predictions)]
             with httpx.Client(base_url=server.url, timeout=30) as http:
-                for start in range(0, len(mine), ITEMS_PER_REQUEST):
-                    batch = mine[start:start + ITEMS_PER_REQUEST]
+                for start in range(0, len(mine), per_request):
+                    batch = mine[start:start + per_request]
                     body = {"items": [{"prediction_id": p, "annotator": a, "label": y} for p, a, y in batch]}
                     try:
                         response = http.post("/feedback", json=body)
@@ -168,7 +172,7 @@ def test_sigkill_mid_feedback_loses_no_acknowledged_item(model, tmp_path):
                         else:
                             rejected.append({"status": response.status_code, "body": response.text[:200]})
 
-        threads = [threading.Thread(target=stream, args=(c,), daemon=True) for c in range(CLIENTS)]
+        threads = [threading.Thread(target=stream, args=(c,), daemon=True) for c in range(clients)]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 120
@@ -226,7 +230,7 @@ def test_sigkill_mid_feedback_loses_no_acknowledged_item(model, tmp_path):
         finally:
             db.close()
 
-    figures = {"items": len(items), "clients": CLIENTS, "items_per_request": ITEMS_PER_REQUEST,
+    figures = {"items": len(items), "clients": clients, "items_per_request": per_request,
                "processes_killed": len(killed), "acknowledged": len(acked_at_kill), "recovered": len(recovered),
                "unanswered": len(unanswered), "unanswered_stored": len(unanswered_stored), "unsent": len(unsent),
                "retry_duplicates": statuses[200], "retry_stored": statuses[201], "final_rows": len(final)}

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +13,8 @@ import pytest
 from evidently.ui.workspace import Workspace
 from scipy import stats
 from sklearn.metrics import f1_score, precision_score, recall_score
+
+from tests.integration.evidently_ui import evidently_ui
 
 from noisewise.monitoring.drift import chi2_two_sample, drift_report, value_drift
 from noisewise.monitoring.metrics import drift_gauge_values
@@ -283,44 +280,16 @@ def test_invalid_options(tmp_path, kwargs, message):
         drift_report(_reference(rng), _predictions(rng), _feedback(rng), workspace=tmp_path, **arguments)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_evidently_ui_serves_the_workspace(tmp_path):
     rng = np.random.default_rng(11)
     result = drift_report(_reference(rng), _predictions(rng), _feedback(rng), NAMES, tmp_path)
-    port = _free_port()
-    env = {**os.environ, "DO_NOT_TRACK": "true"}
-    evidently = Path(sys.executable).with_name("evidently")
-    log = (tmp_path / "ui.log").open("w")
-    process = subprocess.Popen([str(evidently), "ui", "--workspace", str(tmp_path), "--host", "127.0.0.1",
-                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/api/projects"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                projects = httpx.get(base, timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, (tmp_path / "ui.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "evidently ui did not answer within 60 s"
-                time.sleep(0.25)
+    with evidently_ui(tmp_path, tmp_path / "ui.log", timeout_s=60) as base:
+        projects = httpx.get(f"{base}/api/projects", timeout=10)
         assert projects.status_code == 200
         assert [(p["id"], p["name"]) for p in projects.json()] == [(result["project_id"], "noisewise")]
-        snapshots = httpx.get(f"{base}/{result['project_id']}/snapshots", timeout=10).json()
+        api = f"{base}/api/projects"
+        snapshots = httpx.get(f"{api}/{result['project_id']}/snapshots", timeout=10).json()
         assert [s["id"] for s in snapshots] == [result["snapshot_id"]]
-        data = httpx.get(f"{base}/{result['project_id']}/{result['snapshot_id']}/data", timeout=30)
+        data = httpx.get(f"{api}/{result['project_id']}/{result['snapshot_id']}/data", timeout=30)
         assert data.status_code == 200 and len(data.json()["widgets"]) > 0
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()

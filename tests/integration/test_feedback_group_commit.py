@@ -1,7 +1,7 @@
 """Group-committed feedback: concurrent requests share one transaction, each is answered only after it, and
 the outcomes stay exactly-once (one row per prediction and annotator, every other copy a duplicate or a
-conflict). Then the crash test with many concurrent single-item clients: a real ``bentoml serve`` SIGKILLed
-mid-stream loses no acknowledged item and stores none twice."""
+conflict). The crash test with many concurrent single-item clients (a real ``bentoml serve`` SIGKILLed
+mid-stream) is ``tests/e2e/test_reliability.py``'s SIGKILL test, run with 32 single-item clients."""
 
 from __future__ import annotations
 
@@ -11,15 +11,12 @@ import threading
 import time
 from collections import Counter
 
-import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
 from noisewise.monitoring.store import PredictionRow, Store
 from noisewise.services.feedback_api import FeedbackWriter, ingest, ingest_async, writer_for
-from tests.e2e.test_reliability import Server, ensure_reliability_model, env_for, label_for, running
-from tests.integration.serving_model import digits
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -172,86 +169,3 @@ def test_a_failing_request_does_not_fail_the_others_in_its_group(store, tmp_path
     assert "refused by the test trigger" in results.pop("doomed")
     assert results == {f"ok{r}": 1 for r in range(8)}
     assert store.count("feedback") == 8
-
-
-# --- crash durability with many single-item clients (real server) ----------------------------------------
-CLIENTS = 32
-PREDICTIONS = 40
-KILL_AT = 0.4
-
-
-@pytest.mark.slow
-def test_sigkill_with_many_single_item_clients_loses_no_acknowledged_item(tmp_path):
-    model = ensure_reliability_model()
-    store_path = tmp_path / "store.db"
-    env = env_for(model, store_path, NOISEWISE_RELOAD_INTERVAL_S="0")
-    server = Server(env, tmp_path / "bentoml-serve.log")
-    try:
-        server.wait_ready()
-        x, _ = digits(PREDICTIONS, start=100)
-        response = httpx.post(f"{server.url}/predict", json={"inputs": x.reshape(PREDICTIONS, -1).tolist()}, timeout=60)
-        assert response.status_code == 200, response.text
-        ids = [p["id"] for p in response.json()["predictions"]]
-        items = {(ids[i], f"client-{c}"): label_for(i, c) for c in range(CLIENTS) for i in range(PREDICTIONS)}
-        acknowledged: set = set()
-        unanswered: set = set()
-        rejected: list = []
-        lock = threading.Lock()
-
-        def stream(client: int) -> None:
-            with httpx.Client(base_url=server.url, timeout=30) as http:
-                for i in range(PREDICTIONS):
-                    key = (ids[i], f"client-{client}")
-                    body = {"items": [{"prediction_id": key[0], "annotator": key[1], "label": items[key]}]}
-                    try:
-                        answer = http.post("/feedback", json=body)
-                    except httpx.TransportError:
-                        with lock:
-                            unanswered.add(key)
-                        return
-                    with lock:
-                        if answer.status_code == 200 and answer.json()["items"][0]["status"] in (200, 201):
-                            acknowledged.add(key)
-                        else:
-                            rejected.append((answer.status_code, answer.text[:200]))
-
-        threads = [threading.Thread(target=stream, args=(c,), daemon=True) for c in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120
-        while len(acknowledged) < KILL_AT * len(items):
-            assert time.monotonic() < deadline and any(t.is_alive() for t in threads), \
-                f"stream stalled at {len(acknowledged)} acknowledged items: {rejected[:3]}"
-            time.sleep(0.002)
-        _, holders = server.sigkill(store_path)
-        for t in threads:
-            t.join(timeout=60)
-        acked_at_kill = set(acknowledged)
-    finally:
-        server.stop()
-
-    assert not rejected, rejected[:5]
-    assert holders, "the killed tree did not include the worker holding the store"
-    assert 0 < len(acked_at_kill) < len(items)
-    with running(env, tmp_path / "bentoml-serve-2.log") as restarted:
-        db = Store(f"sqlite:///{store_path}")
-        try:
-            frame = db.feedback_frame()
-            counts = Counter(zip(frame["prediction_id"], frame["annotator"]))
-            assert max(counts.values()) == 1
-            assert acked_at_kill <= set(counts), f"lost {len(acked_at_kill - set(counts))} acknowledged items"
-            assert set(counts) <= acked_at_kill | unanswered, "an item never sent is in the store"
-            everything = list(items)
-            per_item = {}
-            with httpx.Client(base_url=restarted.url, timeout=60) as http:
-                for start in range(0, len(everything), 100):
-                    batch = everything[start:start + 100]
-                    body = {"items": [{"prediction_id": p, "annotator": a, "label": items[p, a]} for p, a in batch]}
-                    answer = http.post("/feedback", json=body)
-                    assert answer.status_code == 200, answer.text[:500]
-                    per_item.update(zip(batch, (r["status"] for r in answer.json()["items"])))
-            assert all(per_item[k] == 200 for k in counts) and all(per_item[k] == 201 for k in set(items) - set(counts))
-            final = Counter(zip(*(db.feedback_frame()[c] for c in ("prediction_id", "annotator"))))
-            assert set(final) == set(items) and set(final.values()) == {1}
-        finally:
-            db.close()

@@ -15,19 +15,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from evidently.sdk.models import ProjectModel
 from evidently.ui.workspace import Workspace
 
+from tests.integration.evidently_ui import evidently_ui as serve_evidently_ui
 from tests.integration.serving_model import ensure_model, prediction_rows
 from tests.integration.serving_model import run_in_process as run
 
@@ -207,42 +203,11 @@ def test_html_report_opens_on_the_summary_card(monitored, tmp_path):
         browser.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def evidently_ui(monitored, tmp_path):
     """`evidently ui` serving the workspace on a free loopback port; yields its base URL."""
-    port = _free_port()
-    log_path = tmp_path / "ui.log"
-    evidently = Path(sys.executable).with_name("evidently")
-    with log_path.open("w") as log:
-        process = subprocess.Popen([str(evidently), "ui", "--workspace", str(monitored["workspace"]), "--host",
-                                    "127.0.0.1", "--port", str(port)], env={**os.environ, "DO_NOT_TRACK": "true"},
-                                   stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if httpx.get(f"{base}/api/projects", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.poll() is None, log_path.read_text()[-2000:]
-                assert time.monotonic() < deadline, "evidently ui did not answer within 90 s"
-                time.sleep(0.5)
-            yield base
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with serve_evidently_ui(monitored["workspace"], tmp_path / "ui.log") as base:
+        yield base
 
 
 def _panel_text(body: str, title: str, next_title: str) -> str:
