@@ -625,8 +625,11 @@ def _engine(url: str, begin: str = "BEGIN") -> sa.Engine:
         except ImportError:
             raise StoreError("a PostgreSQL store needs its driver: pip install 'noisewise[postgres]'") from None
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if not parsed.database or parsed.database == ":memory:" or parsed.query.get("mode") == "memory":
+            raise StoreError(f"the store {url} is an in-memory SQLite database: nothing stored there "
+                             "survives the process (and each connection would see its own); use a file, "
+                             "e.g. sqlite:////var/lib/noisewise/store.db")
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
 
         @sa.event.listens_for(engine, "connect")

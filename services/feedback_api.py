@@ -178,7 +178,8 @@ class _Job:
     valid: list[tuple[int, FeedbackItem, int]]
     class_names: Sequence[str]
     thresholds: np.ndarray
-    done: Future = field(default_factory=Future)
+    #: the answer: a concurrent Future (a blocking caller) or an asyncio Future (a request on an event loop)
+    done: Future | asyncio.Future | None = None
     scorable: list[tuple[int, FeedbackItem, int, Any]] = field(default_factory=list)
     rows: list = field(default_factory=list)
     quality: np.ndarray | None = None
@@ -193,6 +194,7 @@ def ingest(raw_items: list, store, class_names: Sequence[str], thresholds: np.nd
     is_ood), once the items are committed. Concurrent calls share commits (:class:`FeedbackWriter`)."""
     job = _validate(raw_items, class_names, thresholds)
     if job.valid:
+        job.done = Future()
         return writer_for(store).submit(job).result()
     return _answer(job, [])
 
@@ -206,7 +208,9 @@ async def ingest_async(raw_items: list, store, class_names: Sequence[str],
     else:
         job = await asyncio.to_thread(_validate, raw_items, class_names, thresholds)
     if job.valid:
-        return await asyncio.wrap_future(writer_for(store).submit(job))
+        # an asyncio Future, settled from the writer thread with one wake-up of this loop per group commit
+        job.done = asyncio.get_running_loop().create_future()
+        return await writer_for(store).submit(job)
     return _answer(job, [])
 
 
@@ -313,7 +317,8 @@ class FeedbackWriter:
     Each :meth:`submit` queues a validated request and returns a future of its answer. The thread takes
     every request queued since its last commit and handles them together: one query for their predictions,
     one scoring pass, one transaction (one fsync) for all their items. Every request is answered only after
-    that commit, so an acknowledged item is on disk; the outcomes are those of storing the requests one
+    that commit, so an acknowledged item is on disk (the answers of a group reach an event loop in one
+    wake-up, not one per request); the outcomes are those of storing the requests one
     after the other in arrival order (an item sent twice at once is stored once, then a duplicate). When the
     shared commit fails, each request is committed alone, so one request's failure is never another's.
 
@@ -343,10 +348,13 @@ class FeedbackWriter:
         self._predictions: collections.OrderedDict = collections.OrderedDict()
         self._cached_predictions = cached_predictions
         self._queue: queue.Queue = queue.Queue()
+        self._answers: list[tuple] = []  # (future, result, error) made but not yet delivered
         self._thread = threading.Thread(target=self._run, name="noisewise-feedback-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, job: _Job) -> Future:
+    def submit(self, job: _Job) -> Future | asyncio.Future:
+        """Queue ``job``; returns ``job.done``, which the caller made (a concurrent Future when it blocks, an
+        asyncio Future of its running loop when it awaits)."""
         if self._thread.is_alive():
             self._queue.put(job)
         else:
@@ -386,7 +394,8 @@ class FeedbackWriter:
                 self._handle(jobs)
             except Exception as err:  # the store is down (the lookup failed): every request gets the error
                 for job in jobs:
-                    _settle(job.done, error=err)
+                    self._answer(job, error=err)
+            self._deliver()
             if stop:
                 return
 
@@ -416,7 +425,8 @@ class FeedbackWriter:
         committing = [job for job in jobs if job.rows]
         for job in jobs:
             if not job.rows:
-                _settle(job.done, result=_answer(job, []))
+                self._answer(job, result=_answer(job, []))
+        self._deliver()  # nothing to commit for these: answered before the commit
         if committing:
             self._commit(committing)
 
@@ -425,7 +435,7 @@ class FeedbackWriter:
             outcomes = self.store.add_feedback([row for job in jobs for row in job.rows])
         except Exception as err:
             if len(jobs) == 1:
-                _settle(jobs[0].done, error=err)
+                self._answer(jobs[0], error=err)
                 return
             log.warning("noisewise: a group commit of %d feedback requests failed (%s); committing each alone",
                         len(jobs), type(err).__name__)
@@ -434,8 +444,27 @@ class FeedbackWriter:
             return
         start = 0
         for job in jobs:
-            _settle(job.done, result=_answer(job, outcomes[start:start + len(job.rows)]))
+            self._answer(job, result=_answer(job, outcomes[start:start + len(job.rows)]))
             start += len(job.rows)
+
+    def _answer(self, job: _Job, result=None, error: BaseException | None = None) -> None:
+        self._answers.append((job.done, result, error))
+
+    def _deliver(self) -> None:
+        """Settle the answers made since the last delivery: blocking callers' futures at once, and each event
+        loop's futures in one callback (one wake-up of the loop for the whole group, not one per request)."""
+        answers, self._answers = self._answers, []
+        loops: dict[asyncio.AbstractEventLoop, list] = {}
+        for done, result, error in answers:
+            if isinstance(done, asyncio.Future):
+                loops.setdefault(done.get_loop(), []).append((done, result, error))
+            else:
+                _settle(done, result, error)
+        for loop, settled in loops.items():
+            try:
+                loop.call_soon_threadsafe(_settle_on_loop, settled)
+            except RuntimeError:  # the loop is closed: no request waits for these answers any more
+                pass
 
 
 _STOP = object()
@@ -460,6 +489,15 @@ def _settle(done: Future, result=None, error: BaseException | None = None) -> No
             done.set_result(result)
         else:
             done.set_exception(error)
+
+
+def _settle_on_loop(answers: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for done, result, error in answers:
+        if not done.done():  # done: the request was cancelled (it timed out) while it waited
+            if error is None:
+                done.set_result(result)
+            else:
+                done.set_exception(error)
 
 
 def _check_predictions(job: _Job, found: dict) -> None:

@@ -123,7 +123,17 @@ def test_event_loop_requests_share_one_commit(store, tmp_path):
     sa.event.listen(store._writer, "commit", lambda conn: commits.append(time.monotonic()))
     lock = WriteLock(tmp_path / "store.db")
 
+    wakeups: list[str] = []
+
     async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        threadsafe = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kwargs):  # the writer thread waking this loop up
+            wakeups.append(threading.current_thread().name)
+            return threadsafe(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
         writer = writer_for(store)
         tasks = [asyncio.ensure_future(ingest_async(request_items(0), store, NAMES, THRESHOLDS))]
         # the first request is queued, then taken alone into the blocked first commit
@@ -142,6 +152,33 @@ def test_event_loop_requests_share_one_commit(store, tmp_path):
 
     statuses = asyncio.run(main())
     check_outcomes(store, statuses, commits)
+    # the answers of a group reach the loop in one wake-up, not one per request: one per commit here
+    assert wakeups.count("noisewise-feedback-writer") == len(commits) == 2, wakeups
+
+
+def test_a_request_cancelled_while_it_waits_leaves_the_others_answered(store, tmp_path):
+    """A request that times out while it waits for its commit (BentoML cancels it) gets no answer; the others
+    are answered, and its item, submitted before the cancel, is stored once: a retry is answered 200
+    duplicate."""
+    lock = WriteLock(tmp_path / "store.db")
+
+    async def main() -> tuple[list[int], int]:
+        writer = writer_for(store)
+        tasks = [asyncio.ensure_future(ingest_async(request_items(r), store, NAMES, THRESHOLDS)) for r in range(8)]
+        while writer._queue.unfinished_tasks < 8:  # all submitted (taken into the blocked commit or queued)
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)
+        tasks[3].cancel()
+        lock.release()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        retry, _ = await ingest_async(request_items(3), store, NAMES, THRESHOLDS)
+        return [d if isinstance(d, asyncio.CancelledError) else d[0].items[0].status for d in done], \
+            retry.items[0].status
+
+    statuses, retried = asyncio.run(main())
+    assert isinstance(statuses.pop(3), asyncio.CancelledError)
+    assert statuses == [201] * 7 and retried == 200
+    assert store.count("feedback") == 8
 
 
 def test_a_failing_request_does_not_fail_the_others_in_its_group(store, tmp_path):

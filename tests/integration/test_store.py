@@ -562,3 +562,13 @@ def test_store_error_is_one_line_without_the_password(tmp_path):
         assert time.monotonic() - started < 10
         assert "\n" not in message and message.startswith("cannot open the store"), message
         assert "s3cret-Pa55" not in message and "s3cret-Pa55" not in repr(info.value)
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:store?mode=memory&uri=true"])
+def test_an_in_memory_sqlite_store_is_refused_at_once(url):
+    """Nothing in memory survives the process, so nothing could be acknowledged as stored: refused in one
+    line, promptly (it used to wait forever for a WAL switch an in-memory database never makes)."""
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="in-memory SQLite database") as info:
+        Store(url)
+    assert time.monotonic() - started < 5 and "\n" not in str(info.value)
