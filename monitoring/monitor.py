@@ -4,19 +4,24 @@
 ``NOISEWISE_MONITOR_INTERVAL_S`` for the noise-rate, realized-coverage and suspect-share gauges.
 :func:`run_monitor` adds the Evidently reports (``monitoring/drift.py``; the report opens on a summary card of
 these numbers, and the workspace project has a dashboard of them, ``monitoring/operator_view.py``), stores the
-result as a ``monitor`` report, from which the service exports the drift gauges.
+result as a ``monitor`` report, from which the service exports the drift gauges. ``noisewise monitor`` has the
+reports computed by a child process that imported Evidently while the command did the rest
+(``monitoring/report_worker.py``); without that worker, :func:`run_monitor` computes them in its own process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from noisewise.monitoring.feedback import best_estimate, noise_rate_estimates, realized_coverage, suspects
+
+if TYPE_CHECKING:
+    from noisewise.monitoring.report_worker import ReportWorker
 
 
 def feedback_state(frame: pd.DataFrame, calibration) -> dict[str, Any]:
@@ -84,29 +89,43 @@ def reference_frame(loaded) -> pd.DataFrame:
     return pd.DataFrame({"label": reference.cal_labels, "predicted": reference.cal_predicted})
 
 
-def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit: int = 20) -> dict[str, Any]:
+def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit: int = 20, *,
+                reports: ReportWorker | None = None) -> dict[str, Any]:
     """The ``noisewise monitor`` report: feedback state, suspects, Evidently drift/quality reports (saved to the
     workspace), stored in the store as a ``monitor`` report for the service's drift gauges.
 
     Everything is computed over the newest ``window`` feedback items and predictions of the model (all when
     None), read newest first through the store's indexes, so the cost follows the window, not the store;
     ``totals`` (whole store: predictions, feedback, OOD feedback, suspects) come from SQL counts.
-    ``n_predictions`` and ``n_feedback`` are the window's."""
-    from noisewise.monitoring.drift import drift_report
-    from noisewise.monitoring.operator_view import operator_numbers
+    ``n_predictions`` and ``n_feedback`` are the window's.
+
+    ``reports``, a :class:`~noisewise.monitoring.report_worker.ReportWorker` started earlier, computes the
+    Evidently reports in its child process (which has imported Evidently meanwhile) while this one counts the
+    totals and ranks the suspects; without it they are computed here. The result is the same.
+
+    Raises
+    ------
+    ReportWorkerError
+        When ``reports`` is given and its child fails or exits without answering (one line).
+    """
+    from noisewise.monitoring.report_worker import DriftJob, compute_drift
 
     calibration = loaded.calibration
     feedback = store.feedback_frame(window=window, model_name=loaded.name)
     predictions = store.prediction_frame(limit=window, model_name=loaded.name)
-    totals = store.feedback_totals(loaded.name)
     state = feedback_state(feedback, calibration)
-    flagged = suspects(feedback, calibration.class_names, limit=limit)
     calibration_noise = calibration.noise or {}
     above = _noise_above_calibration(state, calibration_noise)
     # The report's summary card and the workspace dashboard show the same noise rate and coverage.
-    drift = drift_report(reference_frame(loaded), predictions, feedback, list(calibration.class_names),
-                         workspace=Path(workspace), model=f"{loaded.name}/{loaded.version}",
-                         operator=operator_numbers(state, calibration_noise, above))
+    job = DriftJob(reference=reference_frame(loaded), predictions=predictions, feedback=feedback,
+                   class_names=list(calibration.class_names), workspace=Path(workspace),
+                   model=f"{loaded.name}/{loaded.version}", state=state, calibration_noise=calibration_noise,
+                   above=above)
+    if reports is not None:
+        reports.submit(job)  # the child computes the reports while the totals and suspects are computed here
+    totals = store.feedback_totals(loaded.name)
+    flagged = suspects(feedback, calibration.class_names, limit=limit)
+    drift = reports.result() if reports is not None else compute_drift(job)
     report = {
         "model": {"name": loaded.name, "version": loaded.version},
         "window": window, "n_predictions": len(predictions), "n_feedback": len(feedback), "totals": totals,

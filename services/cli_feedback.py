@@ -166,14 +166,23 @@ def cmd_flags(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from noisewise.models.registry import home_dir
-    from noisewise.monitoring.monitor import run_monitor
+    from noisewise.monitoring.report_worker import ReportWorker, ReportWorkerError
 
-    cli = _cli()
-    loaded = _loaded(args.model, network=False)  # the calibration's classes, thresholds and targets suffice
-    store = _open_store()
-    workspace = args.workspace or home_dir() / "evidently"
-    report = run_monitor(store, loaded, workspace, window=args.window)
+    # First, before any heavy import: a child process imports Evidently on the other core while this one loads
+    # the model and reads the store, then computes the reports from the window (monitoring/report_worker.py).
+    with ReportWorker() as reports:
+        from noisewise.models.registry import home_dir
+        from noisewise.monitoring.monitor import run_monitor
+
+        cli = _cli()
+        loaded = _loaded(args.model, network=False)  # the calibration's classes, thresholds and targets suffice
+        store = _open_store()
+        workspace = args.workspace or home_dir() / "evidently"
+        try:
+            report = run_monitor(store, loaded, workspace, window=args.window, reports=reports)
+        except ReportWorkerError as err:
+            print(f"noisewise: error: {err}", file=sys.stderr)
+            return 1
     cli._emit(args, report, _monitor_text(report, workspace))
     return 0
 
