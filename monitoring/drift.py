@@ -77,6 +77,8 @@ from evidently.presets import ClassificationPreset
 from evidently.ui.workspace import Workspace
 from scipy import stats
 
+from noisewise.monitoring.report_worker import KEEP_SNAPSHOTS
+
 from noisewise.monitoring.operator_view import (
     DriftInShares,
     OperatorSummary,
@@ -428,7 +430,8 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
                  class_names: Sequence[str], workspace: str | os.PathLike, project: str = "noisewise",
                  model: str | None = None, stattest: str = DEFAULT_STATTEST,
                  threshold: float = DEFAULT_THRESHOLD, min_rows: int | None = None,
-                 timestamp: datetime | None = None, operator: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 timestamp: datetime | None = None, operator: Mapping[str, Any] | None = None,
+                 keep_snapshots: int | None = KEEP_SNAPSHOTS) -> dict[str, Any]:
     """Run the monitoring report, store it in an Evidently workspace and return its numbers.
 
     The report opens on a summary card (noise rate, coverage, suspect share, drift, with their verdicts),
@@ -469,6 +472,10 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
         The noise rate and coverage of the feedback
         (:func:`noisewise.monitoring.operator_view.operator_numbers`), shown on the summary card and stored
         in the snapshot for the dashboard; without it the card shows suspects and drift only.
+    keep_snapshots : int >= 1 or None
+        Keep the project's newest snapshots, this many, and delete older ones (None: keep them all). Opening
+        a local Evidently workspace reads every snapshot it holds, so without a bound each report would take
+        longer than the one before; the HTML and JSON files of every report are kept.
 
     Returns
     -------
@@ -480,9 +487,12 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
         ``reference_accuracy``; or ``status``), ``suspects`` (``share``, ``n``, ``n_suspect``, ``per_class``
         and ``per_annotator`` {name: {share, n}}, ``n_ood`` feedback on OOD inputs, left out), ``html``,
         ``json`` (paths, ``html`` None when there was nothing to report), ``snapshot_id``, ``project_id``,
-        ``workspace``, ``timestamp``, ``model``.
+        ``workspace``, ``timestamp``, ``model``, ``snapshots_deleted``.
     """
     kind = _validate_test(stattest, threshold)
+    if keep_snapshots is not None and (isinstance(keep_snapshots, bool) or not isinstance(keep_snapshots, int)
+                                       or keep_snapshots < 1):
+        raise ValueError(f"keep_snapshots must be a positive number of snapshots or None, got {keep_snapshots!r}")
     names = _validated_class_names(class_names)
     needed = _min_rows(min_rows, len(names))
     _require_columns(reference, _REFERENCE_COLUMNS, "reference")
@@ -577,7 +587,8 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
     reports_dir.mkdir(parents=True, exist_ok=True)
     result.update({"workspace": str(root), "timestamp": timestamp.astimezone(UTC).isoformat(),
                    "model": model, "n_predictions": len(served), "n_feedback": len(feedback),
-                   "html": None, "snapshot_id": None, "project_id": None})
+                   "html": None, "snapshot_id": None, "project_id": None,
+                   "snapshots_deleted": 0})
     if len(suspects):
         metrics.append(SuspectShares(share_metrics=share_metrics, suspects=result["suspects"]))
     metrics += quality_metrics
@@ -611,6 +622,7 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
         ensure_dashboard(ws, evidently_project.id)
         ref = ws.add_run(evidently_project.id, snapshot)
         result["snapshot_id"], result["project_id"] = str(ref.id), str(evidently_project.id)
+        result["snapshots_deleted"] = _prune_snapshots(ws, evidently_project.id, keep_snapshots)
         html = reports_dir / f"{stamp}.html"
         snapshot.save_html(str(html))
         result["html"] = str(html)
@@ -620,6 +632,18 @@ def drift_report(reference: pd.DataFrame, current_predictions: pd.DataFrame, fee
     json_path.write_text(json.dumps({"noisewise": result, "evidently": evidently_dict}, indent=1,
                                     default=_json_default))
     return result
+
+
+def _prune_snapshots(ws: Workspace, project_id: Any, keep: int | None) -> int:
+    """Delete the project's snapshots older than its newest ``keep``; returns how many were deleted.
+    Evidently's snapshot ids are UUIDv7, so their sorted order is their creation order."""
+    if keep is None:
+        return 0
+    runs = sorted(str(run) for run in ws.list_runs(project_id))
+    old = runs[:max(len(runs) - keep, 0)]
+    for snapshot_id in old:
+        ws.delete_run(project_id, snapshot_id)
+    return len(old)
 
 
 def _json_default(value: Any) -> Any:

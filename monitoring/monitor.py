@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from noisewise.monitoring.feedback import best_estimate, noise_rate_estimates, realized_coverage, suspects
+from noisewise.monitoring.report_worker import KEEP_SNAPSHOTS
 
 if TYPE_CHECKING:
     from noisewise.monitoring.report_worker import ReportWorker
@@ -90,14 +91,15 @@ def reference_frame(loaded) -> pd.DataFrame:
 
 
 def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit: int = 20, *,
-                reports: ReportWorker | None = None) -> dict[str, Any]:
+                reports: ReportWorker | None = None, keep_snapshots: int | None = KEEP_SNAPSHOTS) -> dict[str, Any]:
     """The ``noisewise monitor`` report: feedback state, suspects, Evidently drift/quality reports (saved to the
     workspace), stored in the store as a ``monitor`` report for the service's drift gauges.
 
     Everything is computed over the newest ``window`` feedback items and predictions of the model (all when
     None), read newest first through the store's indexes, so the cost follows the window, not the store;
     ``totals`` (whole store: predictions, feedback, OOD feedback, suspects) come from SQL counts.
-    ``n_predictions`` and ``n_feedback`` are the window's.
+    ``n_predictions`` and ``n_feedback`` are the window's. The workspace keeps the newest ``keep_snapshots``
+    snapshots of the project (None: all of them).
 
     ``reports``, a :class:`~noisewise.monitoring.report_worker.ReportWorker` started earlier, computes the
     Evidently reports in its child process (which has imported Evidently meanwhile) while this one counts the
@@ -120,7 +122,7 @@ def run_monitor(store, loaded, workspace: Path, window: int | None = None, limit
     job = DriftJob(reference=reference_frame(loaded), predictions=predictions, feedback=feedback,
                    class_names=list(calibration.class_names), workspace=Path(workspace),
                    model=f"{loaded.name}/{loaded.version}", state=state, calibration_noise=calibration_noise,
-                   above=above)
+                   above=above, keep_snapshots=keep_snapshots)
     if reports is not None:
         reports.submit(job)  # the child computes the reports while the totals and suspects are computed here
     totals = store.feedback_totals(loaded.name)

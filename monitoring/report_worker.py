@@ -25,7 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-__all__ = ["DriftJob", "ReportWorker", "ReportWorkerError", "compute_drift"]
+__all__ = ["KEEP_SNAPSHOTS", "DriftJob", "ReportWorker", "ReportWorkerError", "compute_drift"]
+
+#: Evidently snapshots kept per workspace project (the newest): bounds the time to open the workspace, which
+#: reads them all (about 25 ms each for a 10,000-row window). 50 hourly runs are two days of history in the
+#: Evidently UI; the long history of the same numbers is Prometheus's (the noisewise_drift_* gauges).
+KEEP_SNAPSHOTS = 50
 
 #: How often the parent, waiting for the answer, checks that the child is still alive (seconds).
 _POLL_S = 0.2
@@ -43,8 +48,8 @@ class ReportWorkerError(RuntimeError):
 class DriftJob:
     """What the Evidently reports of ``noisewise monitor`` are computed from (picklable: frames and plain values).
 
-    ``reference``, ``predictions``, ``feedback``, ``class_names``, ``workspace`` and ``model`` are the arguments of
-    :func:`noisewise.monitoring.drift.drift_report`; ``state``, ``calibration_noise`` and ``above`` those of
+    ``reference``, ``predictions``, ``feedback``, ``class_names``, ``workspace``, ``model`` and ``keep_snapshots``
+    are the arguments of :func:`noisewise.monitoring.drift.drift_report`; ``state``, ``calibration_noise`` and ``above`` those of
     :func:`noisewise.monitoring.operator_view.operator_numbers`, whose result is the report's summary card.
     """
 
@@ -57,6 +62,7 @@ class DriftJob:
     state: dict[str, Any]
     calibration_noise: dict[str, Any]
     above: bool | None
+    keep_snapshots: int | None = KEEP_SNAPSHOTS
 
 
 def compute_drift(job: DriftJob) -> dict[str, Any]:
@@ -69,7 +75,8 @@ def compute_drift(job: DriftJob) -> dict[str, Any]:
 
     return drift_report(job.reference, job.predictions, job.feedback, job.class_names,
                         workspace=Path(job.workspace), model=job.model,
-                        operator=operator_numbers(job.state, job.calibration_noise, job.above))
+                        operator=operator_numbers(job.state, job.calibration_noise, job.above),
+                        keep_snapshots=job.keep_snapshots)
 
 
 def _one_line(err: BaseException) -> str:

@@ -51,14 +51,19 @@ def _noise_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err).removeprefix("--noise: ")) from None
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, least: int = 1) -> int:
+    kind = "a positive integer" if least == 1 else f"an integer >= {least}"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    return _positive_int(text, least=0)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from noisewise.monitoring.report_worker import KEEP_SNAPSHOTS
+
 
 #: Feedback items (and predictions) ``noisewise monitor`` reads by default.
 DEFAULT_MONITOR_WINDOW = 10_000
@@ -55,6 +57,10 @@ def add_parsers(commands, common) -> None:
                          "the whole-store totals are counted in SQL")
     monitor.add_argument("--workspace", type=Path, default=None,
                          help="Evidently workspace (default $NOISEWISE_HOME/evidently)")
+    monitor.add_argument("--keep-snapshots", type=common._non_negative_int, default=KEEP_SNAPSHOTS,
+                         help="keep the workspace project's newest N snapshots and delete older ones (0: keep "
+                         "all); every report's HTML and JSON files are kept. Opening the workspace reads every "
+                         "snapshot, so an unbounded history makes each run slower than the last")
     monitor.add_argument("--json", action="store_true", help="print one JSON object")
     monitor.set_defaults(handler=cmd_monitor)
 
@@ -179,7 +185,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         store = _open_store()
         workspace = args.workspace or home_dir() / "evidently"
         try:
-            report = run_monitor(store, loaded, workspace, window=args.window, reports=reports)
+            report = run_monitor(store, loaded, workspace, window=args.window, reports=reports,
+                                 keep_snapshots=args.keep_snapshots or None)
         except ReportWorkerError as err:
             print(f"noisewise: error: {err}", file=sys.stderr)
             return 1

@@ -233,6 +233,23 @@ def test_workspace_holds_project_and_snapshots_when_reopened(tmp_path):
         sorted([second["label_drift"]["score"], second["prediction_drift"]["score"]]), rel=1e-12)
 
 
+def test_the_workspace_keeps_the_newest_snapshots_and_every_report_file(tmp_path):
+    """Opening the workspace reads every snapshot: the project keeps its newest ``keep_snapshots`` (the reports'
+    HTML and JSON files all stay), so the cost of the next run does not grow with the number of runs."""
+    rng = np.random.default_rng(11)
+    reference = _reference(rng, n=400)
+    results = [drift_report(reference, _predictions(rng, n=60), _feedback(rng, n=60), NAMES, tmp_path,
+                            keep_snapshots=2) for _ in range(4)]
+    assert [r["snapshots_deleted"] for r in results] == [0, 0, 1, 1]
+    workspace = Workspace(str(tmp_path))
+    project = workspace.search_project("noisewise")[0]
+    assert {str(s) for s in workspace.list_runs(project.id)} == {r["snapshot_id"] for r in results[-2:]}
+    assert all(Path(r["json"]).exists() and Path(r["html"]).exists() for r in results)
+    unbounded = drift_report(reference, _predictions(rng, n=60), _feedback(rng, n=60), NAMES, tmp_path,
+                             keep_snapshots=None)
+    assert unbounded["snapshots_deleted"] == 0 and len(workspace.list_runs(project.id)) == 3
+
+
 def test_empty_and_small_feedback(tmp_path):
     rng = np.random.default_rng(8)
     reference, predictions = _reference(rng), _predictions(rng)
@@ -272,7 +289,8 @@ def test_invalid_input_names_the_argument(tmp_path, change, message):
     ({"stattest": "ks"}, "stattest must be one of"), ({"threshold": 1.5}, "threshold must be in"),
     ({"stattest": "chisquare"}, r"'chisquare' is a goodness-of-fit test.*Use 'chi2_two_sample'"),
     ({"stattest": "g_test"}, "stattest must be one of"), ({"stattest": "TVD"}, "stattest must be one of"),
-    ({"min_rows": 0}, "min_rows must be"), ({"class_names": ["a"]}, "class_names must hold")])
+    ({"min_rows": 0}, "min_rows must be"), ({"class_names": ["a"]}, "class_names must hold"),
+    ({"keep_snapshots": 0}, "keep_snapshots must be"), ({"keep_snapshots": 2.5}, "keep_snapshots must be")])
 def test_invalid_options(tmp_path, kwargs, message):
     rng = np.random.default_rng(10)
     arguments = {"class_names": NAMES, **kwargs}
