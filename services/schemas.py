@@ -33,13 +33,14 @@ from pydantic import (
     StrictBool,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
     field_serializer,
     field_validator,
     model_serializer,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, to_json
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 
@@ -238,6 +239,59 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
     return (low + pixels * ((high - low) / 255.0)).astype(np.float32)
 
 
+def has_json_booleans(body: str | bytes | bytearray) -> bool:
+    """Whether a JSON text may hold a ``true`` or ``false`` (a C-speed scan of the raw body). False proves the
+    parsed value has no boolean, so that :func:`inputs_batch` can skip its per-number scan for one."""
+    true, false = ("true", "false") if isinstance(body, str) else (b"true", b"false")
+    return true in body or false in body
+
+
+#: float32 values from this magnitude up may come from integers that float64 cannot hold exactly: converted
+#: per item they would round once, as one float64 batch twice; such a batch goes item by item
+_EXACT_INTEGERS = 2.0**53
+
+
+def inputs_batch(items: Any, spec: InputSpec, booleans: bool = True) -> np.ndarray | None:
+    """``items`` (the ``inputs`` of a request) as one float32 batch ``[N, *spec.shape]`` in one numpy pass, or
+    None when anything is off: a wrong count, shape or type, a boolean, a number that is not finite in float32.
+
+    The batch equals what the item-by-item validation gives (same values, same dtype); None sends the request
+    there, which names the exact item and problem. ``booleans=False`` says the caller has proved there is no
+    JSON boolean in the body (:func:`has_json_booleans`): numpy turns ``[1.5, true]`` into ``[1.5, 1.0]``
+    silently, so otherwise every number's type is checked (a C-level scan, still cheaper than one per item).
+    """
+    if not isinstance(items, list) or not 0 < len(items) <= spec.max_batch:
+        return None
+    try:
+        array = np.asarray(items)
+    except (ValueError, TypeError):  # ragged nesting
+        return None
+    if array.dtype.kind not in "iuf" or array.ndim < 2:
+        return None
+    rest = array.shape[1:]
+    if rest == spec.shape:
+        pass
+    elif rest == (spec.size,):
+        array = array.reshape(len(items), *spec.shape)
+    elif len(spec.shape) == 3 and spec.shape[0] == 1 and rest == spec.shape[1:]:
+        array = array[:, None]
+    else:
+        return None
+    if booleans:
+        leaves: Any = items
+        for _ in range(len(rest)):
+            leaves = itertools.chain.from_iterable(leaves)
+        if bool in set(map(type, leaves)):
+            return None
+    with np.errstate(over="ignore"):
+        batch = array.astype(np.float32)
+    if not np.isfinite(batch).all():
+        return None
+    if array.dtype.kind == "f" and float(np.abs(batch).max()) >= _EXACT_INTEGERS:
+        return None
+    return batch
+
+
 def _input_item(value: Any, info: ValidationInfo) -> np.ndarray:
     array = numeric_array(value)
     spec = _spec(info)
@@ -299,6 +353,18 @@ class PredictRequest(BaseModel):
         "assumptions) instead of the short form",
     )
     _batch: np.ndarray | None = PrivateAttr(None)
+
+    @field_validator("inputs", mode="wrap")
+    @classmethod
+    def inputs_at_once(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """A valid batch in one numpy pass (:func:`inputs_batch`); item by item only when that fails, to name
+        the problem. Context ``"booleans": False``: the body has no JSON boolean (:func:`has_json_booleans`)."""
+        spec = _spec(info)
+        if spec is not None:
+            batch = inputs_batch(value, spec, booleans=info.context.get("booleans", True))
+            if batch is not None:
+                return list(batch)
+        return handler(value)
 
     @field_validator("inputs", "images", mode="before")
     @classmethod
@@ -649,6 +715,72 @@ class PredictResponse(BaseModel):
     guarantees: GuaranteesSummary | Guarantees = Field(
         description="what the sets, the abstention and the OOD flag guarantee: the short form by default, the "
         "full block (conditions, thresholds, assumptions) with `\"explain\": true`")
+
+
+@dataclass(frozen=True, slots=True)
+class OODValues:
+    """The OOD part of a :class:`ServedPrediction`, at full precision."""
+
+    score: float
+    p_value: float
+    is_ood: bool
+
+
+@dataclass(slots=True)
+class ServedPrediction:
+    """One prediction as the service answers it, built without pydantic validation (a few times cheaper
+    per request). Its fields and their full-precision values are :class:`Prediction`'s: the metrics and the store
+    read them; :func:`predict_response_json` writes them as :class:`PredictResponse` would, byte for byte."""
+
+    id: str
+    label: int
+    class_name: str
+    score: float
+    threshold: float | None
+    top_k: list[dict]
+    prediction_set: list[str]
+    set_reason: str | None
+    ood: OODValues
+    decision: str
+    reason: str | None
+    model: ModelRef
+
+    def json_fields(self) -> dict[str, Any]:
+        """The response item, rounded and ordered as :class:`Prediction` serializes it."""
+        ood = self.ood
+        return {
+            "id": self.id, "label": self.label, "class_name": self.class_name,
+            "score": round_decimals(self.score), "threshold": round_decimals(self.threshold),
+            "top_k": [{"label": t["label"], "class_name": t["class_name"],
+                       "probability": round_decimals(t["probability"])} for t in self.top_k],
+            "prediction_set": self.prediction_set, "set_reason": self.set_reason,
+            "ood": {"score": round_decimals(ood.score), "p_value": round_readable(ood.p_value), "is_ood": ood.is_ood},
+            "decision": self.decision, "reason": self.reason,
+            "model": {"name": self.model.name, "version": self.model.version},
+        }
+
+
+#: Serialized guarantees blocks by the identity of the model object: the same for every answer of a version.
+_GUARANTEES_JSON: dict[int, tuple[BaseModel, bytes]] = {}
+
+
+def _guarantees_json(guarantees: GuaranteesSummary | Guarantees) -> bytes:
+    hit = _GUARANTEES_JSON.get(id(guarantees))
+    if hit is None or hit[0] is not guarantees:
+        if len(_GUARANTEES_JSON) >= 16:  # hot reloads replace the blocks: keep only recent ones
+            _GUARANTEES_JSON.clear()
+        hit = _GUARANTEES_JSON[id(guarantees)] = (guarantees, guarantees.model_dump_json().encode())
+    return hit[1]
+
+
+def predict_response_json(predictions: list[ServedPrediction], guarantees: GuaranteesSummary | Guarantees) -> bytes:
+    """The JSON body of a :class:`PredictResponse` with these predictions and guarantees, byte for byte what
+    ``PredictResponse(...).model_dump_json()`` writes (pydantic's own serializer writes the numbers and strings),
+    without building the models; the guarantees block is serialized once per model version.
+
+    The guarantees models must not be changed once served (a version's are built once, at load)."""
+    items = to_json([p.json_fields() for p in predictions], inf_nan_mode="null")
+    return b'{"predictions":' + items + b',"guarantees":' + _guarantees_json(guarantees) + b"}"
 
 
 class InputInfo(BaseModel):

@@ -84,16 +84,19 @@ from noisewise.services.schemas import (
     InputSpec,
     ModelInfo,
     ModelRef,
-    Prediction,
+    OODValues,
     PredictRequest,
     PredictResponse,
+    ServedPrediction,
     ServingInfo,
     empty_set_reason,
     error_response,
     error_status,
     finite_or_none,
     guarantees_from,
+    has_json_booleans,
     images_batch,
+    predict_response_json,
 )
 from noisewise.services.feedback_api import FeedbackRequest, FeedbackResponse, SuspectsRequest, answer_feedback
 from noisewise.services.settings import Settings, SettingsError
@@ -223,6 +226,13 @@ class JSONBody(BaseModel):
 
 class PredictBody(JSONBody):
     DOCUMENTED = PredictRequest
+    _booleans: bool = PrivateAttr(True)  # False: the raw body has no JSON true/false (a cheaper validation)
+
+    @classmethod
+    def model_validate_json(cls, json_data: Any, **kwargs: Any) -> PredictBody:
+        body = super().model_validate_json(json_data, **kwargs)
+        body._booleans = not isinstance(json_data, (str, bytes, bytearray)) or has_json_booleans(json_data)
+        return body
 
 
 class FeedbackBody(JSONBody):
@@ -419,6 +429,19 @@ class ServiceArgs(BaseModel):
 _args = bentoml.use_arguments(ServiceArgs)
 
 
+def _freeze_heap() -> None:
+    """Move every object alive now (the model, torch, MLflow, BentoML: hundreds of thousands of long-lived
+    objects) out of the garbage collector's reach, so that its full collections, which the allocations of
+    ordinary request handling trigger, no longer rescan them: they paused every request for tens of ms
+    (single-item feedback from 64 clients: p99 289 ms before, 57 ms after). Called again after a hot reload,
+    once the old model is released: everything is unfrozen, collected, then frozen again."""
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 @bentoml.service(
     service_class=NoisewiseService,
     **({"resources": {"gpu": _args.gpu}} if _args.gpu else {}),
@@ -451,6 +474,7 @@ class Noisewise:
         self._stop = threading.Event()
         self._background = threading.Thread(target=self._watch, name="noisewise-watch", daemon=True)
         self._background.start()
+        _freeze_heap()
         self.ready = True
         log.info("noisewise: serving %s/%s on %s (batching %s, store %s)", served.name, served.version,
                  served.info.serving.device, "on" if self.settings.batching else "off",
@@ -495,7 +519,7 @@ class Noisewise:
                 request = await self._decode(
                     lambda stop: PredictRequest.model_validate(raw, context={"input": spec, "stop": stop}), deadline)
             else:
-                request = PredictRequest.model_validate(raw, context={"input": spec})
+                request = PredictRequest.model_validate(raw, context={"input": spec, "booleans": body._booleans})
         except ValidationError as err:
             return _bad_request(err)
         except _Refused as refused:
@@ -546,7 +570,7 @@ class Noisewise:
         return self.served.info
 
     async def _answer(self, batch: np.ndarray, explain: bool = False,
-                      deadline: float | None = None) -> PredictResponse | JSONResponse:
+                      deadline: float | None = None) -> Response:
         try:
             outputs = await self._forward(batch, deadline)
         except Overloaded as err:
@@ -564,7 +588,9 @@ class Noisewise:
                 return _error(503, f"the store cannot take the predictions ({type(err).__name__}: {_one_line(err)}"
                                    f"); nothing was served, retry later", retry_after=STORE_RETRY_AFTER_S)
         served = outputs[0][0]
-        return PredictResponse(predictions=predictions, guarantees=served.guarantees if explain else served.summary)
+        # written directly, byte for byte the PredictResponse that the annotation documents
+        return Response(predict_response_json(predictions, served.guarantees if explain else served.summary),
+                        media_type="application/json")
 
     async def _forward(self, batch: np.ndarray, deadline: float | None) -> list:
         """The batcher's outputs, or TimeoutError past ``deadline``. Not asyncio.wait_for:
@@ -655,6 +681,8 @@ class Noisewise:
             metrics.RELOADS.labels("ok").inc()
             metrics.set_model(new.name, new.version, self.settings.alias, new.info.calibration.model_dump())
             log.info("noisewise: hot reload %s/%s -> %s/%s", old.name, old.version, new.name, new.version)
+            del old
+            _freeze_heap()  # the old model's objects were frozen: collect them, freeze the new ones
             return True
 
     def _watch(self) -> None:
@@ -749,13 +777,16 @@ def _safe_url(url: str) -> str:
     return _safe(url)
 
 
-def _prediction(out, served: Served) -> Prediction:
+def _prediction(out, served: Served) -> ServedPrediction:
     """The response item for one output of the model (``models.predictor.Prediction``): the model's
-    confidence is the selective ``score``, shown with the certified ``threshold`` it is compared with."""
-    fields = out.to_dict()
-    fields["score"] = fields.pop("confidence")
-    return Prediction(id=str(uuid.uuid4()), model=served.ref, threshold=served.threshold,
-                      set_reason=empty_set_reason(out.prediction_set, out.is_ood), **fields)
+    confidence is the selective ``score``, shown with the certified ``threshold`` it is compared with.
+    A :class:`Prediction` in content, without its per-item validation: ``out`` is the model's own output."""
+    return ServedPrediction(
+        id=str(uuid.uuid4()), label=out.label, class_name=out.class_name, score=out.confidence,
+        threshold=served.threshold, top_k=out.top_k, prediction_set=out.prediction_set,
+        set_reason=empty_set_reason(out.prediction_set, out.is_ood),
+        ood=OODValues(score=out.ood_score, p_value=out.ood_p_value, is_ood=out.is_ood),
+        decision=out.decision, reason=out.reason, model=served.ref)
 
 
 def _fail(message: str):
