@@ -484,7 +484,8 @@ def writer_for(store) -> FeedbackWriter:
 
 
 def _settle(done: Future, result=None, error: BaseException | None = None) -> None:
-    if done.set_running_or_notify_cancel():  # False: the waiting request was cancelled
+    # done: answered already (a group that failed after some answers were made) or cancelled
+    if not done.done() and done.set_running_or_notify_cancel():
         if error is None:
             done.set_result(result)
         else:
