@@ -140,7 +140,7 @@ def set_model(name: str, version: str, alias: str | None, summary: Mapping) -> N
 
 
 def observe_predictions(predictions: Sequence) -> None:
-    """Count a batch of served predictions (``noisewise.services.schemas.ServedPrediction``): one increment per label set and
+    """Count a batch of served predictions (``noisewise.services.schemas.Prediction``): one increment per label set and
     batch for the counters; histograms take every value."""
     for (decision, reason), n in collections.Counter((p.decision, p.reason or "none") for p in predictions).items():
         PREDICTIONS.labels(decision, reason).inc(n)

@@ -483,22 +483,20 @@ def writer_for(store) -> FeedbackWriter:
     return writer
 
 
-def _settle(done: Future, result=None, error: BaseException | None = None) -> None:
-    # done: answered already (a group that failed after some answers were made) or cancelled
-    if not done.done() and done.set_running_or_notify_cancel():
-        if error is None:
-            done.set_result(result)
-        else:
-            done.set_exception(error)
+def _settle(done: Future | asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    """Answer ``done`` (from the writer thread for a concurrent Future, on its loop for an asyncio one), unless
+    it is answered already (a group that failed after some answers were made) or cancelled."""
+    if done.done() or (isinstance(done, Future) and not done.set_running_or_notify_cancel()):
+        return
+    if error is None:
+        done.set_result(result)
+    else:
+        done.set_exception(error)
 
 
 def _settle_on_loop(answers: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
-    for done, result, error in answers:
-        if not done.done():  # done: the request was cancelled (it timed out) while it waited
-            if error is None:
-                done.set_result(result)
-            else:
-                done.set_exception(error)
+    for answer in answers:
+        _settle(*answer)
 
 
 def _check_predictions(job: _Job, found: dict) -> None:

@@ -74,7 +74,7 @@ class Recorder:
 
 def stored_row(prediction, served, out):
     """The store's row (:class:`noisewise.monitoring.store.PredictionRow`) for a served ``prediction``
-    (:class:`noisewise.services.schemas.ServedPrediction`) of ``served`` (the model that made it), with the model's
+    (:class:`noisewise.services.schemas.Prediction`) of ``served`` (the model that made it), with the model's
     full-precision output ``out`` (``models.predictor.Prediction``: its probabilities and set as class indices).
 
     The store's ``confidence`` column keeps its name: it holds the response's ``score``.

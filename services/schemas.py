@@ -40,7 +40,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
-from pydantic_core import PydanticCustomError, to_json
+from pydantic_core import PydanticCustomError
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 
@@ -717,70 +717,10 @@ class PredictResponse(BaseModel):
         "full block (conditions, thresholds, assumptions) with `\"explain\": true`")
 
 
-@dataclass(frozen=True, slots=True)
-class OODValues:
-    """The OOD part of a :class:`ServedPrediction`, at full precision."""
-
-    score: float
-    p_value: float
-    is_ood: bool
-
-
-@dataclass(slots=True)
-class ServedPrediction:
-    """One prediction as the service answers it, built without pydantic validation (a few times cheaper
-    per request). Its fields and their full-precision values are :class:`Prediction`'s: the metrics and the store
-    read them; :func:`predict_response_json` writes them as :class:`PredictResponse` would, byte for byte."""
-
-    id: str
-    label: int
-    class_name: str
-    score: float
-    threshold: float | None
-    top_k: list[dict]
-    prediction_set: list[str]
-    set_reason: str | None
-    ood: OODValues
-    decision: str
-    reason: str | None
-    model: ModelRef
-
-    def json_fields(self) -> dict[str, Any]:
-        """The response item, rounded and ordered as :class:`Prediction` serializes it."""
-        ood = self.ood
-        return {
-            "id": self.id, "label": self.label, "class_name": self.class_name,
-            "score": round_decimals(self.score), "threshold": round_decimals(self.threshold),
-            "top_k": [{"label": t["label"], "class_name": t["class_name"],
-                       "probability": round_decimals(t["probability"])} for t in self.top_k],
-            "prediction_set": self.prediction_set, "set_reason": self.set_reason,
-            "ood": {"score": round_decimals(ood.score), "p_value": round_readable(ood.p_value), "is_ood": ood.is_ood},
-            "decision": self.decision, "reason": self.reason,
-            "model": {"name": self.model.name, "version": self.model.version},
-        }
-
-
-#: Serialized guarantees blocks by the identity of the model object: the same for every answer of a version.
-_GUARANTEES_JSON: dict[int, tuple[BaseModel, bytes]] = {}
-
-
-def _guarantees_json(guarantees: GuaranteesSummary | Guarantees) -> bytes:
-    hit = _GUARANTEES_JSON.get(id(guarantees))
-    if hit is None or hit[0] is not guarantees:
-        if len(_GUARANTEES_JSON) >= 16:  # hot reloads replace the blocks: keep only recent ones
-            _GUARANTEES_JSON.clear()
-        hit = _GUARANTEES_JSON[id(guarantees)] = (guarantees, guarantees.model_dump_json().encode())
-    return hit[1]
-
-
-def predict_response_json(predictions: list[ServedPrediction], guarantees: GuaranteesSummary | Guarantees) -> bytes:
-    """The JSON body of a :class:`PredictResponse` with these predictions and guarantees, byte for byte what
-    ``PredictResponse(...).model_dump_json()`` writes (pydantic's own serializer writes the numbers and strings),
-    without building the models; the guarantees block is serialized once per model version.
-
-    The guarantees models must not be changed once served (a version's are built once, at load)."""
-    items = to_json([p.json_fields() for p in predictions], inf_nan_mode="null")
-    return b'{"predictions":' + items + b',"guarantees":' + _guarantees_json(guarantees) + b"}"
+def predict_response_json(predictions: list[Prediction], guarantees: GuaranteesSummary | Guarantees) -> bytes:
+    """The JSON body of a :class:`PredictResponse`, built without validation: the predictions are the service's
+    own (``Prediction.model_construct``), so only pydantic's serializers run."""
+    return PredictResponse.model_construct(predictions=predictions, guarantees=guarantees).model_dump_json().encode()
 
 
 class InputInfo(BaseModel):

@@ -84,11 +84,12 @@ from noisewise.services.schemas import (
     InputSpec,
     ModelInfo,
     ModelRef,
-    OODValues,
+    OODResult,
     PredictRequest,
+    Prediction,
     PredictResponse,
-    ServedPrediction,
     ServingInfo,
+    TopK,
     empty_set_reason,
     error_response,
     error_status,
@@ -777,15 +778,15 @@ def _safe_url(url: str) -> str:
     return _safe(url)
 
 
-def _prediction(out, served: Served) -> ServedPrediction:
+def _prediction(out, served: Served) -> Prediction:
     """The response item for one output of the model (``models.predictor.Prediction``): the model's
     confidence is the selective ``score``, shown with the certified ``threshold`` it is compared with.
-    A :class:`Prediction` in content, without its per-item validation: ``out`` is the model's own output."""
-    return ServedPrediction(
+    Built without per-item validation (``model_construct``): ``out`` is the model's own output."""
+    return Prediction.model_construct(
         id=str(uuid.uuid4()), label=out.label, class_name=out.class_name, score=out.confidence,
-        threshold=served.threshold, top_k=out.top_k, prediction_set=out.prediction_set,
-        set_reason=empty_set_reason(out.prediction_set, out.is_ood),
-        ood=OODValues(score=out.ood_score, p_value=out.ood_p_value, is_ood=out.is_ood),
+        threshold=served.threshold, top_k=[TopK.model_construct(**t) for t in out.top_k],
+        prediction_set=out.prediction_set, set_reason=empty_set_reason(out.prediction_set, out.is_ood),
+        ood=OODResult.model_construct(score=out.ood_score, p_value=out.ood_p_value, is_ood=out.is_ood),
         decision=out.decision, reason=out.reason, model=served.ref)
 
 
