@@ -42,6 +42,7 @@ from benchmarks.machine import cpu_model
 ITEMS_PER_REQUEST = (1, 10, 100)
 CLIENTS = (1, 8, 64)
 GOAL_ITEMS_PER_S = 2000  # SQLite, one item per request, 8 or more clients
+WARMUP_S = 1.0  # per cell, not counted
 PREDICTIONS = 2000  # prediction ids the feedback items point at (each gets many annotators)
 
 
@@ -97,15 +98,17 @@ def server_cpu_s(pid: int) -> float:
 
 
 async def closed_loop(url: str, ids: list[str], clients: int, per_request: int, duration_s: float,
-                      tag: str, server_pid: int, floor: bool = False) -> dict:
-    """``clients`` connections each POSTing ``per_request`` new items per request for ``duration_s``. With
+                      tag: str, server_pid: int, floor: bool = False, warmup_s: float = WARMUP_S) -> dict:
+    """``clients`` connections each POSTing ``per_request`` new items per request for ``warmup_s`` (not
+    counted: connections, caches and the group-commit rhythm settle) and then ``duration_s`` (counted). With
     ``floor``, each request is an empty batch instead, which the service refuses (400) before any store work:
     the cost of the HTTP path itself."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     connections = [Connection(host, int(port)) for _ in range(clients)]
     await asyncio.gather(*(c.open() for c in connections))
     stored, requests, errors, latencies = 0, 0, {}, []
-    t_end = time.perf_counter() + duration_s
+    t_start = time.perf_counter() + warmup_s
+    t_end = t_start + duration_s
 
     async def client(k: int, conn: Connection) -> None:
         nonlocal stored, requests
@@ -120,26 +123,34 @@ async def closed_loop(url: str, ids: list[str], clients: int, per_request: int, 
             except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as err:
                 errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
                 return
-            latencies.append(time.perf_counter() - t0)
-            requests += 1
+            counted = t0 >= t_start
+            if counted:
+                latencies.append(time.perf_counter() - t0)
+                requests += 1
             if floor:
                 if status != 400:
                     errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
                 continue
             got = json.loads(body).get("stored", 0) if status == 200 else 0
-            stored += got
+            stored += got if counted else 0
             if status != 200 or got != per_request:
                 key = f"HTTP {status}" if status != 200 else "not stored"
                 errors[key] = errors.get(key, 0) + 1
 
-    cpu0, server0, wall0 = time.process_time(), server_cpu_s(server_pid), time.perf_counter()
+    start: dict = {}
+
+    async def mark_start() -> None:
+        await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
+        start.update(cpu=time.process_time(), server=server_cpu_s(server_pid), wall=time.perf_counter())
+
     try:
-        await asyncio.gather(*(client(k, c) for k, c in enumerate(connections)))
+        await asyncio.gather(mark_start(), *(client(k, c) for k, c in enumerate(connections)))
     finally:
         for c in connections:
             c.close()
-    wall = time.perf_counter() - wall0
-    server_cpu = server_cpu_s(server_pid) - server0
+    # requests started before t_end finish after it: the window ends at the last answer
+    wall = time.perf_counter() - start["wall"]
+    cpu0, server_cpu = start["cpu"], server_cpu_s(server_pid) - start["server"]
     latencies.sort()
     pick = (lambda q: 1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else \
         (lambda q: float("nan"))
@@ -155,13 +166,13 @@ def client_main(args: argparse.Namespace) -> int:
     floor = asyncio.run(closed_loop(spec["url"], spec["ids"], 8, 1, spec["duration_s"], "floor", spec["server_pid"],
                                     floor=True))
     results.append({**floor, "floor": True})
-    for clients in spec["clients"]:
-        for per_request in spec["items_per_request"]:
-            tag = f"{spec['backend']}-{clients}-{per_request}"
-            results.append(asyncio.run(closed_loop(spec["url"], spec["ids"], clients, per_request,
-                                                   spec["duration_s"], tag, spec["server_pid"])))
-            print(json.dumps({k: results[-1][k] for k in ("clients", "items_per_request", "items_per_s",
-                                                           "errors")}), file=sys.stderr, flush=True)
+    cells = [(clients, per_request) for clients in spec["clients"] for per_request in spec["items_per_request"]]
+    for cell, (clients, per_request) in enumerate(cells):
+        tag = f"{spec['backend']}-{cell}-{clients}-{per_request}"  # every cell's items are new
+        results.append(asyncio.run(closed_loop(spec["url"], spec["ids"], clients, per_request,
+                                               spec["duration_s"], tag, spec["server_pid"])))
+        print(json.dumps({k: results[-1][k] for k in ("clients", "items_per_request", "items_per_s", "client_cpu",
+                                                       "server_cpu", "errors")}), file=sys.stderr, flush=True)
     Path(spec["result"]).write_text(json.dumps(results))
     return 0
 
@@ -287,7 +298,7 @@ def render(r: dict) -> str:
         "",
         (f"Run on {r['date']}: `.venv/bin/python benchmarks/feedback.py{r['flags']}`. Server: `bentoml serve "
          f"{r['service']}`, model `{r['model']}` (digits MLP), default settings. Each cell: "
-         f"a closed loop for {r['duration_s']:g} s, every client on its own keep-alive connection sending its next "
+         f"a closed loop for {r['duration_s']:g} s after {r.get('warmup_s', WARMUP_S):g} s of warm-up (not counted), every client on its own keep-alive connection sending its next "
          "`POST /feedback` as soon as the previous one is answered; every item is new (an insert), and only items "
          "answered `stored` (201) count. Every acknowledged item was committed before its answer (SQLite: WAL, "
          "`synchronous=FULL`; PostgreSQL: `fsync=on`, default `synchronous_commit`); concurrent requests share "
@@ -387,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="SQLite only, 2 s per cell, report to /tmp")
     ap.add_argument("--backends", default=None, help="comma-separated: sqlite,postgresql (default both)")
-    ap.add_argument("--duration", type=float, default=None, help="seconds per cell (default 4; --quick 2)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds counted per cell, after 1 s of warm-up (default 8; --quick 2)")
     ap.add_argument("--clients", default=",".join(map(str, CLIENTS)), help="concurrent clients per cell")
     ap.add_argument("--items-per-request", default=",".join(map(str, ITEMS_PER_REQUEST)))
     ap.add_argument("--home", type=Path, help="NOISEWISE_HOME holding the model (default: a new temporary one)")
@@ -405,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in args.backends:
         if backend not in ("sqlite", "postgresql"):
             ap.error(f"--backends: unknown backend {backend!r}: sqlite or postgresql")
-    args.duration = args.duration or (2.0 if args.quick else 4.0)
+    args.duration = args.duration or (2.0 if args.quick else 8.0)
     args.clients = [int(c) for c in args.clients.split(",")]
     args.items_per_request = [int(n) for n in args.items_per_request.split(",")]
     out = args.out or (Path(tempfile.gettempdir()) / "feedback-quick.md" if args.quick else ROOT / "docs" / "feedback.md")
@@ -423,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in args.backends:
             with store_for(backend, work) as store_url:
                 rows += run_backend(backend, store_url, model, work, args)
-    report = {"date": datetime.date.today().isoformat(), "model": model, "service": args.service, "flags": flags, "duration_s": args.duration,
+    report = {"date": datetime.date.today().isoformat(), "model": model, "service": args.service, "flags": flags, "duration_s": args.duration, "warmup_s": WARMUP_S,
               "backends": args.backends, "clients": args.clients, "items_per_request": args.items_per_request,
               "rows": rows, "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
                                         "load_before": load_before, "load_after": load_average(),

@@ -66,7 +66,8 @@ predictions = sa.Table(
 feedback = sa.Table(
     "feedback", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("prediction_id", sa.String(36), sa.ForeignKey("predictions.id"), nullable=False, index=True),
+    # looked up through the unique index below, whose first column it is (no index of its own to update)
+    sa.Column("prediction_id", sa.String(36), sa.ForeignKey("predictions.id"), nullable=False),
     sa.Column("annotator", sa.String(128), nullable=False),
     sa.Column("label", sa.Integer, nullable=False),
     sa.Column("audited", sa.Boolean, nullable=False),
