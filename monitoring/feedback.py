@@ -5,7 +5,8 @@ a *feedback frame* (one row per stored feedback item joined with the prediction 
 columns are listed in :data:`FEEDBACK_COLUMNS`), the service and the CLI call these functions.
 
 * :func:`score_feedback`: the O(K) per-item rule applied at ingestion, a thin
-  numpy wrapper of ``noisewise.models.uncertainty.labelnoise.suspect_mask`` and ``label_quality``.
+  wrapper of ``noisewise.models.uncertainty.labelnoise.suspect_mask`` and its label-quality scores
+  (run in numpy).
 * :func:`batch_label_issues`: cleanlab's ``find_label_issues`` over accumulated feedback.
 * :func:`suspects`: suspected annotation errors ranked for re-annotation; feedback on OOD
   inputs listed apart (the model cannot judge those labels).
@@ -60,7 +61,6 @@ from noisewise.models.uncertainty.labelnoise import (
     NoiseRateEstimate,
     clopper_pearson,
     flip_rate_to_uniform,
-    label_quality,
     noise_rate_confident_learning,
     noise_rate_direct,
     noise_rate_from_duplicates,
@@ -257,14 +257,13 @@ def score_feedback(
         raise ValueError(f"`method` must be one of {sorted(LABEL_QUALITY_SCORES)}, got {method!r}.")
     if n == 0:
         return FeedbackScores(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
-    probs_t = torch.from_numpy(np.ascontiguousarray(p))
-    labels_t = torch.from_numpy(y)
-    found = suspect_mask(probs_t, labels_t, torch.from_numpy(t.astype(p.dtype)))
-    quality = label_quality(probs_t, labels_t, method=method)
+    # numpy, not torch: the feedback writer scores on its own thread, where each torch op would release
+    # the GIL and wait for the event loop to hand it back (milliseconds per op under load)
+    found = suspect_mask(p, y, t.astype(p.dtype))
     return FeedbackScores(
-        quality=quality.numpy().astype(np.float64),
-        suspect=found.mask.numpy().astype(bool),
-        proposed=found.proposed.numpy().astype(np.int64),
+        quality=LABEL_QUALITY_SCORES[method](p, y).astype(np.float64),  # p and y are checked above
+        suspect=found.mask.astype(bool),
+        proposed=found.proposed.astype(np.int64),
     )
 
 

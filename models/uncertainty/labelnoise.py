@@ -729,49 +729,71 @@ NOISE_RATE_ESTIMATORS: dict[str, Callable[..., NoiseRateEstimate]] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Per-item rules (hot path at feedback ingestion: batched torch, no host sync)
+# Per-item rules (hot path at feedback ingestion). Written once for torch tensors and numpy arrays:
+# tensors stay on their device with no host sync; numpy keeps a small batch on the calling thread,
+# where every torch op would release the GIL, and a thread that takes it back behind a busy event
+# loop waits up to the interpreter's switch interval (5 ms) for each op.
 # --------------------------------------------------------------------------------------------
 
+Array = Any  # torch.Tensor or np.ndarray; the rules return the kind they are given
 
-def _self_confidence(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+
+def _given(probs: Array, labels: Array) -> Array:
+    """``p_{y~}`` of each row."""
+    if isinstance(probs, np.ndarray):
+        return np.take_along_axis(probs, labels[:, None], 1)[:, 0]
     return probs.gather(1, labels[:, None]).squeeze(1)
 
 
-def _normalized_margin(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    given = _self_confidence(probs, labels)
-    others = probs.scatter(1, labels[:, None], float("-inf"))
-    return (given - others.amax(dim=1) + 1.0) / 2.0
+def _where(condition: Array, a: Any, b: Any) -> Array:
+    return np.where(condition, a, b) if isinstance(condition, np.ndarray) else torch.where(condition, a, b)
 
 
-#: name -> ``(probs [N, K], labels [N]) -> score [N]`` in ``[0, 1]``, lower = more likely mislabelled.
-LABEL_QUALITY_SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def _self_confidence(probs: Array, labels: Array) -> Array:
+    return _given(probs, labels)
+
+
+def _normalized_margin(probs: Array, labels: Array) -> Array:
+    classes = np.arange(probs.shape[1]) if isinstance(probs, np.ndarray) else \
+        torch.arange(probs.shape[1], device=probs.device)
+    others = _where(labels[:, None] == classes, float("-inf"), probs)
+    best_other = others.max(1) if isinstance(others, np.ndarray) else others.amax(1)
+    return (_given(probs, labels) - best_other + 1.0) / 2.0
+
+
+#: name -> ``(probs [N, K], labels [N]) -> score [N]`` in ``[0, 1]``, lower = more likely mislabelled
+#: (torch tensors or numpy arrays, returned as given).
+LABEL_QUALITY_SCORES: dict[str, Callable[[Array, Array], Array]] = {
     "self_confidence": _self_confidence,
     "normalized_margin": _normalized_margin,
 }
 
+_INT_TENSOR_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
-def _check_item_tensors(probs: Any, labels: Any) -> None:
-    if (
-        not isinstance(probs, torch.Tensor)
-        or probs.ndim != 2
-        or probs.shape[1] < 2
-        or not probs.is_floating_point()
-    ):
+
+def _check_item_arrays(probs: Any, labels: Any) -> Any:
+    """Check the kinds, shapes and dtypes of ``probs`` [N, K] and ``labels`` [N] (both torch tensors on one
+    device, or both numpy arrays); returns ``labels`` as int64."""
+    numpy = isinstance(probs, np.ndarray)
+    if not (numpy or isinstance(probs, torch.Tensor)) or probs.ndim != 2 or probs.shape[1] < 2 or not (
+            np.issubdtype(probs.dtype, np.floating) if numpy else probs.is_floating_point()):
         raise ValueError(
-            "`probs` must be a floating-point torch.Tensor [N, K] with K >= 2, got "
+            "`probs` must be a floating-point torch.Tensor or numpy array [N, K] with K >= 2, got "
             f"{type(probs).__name__} {tuple(getattr(probs, 'shape', ()))}."
         )
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.shape != probs.shape[:1]
-        or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-    ):
+    kind = np.ndarray if numpy else torch.Tensor
+    if not isinstance(labels, kind) or labels.shape != probs.shape[:1] or not (
+            np.issubdtype(labels.dtype, np.integer) if numpy else labels.dtype in _INT_TENSOR_TYPES):
         raise ValueError(
-            f"`labels` must be an integer torch.Tensor [N] with N = {probs.shape[0]}, got "
-            f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))} {getattr(labels, 'dtype', '')}."
+            f"`labels` must be an integer {kind.__module__.split('.')[0]} {kind.__name__} [N] with N = "
+            f"{probs.shape[0]} (the kind of `probs`), got {type(labels).__name__} "
+            f"{tuple(getattr(labels, 'shape', ()))} {getattr(labels, 'dtype', '')}."
         )
+    if numpy:
+        return labels.astype(np.int64, copy=False)
     if labels.device != probs.device:
         raise ValueError(f"`labels` is on {labels.device} but `probs` on {probs.device}.")
+    return labels.long()
 
 
 def label_quality(
@@ -803,23 +825,21 @@ def label_quality(
         raise ValueError(f"`method` must be one of {sorted(LABEL_QUALITY_SCORES)}, got {method!r}.")
     if isinstance(probs, np.ndarray):
         p = _check_probs(probs)
-        y = _check_labels(labels, "labels", p.shape[1], n=p.shape[0])
-        return LABEL_QUALITY_SCORES[method](torch.from_numpy(p), torch.from_numpy(y)).numpy()
-    _check_item_tensors(probs, labels)
-    return LABEL_QUALITY_SCORES[method](probs, labels.long())
+        return LABEL_QUALITY_SCORES[method](p, _check_labels(labels, "labels", p.shape[1], n=p.shape[0]))
+    return LABEL_QUALITY_SCORES[method](probs, _check_item_arrays(probs, labels))
 
 
 class Suspects(NamedTuple):
     """Output of :func:`suspect_mask`."""
 
-    mask: torch.Tensor
-    """BoolTensor [N]: the given label is a suspected annotation error."""
-    proposed: torch.Tensor
-    """LongTensor [N]: most probable confident class other than the given one for suspects,
+    mask: Array
+    """bool [N] (torch or numpy, as given): the given label is a suspected annotation error."""
+    proposed: Array
+    """int64 [N]: most probable confident class other than the given one for suspects,
     ``argmax p`` (the model's prediction) for the rest."""
 
 
-def suspect_mask(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor) -> Suspects:
+def suspect_mask(probs: Array, labels: Array, thresholds: Array) -> Suspects:
     """O(K) per-item confident-learning rule for a batch of feedback labels.
 
     ``suspect = exists j != y~ with p_j >= t_j - 1e-6 and p_j > p_{y~}``;
@@ -842,27 +862,28 @@ def suspect_mask(probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Te
 
     Parameters
     ----------
-    probs : torch.Tensor, shape [N, K]
-    labels : torch.Tensor of int, shape [N]
-        Given labels in ``[0, K)`` (not range-checked, to avoid a device sync).
-    thresholds : torch.Tensor, shape [K]
-        From :func:`per_class_thresholds` (stored in the Calibration).
+    probs : torch.Tensor or np.ndarray, shape [N, K]
+    labels : torch.Tensor or np.ndarray of int, shape [N]
+        Given labels in ``[0, K)`` (not range-checked, to avoid a device sync), of the kind of ``probs``.
+    thresholds : torch.Tensor or np.ndarray, shape [K]
+        From :func:`per_class_thresholds` (stored in the Calibration), of the kind of ``probs``.
 
     Returns
     -------
     Suspects
-        ``(mask [N] bool, proposed [N] long)`` on the device of ``probs``.
+        ``(mask [N] bool, proposed [N] int64)`` of the kind of ``probs`` (on its device).
     """
-    _check_item_tensors(probs, labels)
-    if not isinstance(thresholds, torch.Tensor) or thresholds.shape != probs.shape[1:]:
+    labels = _check_item_arrays(probs, labels)
+    numpy = isinstance(probs, np.ndarray)
+    if not isinstance(thresholds, np.ndarray if numpy else torch.Tensor) or thresholds.shape != probs.shape[1:]:
         raise ValueError(
-            f"`thresholds` must be a torch.Tensor [K] with K = {probs.shape[1]}, got "
-            f"{type(thresholds).__name__} {tuple(getattr(thresholds, 'shape', ()))}."
+            f"`thresholds` must be a {'numpy array' if numpy else 'torch.Tensor'} [K] with K = {probs.shape[1]} "
+            f"(the kind of `probs`), got {type(thresholds).__name__} {tuple(getattr(thresholds, 'shape', ()))}."
         )
-    if thresholds.device != probs.device:
+    if not numpy and thresholds.device != probs.device:
         raise ValueError(f"`thresholds` is on {thresholds.device} but `probs` on {probs.device}.")
-    given = _self_confidence(probs, labels.long())
-    candidates = (probs >= thresholds.to(probs.dtype) - THRESHOLD_SLACK) & (probs > given[:, None])
-    mask = candidates.any(dim=1)
-    best_candidate = probs.masked_fill(~candidates, float("-inf")).argmax(dim=1)
-    return Suspects(mask=mask, proposed=torch.where(mask, best_candidate, probs.argmax(dim=1)))
+    floor = (thresholds.astype(probs.dtype, copy=False) if numpy else thresholds.to(probs.dtype)) - THRESHOLD_SLACK
+    candidates = (probs >= floor) & (probs > _given(probs, labels)[:, None])
+    mask = candidates.any(1)
+    best_candidate = _where(candidates, probs, float("-inf")).argmax(1)
+    return Suspects(mask=mask, proposed=_where(mask, best_candidate, probs.argmax(1)))

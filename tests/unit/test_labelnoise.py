@@ -502,8 +502,34 @@ def test_suspect_mask_float32_and_bad_inputs():
         suspect_mask(probs, labels.float(), t)
     with pytest.raises(ValueError, match="`labels`"):
         suspect_mask(probs, labels[:4], t)
+    with pytest.raises(ValueError, match="`labels` must be an integer numpy ndarray"):
+        suspect_mask(probs.numpy(), labels, t)  # one kind for all three
+    with pytest.raises(ValueError, match="`thresholds` must be a numpy array"):
+        suspect_mask(probs.numpy(), labels.numpy(), t)
     with pytest.raises(ValueError, match="`probs`"):
-        suspect_mask(probs.numpy(), labels, t)
+        suspect_mask(probs.numpy().astype(int), labels.numpy(), t.numpy())
+
+
+@pytest.mark.parametrize("k", [2, 4, 10])
+def test_per_item_rules_are_the_same_on_numpy_and_torch(k):
+    """The rules run in numpy on the feedback writer's thread and in torch on tensors: same answers,
+    including exact ties with the given label and classes sitting exactly on their threshold."""
+    rng = np.random.default_rng(k)
+    probs = rng.dirichlet(np.full(k, 0.3), 500).astype(np.float32)
+    probs[:50] = np.round(probs[:50] * 4) / 4  # ties and values on the thresholds below
+    probs[:50] /= np.maximum(probs[:50].sum(1, keepdims=True), 1e-6)
+    labels = rng.integers(0, k, 500)
+    t = np.round(rng.uniform(0.2, 0.6, k) * 4).astype(np.float32) / 4
+    on_numpy = suspect_mask(probs, labels, t)
+    on_torch = suspect_mask(torch.from_numpy(probs), torch.from_numpy(labels), torch.from_numpy(t))
+    assert isinstance(on_numpy.mask, np.ndarray) and isinstance(on_torch.mask, torch.Tensor)
+    np.testing.assert_array_equal(on_numpy.mask, on_torch.mask.numpy())
+    np.testing.assert_array_equal(on_numpy.proposed, on_torch.proposed.numpy())
+    assert 0 < on_numpy.mask.sum() < 500  # both outcomes occur
+    for method, score in LABEL_QUALITY_SCORES.items():
+        got = score(probs, labels)
+        assert isinstance(got, np.ndarray), method
+        np.testing.assert_array_equal(got, score(torch.from_numpy(probs), torch.from_numpy(labels)).numpy())
 
 
 def test_estimators_bad_inputs():
