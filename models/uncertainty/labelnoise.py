@@ -730,9 +730,9 @@ NOISE_RATE_ESTIMATORS: dict[str, Callable[..., NoiseRateEstimate]] = {
 
 # --------------------------------------------------------------------------------------------
 # Per-item rules (hot path at feedback ingestion). Written once for torch tensors and numpy arrays:
-# tensors stay on their device with no host sync; numpy keeps a small batch on the calling thread,
-# where every torch op would release the GIL, and a thread that takes it back behind a busy event
-# loop waits up to the interpreter's switch interval (5 ms) for each op.
+# tensors stay on their device with no host sync; numpy serves the feedback writer's small batches,
+# because every torch op releases the GIL (numpy only in its larger loops), and a thread that takes
+# it back behind a busy event loop waits up to the interpreter's switch interval (5 ms) each time.
 # --------------------------------------------------------------------------------------------
 
 Array = Any  # torch.Tensor or np.ndarray; the rules return the kind they are given
