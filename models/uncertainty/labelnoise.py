@@ -738,7 +738,7 @@ NOISE_RATE_ESTIMATORS: dict[str, Callable[..., NoiseRateEstimate]] = {
 Array = Any  # torch.Tensor or np.ndarray; the rules return the kind they are given
 
 
-def _given(probs: Array, labels: Array) -> Array:
+def _self_confidence(probs: Array, labels: Array) -> Array:
     """``p_{y~}`` of each row."""
     if isinstance(probs, np.ndarray):
         return np.take_along_axis(probs, labels[:, None], 1)[:, 0]
@@ -749,16 +749,12 @@ def _where(condition: Array, a: Any, b: Any) -> Array:
     return np.where(condition, a, b) if isinstance(condition, np.ndarray) else torch.where(condition, a, b)
 
 
-def _self_confidence(probs: Array, labels: Array) -> Array:
-    return _given(probs, labels)
-
-
 def _normalized_margin(probs: Array, labels: Array) -> Array:
     classes = np.arange(probs.shape[1]) if isinstance(probs, np.ndarray) else \
         torch.arange(probs.shape[1], device=probs.device)
     others = _where(labels[:, None] == classes, float("-inf"), probs)
     best_other = others.max(1) if isinstance(others, np.ndarray) else others.amax(1)
-    return (_given(probs, labels) - best_other + 1.0) / 2.0
+    return (_self_confidence(probs, labels) - best_other + 1.0) / 2.0
 
 
 #: name -> ``(probs [N, K], labels [N]) -> score [N]`` in ``[0, 1]``, lower = more likely mislabelled
@@ -883,7 +879,7 @@ def suspect_mask(probs: Array, labels: Array, thresholds: Array) -> Suspects:
     if not numpy and thresholds.device != probs.device:
         raise ValueError(f"`thresholds` is on {thresholds.device} but `probs` on {probs.device}.")
     floor = (thresholds.astype(probs.dtype, copy=False) if numpy else thresholds.to(probs.dtype)) - THRESHOLD_SLACK
-    candidates = (probs >= floor) & (probs > _given(probs, labels)[:, None])
+    candidates = (probs >= floor) & (probs > _self_confidence(probs, labels)[:, None])
     mask = candidates.any(1)
     best_candidate = _where(candidates, probs, float("-inf")).argmax(1)
     return Suspects(mask=mask, proposed=_where(mask, best_candidate, probs.argmax(1)))
