@@ -503,7 +503,7 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
 # reduced KNN banks (--bank-index): detection power and time against the exact bank
 # ----------------------------------------------------------------------------------------------
 
-BANK_INDEXES = ("exact", "subsample", "kmeans")
+BANK_INDEXES = ("exact", "subsample", "kmeans", "ivf")
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -519,7 +519,7 @@ def _median_ms(fn, reps: int) -> float:
 def _knn_time_ms(index: str, rows: int, budget: int, batch: int, dim: int = 512, reps: int = 30) -> float:
     """Median ms of one knn score of ``batch`` random queries against a bank of ``rows`` random rows
     reduced by ``index`` to ``budget`` rows (a k-means bank is timed with random centroids and sizes:
-    its cost depends only on its shape)."""
+    its cost depends only on its shape; an ivf bank keeps all ``rows``)."""
     from noisewise.models.uncertainty.ood import KNNScorer
 
     gen = torch.Generator().manual_seed(0)
@@ -565,7 +565,9 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
     from noisewise.models.train import load_recipe, train
     from noisewise.models.uncertainty.ood import KNNScorer, OODGate
 
-    banks = [("exact", max(budgets))] + [(i, b) for i in indexes if i != "exact" for b in budgets]
+    # an ivf bank keeps every row whatever the budget: one entry
+    banks = ([("exact", max(budgets))] + [(i, b) for i in indexes if i not in ("exact", "ivf") for b in budgets]
+             + [("ivf", max(budgets))] * ("ivf" in indexes))
     runs = []
     for seed in tqdm(seeds, desc="bank index"):
         dataset = load_dataset("mnist5k", noise="none", seed=seed)
@@ -589,6 +591,7 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
             gate = OODGate(scorer.score(f_cal), alpha_ood=alpha_ood)
             id_scores = scorer.score(f_te)
             entry = {"index": index, "bank_size": int(scorer.state_dict()["bank"].shape[0]),
+                     "probes": scorer.probes_used, "lists": len(scorer.state_dict().get("list_centroids", ())),
                      "false_ood": float(gate.is_ood(id_scores).double().mean()), "ood": {}}
             flags[key] = [gate.is_ood(id_scores)]
             for name, f in f_ood.items():
@@ -610,7 +613,7 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
 
 
 def _bank_key(index: str, budget: int) -> str:
-    return "exact" if index == "exact" else f"{index}:{budget}"
+    return index if index in ("exact", "ivf") else f"{index}:{budget}"
 
 
 def render_bank_index(report: dict, command: str) -> str:
@@ -623,6 +626,12 @@ def render_bank_index(report: dict, command: str) -> str:
     def label(key: str) -> str:
         return f"`{key.split(':')[0]}`"
 
+    def rows(key: str) -> str:
+        entry = runs[0]["banks"][key]
+        if entry.get("probes") is None:
+            return f"{entry['bank_size']:,}"
+        return f"{entry['bank_size']:,} in {entry['lists']:,} lists, {entry['probes']} probed"
+
     bank = (f"the {n_rows:,} features of {runs[0]['augment']} augmented copies of each train-split image (random "
             "rotation within 12 degrees, scale 0.9 to 1.1, shift within 2 pixels)" if runs[0]["augment"] else
             f"the {n_rows:,} train-split features")
@@ -632,7 +641,8 @@ def render_bank_index(report: dict, command: str) -> str:
              f"{torch.get_num_threads()} torch thread(s).", "",
              f"Setup: the mnist5k MLP (recipe `ce`, clean labels, selected checkpoint), seeds "
              f"{', '.join(str(r['seed']) for r in runs)} (means over seeds). Bank = {bank}; `subsample` and "
-             "`kmeans` keep the rows shown. Each bank has its own conformal gate (alpha_ood = "
+             "`kmeans` keep the rows shown; `ivf` keeps every row in k-means lists and scores a query against the "
+             "rows of the lists it probes. Each bank has its own conformal gate (alpha_ood = "
              f"{alpha}) fitted on its own scores of the calibration split, as `noisewise calibrate` does, so the "
              "false-OOD bound holds for the bank that is served. ID = the test split; OOD sets as above. `same "
              "decisions` = share of ID and OOD items whose OOD flag equals the exact bank's.", "",
@@ -641,7 +651,7 @@ def render_bank_index(report: dict, command: str) -> str:
         for name in OOD_DATASETS:
             auroc = mean(lambda r: r["banks"][key]["ood"][name]["auroc"])
             exact = mean(lambda r: r["banks"]["exact"]["ood"][name]["auroc"])
-            lines.append(f"| {label(key)} | {runs[0]['banks'][key]['bank_size']:,} | {name} | {auroc:.3f} | "
+            lines.append(f"| {label(key)} | {rows(key)} | {name} | {auroc:.3f} | "
                          f"{auroc - exact:+.3f} | {mean(lambda r: r['banks'][key]['ood'][name]['fpr95']):.3f} | "
                          f"{mean(lambda r: r['banks'][key]['ood'][name]['flagged']):.3f} |")
     lines += ["", "| bank | rows | false-OOD rate on ID test (bound " + f"{alpha}) | same decisions as exact | "
@@ -650,12 +660,12 @@ def render_bank_index(report: dict, command: str) -> str:
     for key in keys:
         e = lambda field: mean(lambda r: r["banks"][key][field])
         ex = lambda field: mean(lambda r: r["banks"]["exact"][field])
-        lines.append(f"| {label(key)} | {runs[0]['banks'][key]['bank_size']:,} | {e('false_ood'):.3f} | "
+        lines.append(f"| {label(key)} | {rows(key)} | {e('false_ood'):.3f} | "
                      f"{e('same_decisions'):.3f} | {e('ms_batch1'):.3f} | {e('ms_batch64'):.3f} | "
                      f"{ex('ms_batch1') / e('ms_batch1'):.1f}, {ex('ms_batch64') / e('ms_batch64'):.1f} |")
     t, rows, budget = report["timing"], report["timing_rows"], report["timing_budget"]
     lines += ["", f"Time at a larger bank: knn score of random 512-d queries against {rows:,} random rows "
-              f"(`exact`) or {budget:,} (`subsample`, `kmeans`), median ms:", "",
+              f"(`exact`, `ivf`) or {budget:,} (`subsample`, `kmeans`), median ms:", "",
               "| bank | batch 1 | batch 64 | ratio exact / bank (batch 1, 64) |", "|---|---|---|---|"]
     for index in BANK_INDEXES:
         lines.append(f"| `{index}` | {t[index][1]:.2f} | {t[index][64]:.2f} | "

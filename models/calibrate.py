@@ -35,11 +35,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
 # The document checks live in a module without torch: the server's pre-start check runs them too.
 from noisewise.models.calibration_doc import (  # noqa: F401 - CALIBRATION_FORMAT, GUARANTEE_KINDS: part of the API
@@ -48,8 +46,8 @@ from noisewise.models.calibration_doc import (  # noqa: F401 - CALIBRATION_FORMA
     CalibrationError,
 )
 from noisewise.models.calibration_doc import check_document as _check_document
+from noisewise.models.choices import OOD_INDEXES
 from noisewise.models.data import BUILTIN_DATASETS, Dataset
-from noisewise.models.nets import Classifier
 from noisewise.models.uncertainty.conformal import (
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
@@ -64,7 +62,6 @@ from noisewise.models.uncertainty.labelnoise import (
     noise_rate_direct,
     per_class_thresholds,
 )
-from noisewise.models.uncertainty.ood import KNN_INDEXES, OOD_SCORERS, OODGate, OODScorer, build_ood_scorer
 from noisewise.models.uncertainty.selective import (
     CertifiedThreshold,
     FrontierPoint,
@@ -75,6 +72,14 @@ from noisewise.models.uncertainty.selective import (
     wrong_label_bound,
 )
 from noisewise.models.uncertainty.selective import confidence as confidence_fn
+
+# torch, safetensors.torch, the networks and the OOD scorers are imported by the functions that use them: reading
+# a calibration's document (`Calibration.load(..., tensors=False)`, what `noisewise monitor` needs) loads none.
+if TYPE_CHECKING:
+    import torch
+
+    from noisewise.models.nets import Classifier
+    from noisewise.models.uncertainty.ood import OODGate, OODScorer
 
 CONFORMAL_MODES = ("plugin", "finite-sample")
 RISK_CORRECTIONS = ("auto", "none", "symmetric", "worst-case")
@@ -140,6 +145,8 @@ class Calibration:
 
     # --- storage: JSON + safetensors, never pickle -------------------------------------------------
     def save(self, directory: Path) -> list[Path]:
+        from safetensors.torch import save_file
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"ood_scorer.{k}": v for k, v in self.ood_scorer.state_dict().items()}
@@ -197,6 +204,10 @@ class Calibration:
             raise CalibrationError("calibration.json: cl_thresholds must have one value per class")
         if not tensors:
             return cls._from_document(doc, None, None)
+        from safetensors.torch import load_file
+
+        from noisewise.models.uncertainty.ood import OODGate, OODScorer
+
         try:
             state = load_file(str(tensor_path), device=str(device))
         except Exception as err:  # safetensors raises its own types for truncated/tampered files
@@ -241,6 +252,7 @@ def _check_ood_state(scorer: OODScorer, num_classes: int) -> None:
     """The fitted OOD scorer against its tensors: finite state, ``k`` at most the bank size of the KNN scorer,
     and the recorded sizes (``bank_size``, ``feature_dim``) equal to the tensors' (a mismatch would fail or
     score nonsense at the first request)."""
+    import torch
 
     def fail(message: str):
         raise CalibrationError(f"calibration.json: ood_scorer: {message}")
@@ -257,7 +269,8 @@ def _check_ood_state(scorer: OODScorer, num_classes: int) -> None:
             fail(f"bank_size={meta['bank_size']!r} but the bank holds {bank.shape[0]} rows")
         _check_knn_bank(scorer, meta, state, fail)
     # the axis of each fitted tensor that runs over the feature dimension D
-    feature_axes = {"bank": 1, "means": 1, "cholesky": 0, "origin": 0, "residual_basis": 0, "weight": 1}
+    feature_axes = {"bank": 1, "list_centroids": 1, "means": 1, "cholesky": 0, "origin": 0, "residual_basis": 0,
+                    "weight": 1}
     dims = {key: state[key].shape[axis] for key, axis in feature_axes.items()
             if key in state and state[key].ndim > axis}
     if "feature_dim" in meta and any(d != meta["feature_dim"] for d in dims.values()):
@@ -268,20 +281,21 @@ def _check_ood_state(scorer: OODScorer, num_classes: int) -> None:
 
 
 def _check_knn_bank(scorer: OODScorer, meta: dict, state: dict, fail) -> None:
-    """The KNN bank against the index it records: an exact bank holds every training row, a reduced one at
-    most ``budget`` rows, a subsample reads a neighbour rank ``k_used`` it holds, and k-means cluster sizes are
-    one positive count per centroid summing to the training rows (at least ``k``)."""
+    """The KNN bank against the index it records: an exact or ivf bank holds every training row, a reduced
+    one at most ``budget`` rows, a subsample reads a neighbour rank ``k_used`` it holds, k-means cluster sizes
+    are one positive count per centroid summing to the training rows (at least ``k``), and ivf lists are
+    non-empty, consecutive and cover the bank."""
     rows = state["bank"].shape[0]
     index = meta.get("index_used", "exact")
-    if index not in ("exact", "subsample", "kmeans"):
-        fail(f"index_used must be exact, subsample or kmeans, got {index!r}")
+    if index not in ("exact", "subsample", "kmeans", "ivf"):
+        fail(f"index_used must be exact, subsample, kmeans or ivf, got {index!r}")
     source = meta.get("source_rows", rows)
     if isinstance(source, bool) or not isinstance(source, int) or source < rows:
         fail(f"source_rows={source!r} must be a whole number >= the bank size ({rows} rows)")
     budget = getattr(scorer, "budget", None)
-    if index == "exact" and source != rows:
-        fail(f"an exact bank holds every training row, but source_rows={source} and the bank holds {rows}")
-    if index != "exact" and budget is not None and rows > budget:
+    if index in ("exact", "ivf") and source != rows:
+        fail(f"an {index} bank holds every training row, but source_rows={source} and the bank holds {rows}")
+    if index in ("subsample", "kmeans") and budget is not None and rows > budget:
         fail(f"a {index} bank holds at most params.budget={budget} rows, got {rows}")
     k = getattr(scorer, "k", None)
     if k is not None and k > source:
@@ -297,6 +311,24 @@ def _check_knn_bank(scorer: OODScorer, meta: dict, state: dict, fail) -> None:
                                or int(counts.sum()) != source):
         fail(f"bank_counts must hold one positive whole count per bank row ({rows}) summing to source_rows "
              f"({source})")
+    _check_ivf_lists(meta, state, index == "ivf", fail)
+
+
+def _check_ivf_lists(meta: dict, state: dict, is_ivf: bool, fail) -> None:
+    centroids, offsets = state.get("list_centroids"), state.get("list_offsets")
+    if is_ivf != (centroids is not None) or is_ivf != (offsets is not None):
+        fail(f"list_centroids and list_offsets belong to an ivf bank exactly; index_used is "
+             f"{meta.get('index_used', 'exact')!r}")
+    if not is_ivf:
+        return
+    lists, rows = centroids.shape[0] if centroids.ndim == 2 else -1, state["bank"].shape[0]
+    if (offsets.shape != (lists + 1,) or offsets.is_floating_point() or int(offsets[0]) != 0
+            or int(offsets[-1]) != rows or bool((offsets[1:] <= offsets[:-1]).any())):
+        fail(f"list_offsets must be {lists + 1} increasing whole numbers from 0 to the bank size ({rows}), one "
+             f"list per row of list_centroids {list(centroids.shape)}")
+    probes = meta.get("probes")
+    if isinstance(probes, bool) or not isinstance(probes, int) or not 1 <= probes <= lists:
+        fail(f"probes={probes!r} must be a whole number in [1, {lists}] (the lists of the bank)")
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -331,8 +363,8 @@ class CalibrationSettings:
     ood_scorer: str = "knn"
     ood_params: dict = field(default_factory=dict)
     #: the KNN bank (``noisewise.models.uncertainty.ood.KNN_INDEXES``): ``auto`` keeps every training row up
-    #: to ``OOD_BANK_BUDGET`` rows and a class-stratified subsample of that many above, so serving cost stops
-    #: growing with the training set
+    #: to ``OOD_BANK_BUDGET`` rows, a subsample of that many up to ten times as many, and an inverted file (ivf)
+    #: above, so serving cost stops growing with the training set
     ood_index: str = "auto"
     # LAC by default: its served set is the set the threshold is calibrated for, so coverage lands on
     # 1 - alpha with the smallest sets; MAPIE's APS serves include-last-label supersets that over-cover
@@ -357,8 +389,8 @@ class CalibrationSettings:
             raise CalibrationError(f"--conformal: expected one of {CONFORMAL_MODES}, got {self.conformal!r}")
         if self.risk_correction not in RISK_CORRECTIONS:
             raise CalibrationError(f"--risk-correction: expected one of {RISK_CORRECTIONS}, got {self.risk_correction!r}")
-        if self.ood_index not in KNN_INDEXES:
-            raise CalibrationError(f"--ood-index: expected one of {', '.join(KNN_INDEXES)}, got {self.ood_index!r}")
+        if self.ood_index not in OOD_INDEXES:  # the names of ood.KNN_INDEXES (a test holds them equal)
+            raise CalibrationError(f"--ood-index: expected one of {', '.join(OOD_INDEXES)}, got {self.ood_index!r}")
         if self.ood_index not in ("exact", "auto") and self.ood_scorer != "knn":
             raise CalibrationError(f"--ood-index {self.ood_index}: a reduced bank applies to the knn scorer only, "
                                    f"not to --ood-scorer {self.ood_scorer}")
@@ -366,18 +398,20 @@ class CalibrationSettings:
             raise CalibrationError(f"--score: expected one of {', '.join(CONFORMITY_SCORES)}, got {self.score!r}")
 
 
-@torch.no_grad()
 def features_and_logits(net: Classifier, x: np.ndarray | torch.Tensor, device: torch.device,
                         batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features ``[N, D]`` and logits ``[N, K]`` in eval mode, on ``device``."""
+    import torch
+
     net.eval()
     x = torch.as_tensor(x)
     feats, logits = [], []
-    for start in range(0, len(x), batch_size):
-        f = net.forward_features(x[start : start + batch_size].to(device))
-        feats.append(f)
-        logits.append(net.forward_head(f))
-    return torch.cat(feats), torch.cat(logits)
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            f = net.forward_features(x[start : start + batch_size].to(device))
+            feats.append(f)
+            logits.append(net.forward_head(f))
+        return torch.cat(feats), torch.cat(logits)
 
 
 def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSettings,
@@ -387,6 +421,10 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
     With ``base`` (an existing calibration of the same network), its OOD bank and confidence function are
     kept and only the ``cal`` split is used: this is how a version is calibrated on other labelled data.
     """
+    import torch
+
+    from noisewise.models.uncertainty.ood import OODGate, build_ood_scorer
+
     settings.check()
     device = torch.device(device)
     net = net.to(device).eval()
@@ -458,6 +496,8 @@ def assemble_calibration(settings: CalibrationSettings, knowledge: NoiseKnowledg
     noise, assumptions = noise_record(settings, knowledge, y_cal, audit_index, audit_labels, probs_np, k)
     assumptions = list(notes) + assumptions
 
+    import torch
+
     # MAPIE's convention: randomized scores at calibration, include-last-label sets at serving, so that
     # at eps = 0 our sets are exactly MAPIE's SplitConformalClassifier sets.
     convention = MAPIE_CONVENTION[settings.score]
@@ -503,6 +543,8 @@ def _ood_params(settings: CalibrationSettings) -> dict:
 
 
 def _logit_scorers() -> list[str]:
+    from noisewise.models.uncertainty.ood import OOD_SCORERS
+
     return sorted(name for name, cls in OOD_SCORERS.items() if "features" not in cls.uses and not cls.requires_fit)
 
 
@@ -521,6 +563,8 @@ def _ood_head(net: Classifier, scorer: OODScorer) -> tuple[torch.Tensor, torch.T
     if callable(linear_head):
         head = linear_head()
     else:
+        import torch
+
         layer = getattr(net, "head", None)
         head = (layer.weight.detach(), layer.bias.detach()) if isinstance(layer, torch.nn.Linear) else None
     if scorer.needs_head and head is None:

@@ -26,7 +26,7 @@ CONFORMITY_SCORES = ("lac", "aps", "raps")
 #: ``--ood-scorer``: OOD scores (``noisewise.models.uncertainty.ood.OOD_SCORERS``).
 OOD_SCORERS = ("msp", "maxlogit", "energy", "knn", "mahalanobis", "vim", "react")
 #: ``--ood-index``: how the knn bank is built (``noisewise.models.uncertainty.ood.KNN_INDEXES``).
-OOD_INDEXES = ("exact", "subsample", "kmeans", "auto")
+OOD_INDEXES = ("exact", "subsample", "kmeans", "ivf", "auto")
 #: OOD scores that need only logits, for imported models without a features method.
 LOGITS_SCORERS = ("energy", "maxlogit", "msp")
 #: The alias that serving follows by default.

@@ -267,7 +267,7 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu", *, netwo
     """Rebuild the network from a folder holding ``weights.safetensors`` and ``model.json``.
 
     With ``network=False``, only ``model.json`` and the calibration document are read (with their checks):
-    no network is built and no tensor is loaded (torch is still imported: the calibration's module needs it);
+    no network is built, no tensor is loaded and torch is not imported (unless the caller already has);
     ``net``, ``weights`` and the calibration's OOD scorer and gate are None. For what needs the class names,
     thresholds and targets alone (``noisewise monitor``).
     """

@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,9 +46,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-import torch
 
-from noisewise.models.calibrate import GUARANTEE_KINDS
+# torch only where a tensor is made (recalibrated_threshold): `noisewise monitor` loads none. GUARANTEE_KINDS from
+# the calibration document's module, which has none either (noisewise.models.calibrate re-exports it).
+from noisewise.models.calibration_doc import GUARANTEE_KINDS
 from noisewise.models.uncertainty.conformal import (
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
@@ -125,7 +127,8 @@ MIN_RECALIBRATION_ITEMS = 100
 
 
 def _as_numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: nothing is imported here
+    return x.detach().cpu().numpy() if torch is not None and isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _check_probs(probs: Any) -> np.ndarray:
@@ -1033,6 +1036,8 @@ def recalibrated_threshold(
             f"too little feedback: {n} labelled predictions in {base}, {needed} needed at alpha={alpha:g}"
             + (f" and eps={eps:.3f}" if eps else "") + "; collect more feedback or widen --window"
         )
+
+    import torch
 
     score = calibration.conformity_score
     convention = MAPIE_CONVENTION[score]

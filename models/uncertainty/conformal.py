@@ -49,6 +49,9 @@ randomized sets and the served sets contain them, so coverage can only rise (MAP
 The default parameters (``u = 1``, deterministic, the same in both phases) give the classic
 non-randomized APS/RAPS sets ``{y : mass at or above y (+ penalty) <= q}``.
 
+torch is imported by the functions of the first half, not with the module: reading a stored threshold
+(:class:`ConformalThreshold`) and fitting one need none of it (``noisewise monitor`` loads no torch).
+
 Label noise convention
 ----------------------
 ``eps`` is the uniform ("all") noise rate: ``P(y~ = j | y = i) = (1 - eps) 1[i = j] + eps / K``. A
@@ -59,11 +62,18 @@ flip-to-another-class rate ``eps'`` converts as ``eps = eps' K / (K - 1)``
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+    # A per-rank score: (mass_above, mass_through, count_above, count_through) in sorted order -> scores.
+    RankScore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, slice], torch.Tensor]
+    ConformityScore = Callable[..., torch.Tensor]
 
 __all__ = [
     "CONFORMITY_SCORES",
@@ -89,6 +99,8 @@ __all__ = [
 
 
 def _check_probs(probs: Any) -> None:
+    import torch
+
     if not isinstance(probs, torch.Tensor):
         raise ValueError(f"probs must be a torch.Tensor of shape [N, K], got {type(probs).__name__}")
     if probs.ndim != 2 or probs.shape[1] < 2:
@@ -101,12 +113,11 @@ def _check_probs(probs: Any) -> None:
 # [rows, K] arrays of 8 bytes each: ~32 MB per array in float64), whatever N is.
 _BLOCK_ELEMENTS = 1 << 22
 
-# A per-rank score: (mass_above, mass_through, count_above, count_through) in sorted order -> scores.
-RankScore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, slice], torch.Tensor]
-
 
 def _descending_order(probs: torch.Tensor) -> torch.Tensor:
     """Per row, the class indices by decreasing probability (order within tied values is arbitrary)."""
+    import torch
+
     if probs.device.type == "cpu" and probs.dtype in (torch.float32, torch.float64):
         # numpy's vectorized (AVX-512/AVX2) argsort is several times faster than torch.sort on one core;
         # the ascending order read backwards is a descending one (the order of tied values does not matter).
@@ -117,6 +128,8 @@ def _descending_order(probs: torch.Tensor) -> torch.Tensor:
 
 def _tie_blocks(sorted_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Position of the first and last member of each position's tie block, per row of ``sorted_p``."""
+    import torch
+
     n, k = sorted_p.shape
     idx = torch.arange(k, device=sorted_p.device).expand(n, k)
     differs = sorted_p[:, 1:] != sorted_p[:, :-1]
@@ -138,6 +151,8 @@ def _scores_by_rank(probs: torch.Tensor, rank_score: RankScore) -> torch.Tensor:
     so the temporaries stay bounded; only rows that contain tied probabilities pay for the block
     search.
     """
+    import torch
+
     n, k = probs.shape
     out = torch.empty_like(probs)
     step = max(1, _BLOCK_ELEMENTS // k)
@@ -173,6 +188,8 @@ def _resolve_u(
     include_last_label: bool,
     generator: torch.Generator | None,
 ) -> float | torch.Tensor:
+    import torch
+
     if include_last_label:
         if u is not None:
             raise ValueError("u must be left unset when include_last_label=True (that rule fixes the score)")
@@ -253,9 +270,10 @@ def aps_scores(
     """
     _check_probs(probs)
     u = _resolve_u(probs, u, include_last_label, generator)
+    per_row = not isinstance(u, float)  # a tensor [N, 1] of draws or given values
 
     def rank_score(mass_above, mass_through, count_above, count_through, rows):
-        share = u[rows] if isinstance(u, torch.Tensor) else u
+        share = u[rows] if per_row else u
         return mass_above + share * (mass_through - mass_above)
 
     return _scores_by_rank(probs, rank_score)
@@ -302,16 +320,15 @@ def raps_scores(
         raise ValueError(f"k_reg must be an integer >= 0, got {k_reg!r}")
     u = _resolve_u(probs, u, include_last_label, generator)
     k_reg = int(k_reg)
+    per_row = not isinstance(u, float)  # a tensor [N, 1] of draws or given values
 
     def rank_score(mass_above, mass_through, count_above, count_through, rows):
-        share = u[rows] if isinstance(u, torch.Tensor) else u
+        share = u[rows] if per_row else u
         rank = count_above if include_last_label else count_through
         return mass_above + share * (mass_through - mass_above) + lam * (rank - k_reg).clamp(min=0)
 
     return _scores_by_rank(probs, rank_score)
 
-
-ConformityScore = Callable[..., torch.Tensor]
 
 CONFORMITY_SCORES: dict[str, ConformityScore] = {
     "lac": lac_scores,
@@ -344,6 +361,8 @@ def prediction_sets(scores: torch.Tensor, q: float | torch.Tensor) -> torch.Tens
     BoolTensor [N, K]
         Membership mask, on the device of ``scores``.
     """
+    import torch
+
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
         got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"scores must be a torch.Tensor of shape [N, K], got {got}")
@@ -438,7 +457,8 @@ class ConformalThreshold:
 
 
 def _as_numpy(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: nothing is imported here
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     try:
         return np.asarray(x)

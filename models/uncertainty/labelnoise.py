@@ -21,19 +21,26 @@ Estimators, in order of trust (:data:`NOISE_RATE_ESTIMATORS`):
 
 The confident-learning part reimplements cleanlab's confident joint (Northcutt, Jiang, Chuang,
 "Confident learning: estimating uncertainty in dataset labels", JAIR 2021; cleanlab is Apache-2.0)
-in numpy for fitting and in torch for the O(K) per-item rule applied to each feedback label at
-ingestion.
+in numpy for fitting, and the O(K) per-item rule applied to each feedback label at ingestion for
+torch tensors and numpy arrays alike.
+
+torch is imported only where a tensor is handled, and the binomial intervals use ``scipy.special``
+rather than ``scipy.stats``: ``noisewise monitor`` estimates noise rates without loading either
+(seconds of imports).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import numpy as np
-import torch
-from scipy import stats
+from scipy import special
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LABEL_QUALITY_SCORES",
@@ -266,8 +273,13 @@ def _check_confidence_level(confidence: Any) -> float:
     return float(confidence)
 
 
+def _as_numpy(x: Any) -> np.ndarray:
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: nothing is imported here
+    return x.detach().cpu().numpy() if torch is not None and isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _check_labels(labels: Any, name: str, num_classes: int, n: int | None = None) -> np.ndarray:
-    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    arr = _as_numpy(labels)
     if arr.ndim != 1 or arr.shape[0] == 0:
         raise ValueError(f"`{name}` must be a non-empty 1-D array of class indices, got shape {arr.shape}.")
     if n is not None and arr.shape[0] != n:
@@ -286,7 +298,7 @@ def _check_labels(labels: Any, name: str, num_classes: int, n: int | None = None
 
 
 def _check_probs(probs: Any, name: str = "probs") -> np.ndarray:
-    arr = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    arr = _as_numpy(probs)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] < 2:
         raise ValueError(f"`{name}` must have shape [n, K] with n >= 1 and K >= 2, got {arr.shape}.")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -324,8 +336,10 @@ def clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
     (lower, upper) : tuple of float
     """
     a = 1.0 - confidence
-    lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a / 2, k + 1, n - k))
+    # betaincinv(a, b, q) is the Beta(a, b) quantile of q, the value of scipy.stats.beta.ppf(q, a, b) to the bit
+    # (one Boost routine), without importing scipy.stats
+    lo = 0.0 if k == 0 else float(special.betaincinv(k, n - k + 1, a / 2))
+    hi = 1.0 if k == n else float(special.betaincinv(k + 1, n - k, 1 - a / 2))
     return lo, hi
 
 
@@ -334,8 +348,8 @@ def _clopper_pearson_many(k: np.ndarray, n: np.ndarray, confidence: float) -> tu
     a = 1.0 - confidence
     k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        lo = np.where(k == 0, 0.0, stats.beta.ppf(a / 2, np.maximum(k, 1), n - k + 1))
-        hi = np.where(k == n, 1.0, stats.beta.ppf(1 - a / 2, k + 1, np.maximum(n - k, 1)))
+        lo = np.where(k == 0, 0.0, special.betaincinv(np.maximum(k, 1), n - k + 1, a / 2))
+        hi = np.where(k == n, 1.0, special.betaincinv(k + 1, np.maximum(n - k, 1), 1 - a / 2))
     return lo, hi
 
 
@@ -662,7 +676,7 @@ def confident_joint(
 
 
 def _check_thresholds(thresholds: Any, k: int) -> np.ndarray:
-    t = thresholds.detach().cpu().numpy() if isinstance(thresholds, torch.Tensor) else np.asarray(thresholds)
+    t = _as_numpy(thresholds)
     t = t.reshape(-1) if t.ndim == 2 and 1 in t.shape else t
     if t.shape != (k,) or not np.issubdtype(t.dtype, np.number) or not np.all(np.isfinite(t)):
         raise ValueError(f"`thresholds` must be {k} finite per-class thresholds, got shape {t.shape}.")
@@ -746,12 +760,20 @@ def _self_confidence(probs: Array, labels: Array) -> Array:
 
 
 def _where(condition: Array, a: Any, b: Any) -> Array:
-    return np.where(condition, a, b) if isinstance(condition, np.ndarray) else torch.where(condition, a, b)
+    if isinstance(condition, np.ndarray):
+        return np.where(condition, a, b)
+    import torch
+
+    return torch.where(condition, a, b)
 
 
 def _normalized_margin(probs: Array, labels: Array) -> Array:
-    classes = np.arange(probs.shape[1]) if isinstance(probs, np.ndarray) else \
-        torch.arange(probs.shape[1], device=probs.device)
+    if isinstance(probs, np.ndarray):
+        classes = np.arange(probs.shape[1])
+    else:
+        import torch
+
+        classes = torch.arange(probs.shape[1], device=probs.device)
     others = _where(labels[:, None] == classes, float("-inf"), probs)
     best_other = others.max(1) if isinstance(others, np.ndarray) else others.amax(1)
     return (_self_confidence(probs, labels) - best_other + 1.0) / 2.0
@@ -764,22 +786,23 @@ LABEL_QUALITY_SCORES: dict[str, Callable[[Array, Array], Array]] = {
     "normalized_margin": _normalized_margin,
 }
 
-_INT_TENSOR_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
 
 def _check_item_arrays(probs: Any, labels: Any) -> Any:
     """Check the kinds, shapes and dtypes of ``probs`` [N, K] and ``labels`` [N] (both torch tensors on one
     device, or both numpy arrays); returns ``labels`` as int64."""
     numpy = isinstance(probs, np.ndarray)
-    if not (numpy or isinstance(probs, torch.Tensor)) or probs.ndim != 2 or probs.shape[1] < 2 or not (
+    torch = None if numpy else sys.modules.get("torch")  # a tensor exists only once torch is imported
+    tensor = torch is not None and isinstance(probs, torch.Tensor)
+    if not (numpy or tensor) or probs.ndim != 2 or probs.shape[1] < 2 or not (
             np.issubdtype(probs.dtype, np.floating) if numpy else probs.is_floating_point()):
         raise ValueError(
             "`probs` must be a floating-point torch.Tensor or numpy array [N, K] with K >= 2, got "
             f"{type(probs).__name__} {tuple(getattr(probs, 'shape', ()))}."
         )
     kind = np.ndarray if numpy else torch.Tensor
+    int_tensor_types = () if numpy else (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
     if not isinstance(labels, kind) or labels.shape != probs.shape[:1] or not (
-            np.issubdtype(labels.dtype, np.integer) if numpy else labels.dtype in _INT_TENSOR_TYPES):
+            np.issubdtype(labels.dtype, np.integer) if numpy else labels.dtype in int_tensor_types):
         raise ValueError(
             f"`labels` must be an integer {kind.__module__.split('.')[0]} {kind.__name__} [N] with N = "
             f"{probs.shape[0]} (the kind of `probs`), got {type(labels).__name__} "
@@ -871,7 +894,8 @@ def suspect_mask(probs: Array, labels: Array, thresholds: Array) -> Suspects:
     """
     labels = _check_item_arrays(probs, labels)
     numpy = isinstance(probs, np.ndarray)
-    if not isinstance(thresholds, np.ndarray if numpy else torch.Tensor) or thresholds.shape != probs.shape[1:]:
+    # `probs` passed its check: a numpy array, or a tensor and then torch is imported
+    if not isinstance(thresholds, np.ndarray if numpy else sys.modules["torch"].Tensor) or thresholds.shape != probs.shape[1:]:
         raise ValueError(
             f"`thresholds` must be a {'numpy array' if numpy else 'torch.Tensor'} [K] with K = {probs.shape[1]} "
             f"(the kind of `probs`), got {type(thresholds).__name__} {tuple(getattr(thresholds, 'shape', ()))}."

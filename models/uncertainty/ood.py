@@ -435,9 +435,21 @@ def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 #: How the KNN bank is built from the training features (``index``): ``exact`` keeps every row;
 #: ``subsample`` a class-stratified random subset of ``budget`` rows; ``kmeans`` ``budget`` k-means
-#: centroids weighted by their cluster sizes; ``auto`` is ``exact`` up to ``budget`` rows and
-#: ``subsample`` above.
-KNN_INDEXES = ("exact", "subsample", "kmeans", "auto")
+#: centroids weighted by their cluster sizes; ``ivf`` every row, grouped into inverted lists of which
+#: each query scores the few nearest; ``auto`` is ``exact`` up to ``budget`` rows, ``subsample`` up to
+#: ``AUTO_IVF_ABOVE`` budgets and ``ivf`` above.
+KNN_INDEXES = ("exact", "subsample", "kmeans", "ivf", "auto")
+
+#: ``auto`` serves a subsample up to this many times ``budget`` training rows and an ivf bank above. Measured
+#: on real features (docs/ood.md): a 10,000-row subsample is within 0.004 AUROC of the exact bank at 100,000
+#: rows and the cheapest bank at every batch size (one matmul), but 0.031 below it at 1,000,000 rows, where
+#: ivf stays within 0.003.
+AUTO_IVF_ABOVE = 10
+
+#: Rows an ``ivf`` query scores by default, per neighbour of ``k``: with ``k = 50``, the lists that hold
+#: about 1,250 rows. Measured on 20,000 to 1,000,000 rows of real features (docs/ood.md): AUROC within
+#: 0.004 of the exact bank on every OOD set.
+IVF_ROWS_PER_NEIGHBOUR = 25
 
 
 def _stratified_rows(labels: torch.Tensor | None, n: int, budget: int, seed: int) -> torch.Tensor:
@@ -461,27 +473,56 @@ def _stratified_rows(labels: torch.Tensor | None, n: int, budget: int, seed: int
     return torch.cat(rows).sort().values
 
 
-def _kmeans_bank(unit: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(centroids [m, D], cluster sizes [m])`` of unit-norm rows; empty clusters are dropped.
+def _kmeans(unit: torch.Tensor, clusters: int, seed: int, seeding: str = "k-means++"):
+    """scikit-learn's MiniBatchKMeans fitted on the rows of ``unit``, at calibration only.
 
-    scikit-learn's MiniBatchKMeans runs here, at calibration only: serving reads the centroids as
-    an ordinary (smaller) bank. k-means++ seeding costs O(clusters^2) distance passes, so above
-    2048 clusters the seeds are drawn at random instead.
+    k-means++ seeding costs O(clusters^2) distance passes, so above 2048 clusters the seeds are drawn at
+    random instead.
     """
     from sklearn.cluster import MiniBatchKMeans  # calibration-only dependency
 
-    x = unit.detach().cpu().numpy()
-    km = MiniBatchKMeans(
+    return MiniBatchKMeans(
         n_clusters=clusters,
-        init="k-means++" if clusters <= 2048 else "random",
+        init=seeding if clusters <= 2048 else "random",
         batch_size=max(1024, 3 * clusters),
         n_init=1,
         random_state=seed,
-    ).fit(x)
-    sizes = torch.bincount(torch.from_numpy(km.predict(x)).long(), minlength=clusters)
+    ).fit(unit.detach().cpu().numpy())
+
+
+def _kmeans_bank(unit: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(centroids [m, D], cluster sizes [m])`` of unit-norm rows; empty clusters are dropped.
+
+    Serving reads the centroids as an ordinary (smaller) bank.
+    """
+    km = _kmeans(unit, clusters, seed)
+    sizes = torch.bincount(torch.from_numpy(km.predict(unit.detach().cpu().numpy())).long(), minlength=clusters)
     keep = sizes > 0
     centroids = torch.from_numpy(km.cluster_centers_).to(unit.device, torch.float32)[keep.to(unit.device)]
     return centroids, sizes[keep].to(unit.device)
+
+
+def _ivf_lists(unit: torch.Tensor, lists: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverted lists of unit-norm rows: ``(row order [N], list centroids [m, D], list offsets [m + 1])``.
+
+    The centroids are k-means centroids of a uniform sample of ``32 * lists`` rows (k-means needs a few
+    dozen rows per cluster, not every row), seeded at random rows (lists need not be optimal clusters, and
+    k-means++ seeding of thousands of lists takes minutes), normalized, so a row belongs to the list of
+    largest cosine, as a query probes them. ``unit[order]`` holds list ``j`` in rows ``offsets[j]:offsets[j + 1]``;
+    empty lists are dropped.
+    """
+    n = unit.shape[0]
+    sample = _stratified_rows(None, n, min(n, 32 * lists), seed).to(unit.device)
+    km = _kmeans(unit[sample], lists, seed, seeding="random")
+    centroids = _normalize_rows(torch.from_numpy(km.cluster_centers_).to(unit.device, torch.float32))
+    block = max(1, KNNScorer.BLOCK_ELEMENTS // len(centroids))  # bounds the [rows, lists] similarities
+    assign = torch.cat([(rows @ centroids.T).argmax(dim=1) for rows in unit.split(block)])
+    sizes = torch.bincount(assign, minlength=lists)
+    keep = sizes > 0
+    renumber = keep.long().cumsum(0) - 1
+    order = renumber[assign].argsort(stable=True)
+    offsets = torch.cat([sizes.new_zeros(1), sizes[keep].cumsum(0)])
+    return order, centroids[keep], offsets
 
 
 class KNNScorer(OODScorer):
@@ -511,7 +552,16 @@ class KNNScorer(OODScorer):
       weighted by its cluster size; the score is the distance of the nearest centroid at which the
       cumulated cluster sizes reach ``k``, i.e. the k-th neighbour with every member of a cluster
       placed at its centroid.
-    * ``auto``: ``exact`` when ``n <= budget``, otherwise ``subsample``.
+    * ``ivf``: an inverted file (Jegou, Douze and Schmid, *Product Quantization for Nearest Neighbor
+      Search*, TPAMI 2011, the IVF of faiss): every row is kept and filed under the nearest of
+      ``lists`` k-means centroids (default ``round(4 sqrt(n))``); a query scores only the rows of its
+      ``probes`` nearest lists (default: enough lists for ``IVF_ROWS_PER_NEIGHBOUR * k`` rows on
+      average) and reads its k-th neighbour among them. The cost per query follows ``probes``, not
+      ``n``, and the bank keeps growing with the data, so near-OOD power is not lost to a fixed sample.
+      Where the probed lists hold fewer than ``k`` rows, the missing neighbours count at cosine -1
+      (the score can only overstate the exact one).
+    * ``auto``: ``exact`` when ``n <= budget``, ``subsample`` up to ``AUTO_IVF_ABOVE * budget`` rows,
+      ``ivf`` above.
 
     With ``n <= budget`` every index keeps the exact bank (nothing to reduce). A reduced bank gives
     different scores, so the conformal gate must be fitted on this scorer's scores of held-out ID
@@ -523,11 +573,14 @@ class KNNScorer(OODScorer):
         The paper's choice for ~10 classes (200 for ~100, 1000 at ImageNet scale).
     chunk_size : int, default 65536
         Most bank rows per block of the similarity matmul.
-    index : {"exact", "subsample", "kmeans", "auto"}, default "exact"
+    index : {"exact", "subsample", "kmeans", "ivf", "auto"}, default "exact"
     budget : int, default 10000
         Most bank rows of a reduced bank (and the ``auto`` threshold).
     seed : int, default 0
         Seed of the subsample draw or of k-means.
+    lists, probes : int or None, default None
+        ``ivf`` only: the number of inverted lists and of lists a query scores (None: from ``n`` and
+        ``k`` as above).
     """
 
     BLOCK_ELEMENTS = 1 << 24  # similarities per block: 64 MiB in fp32
@@ -536,10 +589,10 @@ class KNNScorer(OODScorer):
     uses = ("features",)
     requires_fit = True
     _state_keys = ("bank",)
-    _optional_state_keys = ("bank_counts",)
+    _optional_state_keys = ("bank_counts", "list_centroids", "list_offsets")
 
     def __init__(self, k: int = 50, chunk_size: int = 65536, index: str = "exact", budget: int = 10000,
-                 seed: int = 0):
+                 seed: int = 0, lists: int | None = None, probes: int | None = None):
         super().__init__()
         self.k = _check_positive_int(k, "k")
         self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
@@ -550,16 +603,20 @@ class KNNScorer(OODScorer):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
         self.seed = seed
+        self.lists = None if lists is None else _check_positive_int(lists, "lists")
+        self.probes = None if probes is None else _check_positive_int(probes, "probes")
 
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "chunk_size": self.chunk_size, "index": self.index, "budget": self.budget,
-                "seed": self.seed}
+                "seed": self.seed, "lists": self.lists, "probes": self.probes}
 
     def index_for(self, n: int) -> str:
-        """The bank that ``fit`` builds from ``n`` training rows: ``exact``, ``subsample`` or ``kmeans``."""
+        """The bank that ``fit`` builds from ``n`` training rows: ``exact``, ``subsample``, ``kmeans`` or ``ivf``."""
         if n <= self.budget:
             return "exact"
-        return "subsample" if self.index == "auto" else self.index
+        if self.index != "auto":
+            return self.index
+        return "subsample" if n <= AUTO_IVF_ABOVE * self.budget else "ivf"
 
     def _fit(self, features, logits, labels, head):
         n, d = features.shape
@@ -579,9 +636,13 @@ class KNNScorer(OODScorer):
             rows = _stratified_rows(labels, n, self.budget, self.seed).to(unit.device)
             self._state = {"bank": unit[rows]}
             k_used = max(1, round(self.k * self.budget / n))
-        else:
+        elif index == "kmeans":
             centroids, sizes = _kmeans_bank(unit, self.budget, self.seed)
             self._state = {"bank": _normalize_rows(centroids), "bank_counts": sizes.long()}
+        else:
+            order, centroids, offsets = _ivf_lists(unit, self.lists or max(1, round(4 * math.sqrt(n))), self.seed)
+            self._state = {"bank": unit[order], "list_centroids": centroids, "list_offsets": offsets}
+            probes = self.probes or math.ceil(IVF_ROWS_PER_NEIGHBOUR * self.k * len(centroids) / n)
         self._fitted_meta = {
             "bank_size": int(self._state["bank"].shape[0]),
             "feature_dim": int(d),
@@ -590,6 +651,8 @@ class KNNScorer(OODScorer):
         }
         if index == "subsample":
             self._fitted_meta["k_used"] = int(k_used)
+        if index == "ivf":
+            self._fitted_meta["probes"] = min(int(probes), len(centroids))
 
     @property
     def index_used(self) -> str:
@@ -601,6 +664,11 @@ class KNNScorer(OODScorer):
         """The neighbour rank read from the bank: ``k``, scaled to the rows of a subsample."""
         return int(self._fitted_meta["k_used"]) if self.index_used == "subsample" else self.k
 
+    @property
+    def probes_used(self) -> int | None:
+        """The lists an ``ivf`` query scores (None for the other banks)."""
+        return int(self._fitted_meta["probes"]) if self.index_used == "ivf" else None
+
     def _after_load(self):
         bank = self._state["bank"]
         dtype = torch.float32 if bank.device.type == "cpu" else torch.float16
@@ -610,6 +678,16 @@ class KNNScorer(OODScorer):
         if "bank_counts" in self._state:
             # whole counts stay whole: a float tensor here is refused by the load checks, not rounded
             self._state["bank_counts"] = self._state["bank_counts"].to(bank.device)
+        if self.index_used == "ivf":
+            if "list_centroids" not in self._state or "list_offsets" not in self._state:
+                raise ValueError("an ivf KNN bank needs 'list_centroids' and 'list_offsets' in the state")
+            self._state["list_centroids"] = self._state["list_centroids"].to(dtype).contiguous()
+            # host copies: the lists are sliced in Python, and reading offsets off a GPU would sync per list
+            offsets = self._state["list_offsets"].cpu()
+            if offsets.ndim != 1 or offsets.shape[0] < 2:
+                raise ValueError(f"list_offsets must be a 1-D tensor of at least 2 offsets, got {list(offsets.shape)}")
+            self._list_offsets = offsets.tolist()
+            self._list_rows = int((offsets[1:] - offsets[:-1]).max())
 
     def _score(self, features, logits):
         bank = self._state["bank"]
@@ -617,6 +695,8 @@ class KNNScorer(OODScorer):
         query = _normalize_rows(features.float()).to(bank.dtype)
         if query.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=features.device)
+        if self.index_used == "ivf":
+            return 1.0 - torch.cat([self._ivf_kth(q) for q in query.split(self._ivf_queries())]).float()
         k = self.k if counts is not None else self.k_used
         bank_rows = min(self.chunk_size, bank.shape[0])
         query_rows = max(1, self.BLOCK_ELEMENTS // bank_rows)
@@ -649,6 +729,45 @@ class KNNScorer(OODScorer):
                 first = reached.sum(dim=1, keepdim=True).clamp_max(order.shape[1] - 1)
                 kth.append(best.gather(1, order.gather(1, first)).squeeze(1))
         return 1.0 - torch.cat(kth).float()
+
+    def _ivf_queries(self) -> int:
+        """Queries per block, so the block's [queries * probes, longest list] similarities stay bounded."""
+        return max(1, self.BLOCK_ELEMENTS // (self.probes_used * self._list_rows))
+
+    def _ivf_kth(self, query: torch.Tensor) -> torch.Tensor:
+        """k-th largest cosine of each query ``[B, D]`` among the rows of its ``probes`` nearest lists.
+
+        One pass over the distinct lists the block probes: each list's rows are read once, against every
+        query that probes it (per list a single matmul: the rows of a list are contiguous). The
+        similarities land in one ``[B * probes, longest list]`` table padded with -1, and one ``topk``
+        reads the k-th largest per query.
+        """
+        bank, offsets = self._state["bank"], self._list_offsets
+        probes = self.probes_used
+        b = query.shape[0]
+        probed = (query @ self._state["list_centroids"].T).topk(probes, dim=1).indices.reshape(-1)
+        order = probed.argsort()  # (query, probe) pairs grouped by list
+        pairs = order.tolist()
+        lists = probed[order].tolist()
+        sims = query.new_full((b * probes, self._list_rows), -1.0)
+        start, m = 0, len(lists)
+        while start < m:
+            stop = start + 1
+            while stop < m and lists[stop] == lists[start]:
+                stop += 1
+            lo, hi = offsets[lists[start]], offsets[lists[start] + 1]
+            if stop - start == 1:  # the common case at small batches: no gather of queries
+                pair = pairs[start]
+                q = query[pair // probes : pair // probes + 1]
+                sims[pair : pair + 1, : hi - lo] = q @ bank[lo:hi].T
+            else:
+                rows = order[start:stop]
+                sims[rows, : hi - lo] = query[rows // probes] @ bank[lo:hi].T
+            start = stop
+        sims = sims.view(b, -1)
+        if sims.shape[1] < self.k:  # the probed lists cannot hold k rows: the k-th neighbour is missing
+            return sims.new_full((b,), -1.0)
+        return sims.topk(self.k, dim=1, sorted=False).values.amin(dim=1)
 
 
 def _ledoit_wolf_shrinkage(x: torch.Tensor) -> float:

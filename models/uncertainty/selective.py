@@ -29,6 +29,9 @@ Cattelan, Silva. "How to fix a broken confidence estimator: evaluating post-hoc 
 selective classification with deep neural networks", UAI 2024 (MaxLogit-pNorm).
 Angelopoulos, Bates, Candes, Jordan, Lei. "Learn then Test: calibrating predictive algorithms to
 achieve risk control", 2021 (fixed-sequence testing of thresholds).
+
+torch and ``scipy.stats`` are imported by the functions that use them: reading a stored threshold
+(:class:`CertifiedThreshold`) needs neither (``noisewise monitor`` loads no torch).
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-from scipy import special, stats
+from scipy import special
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CONFIDENCE_FUNCTIONS",
@@ -82,6 +88,8 @@ def _is_int(x: Any) -> bool:
 
 
 def _check_logits(logits: Any) -> None:
+    import torch
+
     if not isinstance(logits, torch.Tensor):
         raise ValueError(
             f"`logits` must be a torch.Tensor of shape [N, K], got {type(logits).__name__}."
@@ -95,6 +103,8 @@ def _check_logits(logits: Any) -> None:
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     # fp16/bf16 logits lose the small differences that rank confident inputs; fp64 stays fp64.
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -111,6 +121,8 @@ def msp_confidence(logits: torch.Tensor) -> torch.Tensor:
     torch.Tensor, shape [N]
         In ``[1/K, 1]``; computed in at least fp32 on the input's device.
     """
+    import torch
+
     _check_logits(logits)
     return torch.softmax(_at_least_fp32(logits), dim=1).amax(dim=1)
 
@@ -153,6 +165,8 @@ def maxlogit_pnorm_confidence(logits: torch.Tensor, *, p: int) -> torch.Tensor:
     top = centered.amax(dim=1)
     if p == 0:
         return top
+    import torch
+
     norm = torch.linalg.vector_norm(centered, ord=int(p), dim=1)
     # Constant logits: top == norm == 0; clamping gives g = 0 instead of NaN.
     return top / norm.clamp_min(torch.finfo(norm.dtype).tiny)
@@ -224,6 +238,8 @@ def select_pnorm(
         The ``p`` with the lowest AURC (smallest ``p`` among ties), or ``None`` when no ``p``
         has an AURC strictly below MSP's: then use ``"msp"`` (the safe default).
     """
+    import torch
+
     logits_t = torch.as_tensor(logits)
     _check_logits(logits_t)
     correct_np = _check_binary(correct, "correct", logits_t.shape[0])
@@ -241,7 +257,8 @@ def select_pnorm(
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: nothing is imported here
+    if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -465,7 +482,8 @@ def _clopper_pearson_upper(k: int, n: int, delta: float) -> float:
         return float("nan")
     if k >= n:
         return 1.0
-    return float(stats.beta.ppf(1.0 - delta, k + 1, n - k))
+    # betaincinv(a, b, q) is the Beta(a, b) quantile of q, scipy.stats.beta.ppf(q, a, b) to the bit
+    return float(special.betaincinv(k + 1, n - k, 1.0 - delta))
 
 
 def wrong_label_bound(n: int, flip_rate: float, delta: float) -> int:
@@ -514,6 +532,8 @@ def wrong_label_bound(n: int, flip_rate: float, delta: float) -> int:
         return 0
     if p == 1.0:
         return n
+    from scipy import stats
+
     w = int(stats.binom.ppf(1.0 - delta, n, p))
     # ppf works on the CDF and can be off by one where 1 - delta rounds; settle it on the tail.
     while w < n and stats.binom.sf(w, n, p) > delta:
@@ -1017,6 +1037,8 @@ def decide(confidence: torch.Tensor, threshold: float | CertifiedThreshold) -> t
     torch.BoolTensor, shape [N]
         True = answer, False = abstain (reason ``low_confidence``), on the input's device.
     """
+    import torch
+
     if not isinstance(confidence, torch.Tensor) or confidence.ndim != 1:
         raise ValueError(
             "`confidence` must be a 1-D torch.Tensor [N], got "

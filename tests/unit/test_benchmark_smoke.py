@@ -174,12 +174,13 @@ def test_bank_index_on_augmented_real_features(one_thread):
     """--bank-index --augment: the bank is the features of augmented train images; every reduced bank keeps
     its budget of rows and gets its own gate, whose false-OOD rate on the ID test split stays near alpha."""
     report = ood_bench.run_bank_index(seeds=(0,), budgets=(100, 400), n_ood=60, augment=2, epochs=2,
-                                      indexes=("exact", "subsample"), timing_rows=2000, timing_budget=200,
+                                      indexes=("exact", "subsample", "ivf"), timing_rows=2000, timing_budget=200,
                                       timing_reps=3)
     (run,) = report["runs"]
     assert run["bank_rows"] == 2 * 2500
-    assert report["banks"] == ["exact", "subsample:100", "subsample:400"]
-    assert [run["banks"][key]["bank_size"] for key in report["banks"]] == [5000, 100, 400]
+    assert report["banks"] == ["exact", "subsample:100", "subsample:400", "ivf"]
+    assert [run["banks"][key]["bank_size"] for key in report["banks"]] == [5000, 100, 400, 5000]
+    assert run["banks"]["ivf"]["lists"] == round(4 * 5000 ** 0.5) and run["banks"]["ivf"]["probes"] >= 1
     # mnist5k: the gate is fitted on 1,250 calibration items and read on 750 test items; both draws vary
     tolerance = 3 * (0.05 * 0.95 * (1 / 1250 + 1 / 750)) ** 0.5
     for entry in run["banks"].values():
@@ -190,3 +191,5 @@ def test_bank_index_on_augmented_real_features(one_thread):
     text = ood_bench.render_bank_index(report, "benchmarks/ood.py --bank-index --augment 2")
     assert "5,000 features of 2 augmented copies" in text
     assert text.count("| `subsample` | 400 |") == len(ood_bench.OOD_DATASETS) + 1
+    assert text.count(f"| `ivf` | 5,000 in 283 lists, {run['banks']['ivf']['probes']} probed |") == len(
+        ood_bench.OOD_DATASETS) + 1

@@ -58,7 +58,7 @@ def test_false_ood_rate_stays_at_alpha_for_the_served_bank(index):
         centers = _centers(rng)
         f_train, y_train = _draw(rng, centers, N_TRAIN)
         scorer = KNNScorer(k=50, index=index, budget=BUDGET, seed=draw).fit(f_train, labels=y_train)
-        assert scorer.state_dict()["bank"].shape[0] == (N_TRAIN if index == "exact" else BUDGET)
+        assert scorer.state_dict()["bank"].shape[0] == (N_TRAIN if index in ("exact", "ivf") else BUDGET)
         for _ in range(30):
             f_cal, _ = _draw(rng, centers, N_CAL)
             f_test, _ = _draw(rng, centers, N_TEST)
@@ -70,7 +70,7 @@ def test_false_ood_rate_stays_at_alpha_for_the_served_bank(index):
     assert rates.mean() >= ALPHA - 3 * se, (rates.mean(), se)
 
 
-@pytest.mark.parametrize("index", ["subsample", "kmeans"])
+@pytest.mark.parametrize("index", ["subsample", "kmeans", "ivf"])
 def test_reduced_bank_detects_a_shift_as_well_as_the_exact_bank(index):
     """AUROC on ID vs shifted Gaussian features with a bank of 10% of the rows: not more than 0.02 below exact.
 
@@ -91,7 +91,7 @@ def test_reduced_bank_detects_a_shift_as_well_as_the_exact_bank(index):
         assert auroc[index] >= auroc["exact"] - 0.02, (seed, auroc)
 
 
-def test_auto_keeps_the_exact_bank_up_to_the_budget_and_subsamples_above():
+def test_auto_keeps_the_exact_bank_up_to_the_budget_subsamples_above_and_files_large_banks_in_lists():
     rng = np.random.default_rng(0)
     centers = _centers(rng)
     f, y = _draw(rng, centers, 1000)
@@ -101,11 +101,15 @@ def test_auto_keeps_the_exact_bank_up_to_the_budget_and_subsamples_above():
     above = KNNScorer(k=10, index="auto", budget=999).fit(f, labels=y)
     assert above.index_used == "subsample" and above.config()["bank_size"] == 999
     assert above.config()["source_rows"] == 1000 and above.k_used == 10
+    far_above = KNNScorer(k=10, index="auto", budget=99).fit(f, labels=y)
+    assert far_above.index_used == "ivf" and far_above.config()["bank_size"] == 1000 and far_above.k_used == 10
     # the defaults calibration uses: exact up to OOD_BANK_BUDGET training rows
     assert _ood_params(CalibrationSettings())["index"] == "auto"
     assert _ood_params(CalibrationSettings())["budget"] == OOD_BANK_BUDGET
     assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(OOD_BANK_BUDGET) == "exact"
     assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(OOD_BANK_BUDGET + 1) == "subsample"
+    assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(10 * OOD_BANK_BUDGET) == "subsample"
+    assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(10 * OOD_BANK_BUDGET + 1) == "ivf"
 
 
 def test_subsample_keeps_each_class_share_and_scales_k():
@@ -137,9 +141,70 @@ def test_kmeans_bank_weighs_centroids_by_their_cluster_sizes():
     assert torch.allclose(one.score(q), expected, atol=1e-6)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _exact_kth(bank: torch.Tensor, query: torch.Tensor, k: int) -> torch.Tensor:
+    return 1 - (_unit(query) @ _unit(bank).T).topk(k, dim=1).values[:, -1]
+
+
+def test_ivf_files_every_row_once_under_its_nearest_list():
+    rng = np.random.default_rng(2)
+    f, y = _draw(rng, _centers(rng), 3000)
+    scorer = KNNScorer(k=20, index="ivf", budget=100, lists=30).fit(f, labels=y)
+    state = scorer.state_dict()
+    bank, centroids, offsets = state["bank"], state["list_centroids"], state["list_offsets"]
+    assert bank.shape == (3000, D) and centroids.shape[0] <= 30 and offsets.shape == (centroids.shape[0] + 1,)
+    assert int(offsets[0]) == 0 and int(offsets[-1]) == 3000 and bool((offsets.diff() > 0).all())
+    # a permutation of the unit rows: nothing lost, nothing repeated
+    assert torch.allclose(bank.sort(dim=0).values, _unit(f).sort(dim=0).values, atol=1e-6)
+    lists = torch.repeat_interleave(torch.arange(len(centroids)), offsets.diff())
+    assert torch.equal((bank @ centroids.T).argmax(dim=1), lists)
+    # the default probes hold about 25 * k rows on average
+    assert scorer.probes_used == math.ceil(25 * 20 * len(centroids) / 3000)
+
+
+def test_ivf_score_is_the_exact_score_over_the_probed_lists():
+    """Probing every list gives the exact score; fewer lists can only overstate it (a neighbour missed is
+    replaced by a farther one); a query's score does not depend on the batch it comes in."""
+    rng = np.random.default_rng(3)
+    centers = _centers(rng)
+    f, y = _draw(rng, centers, 4000)
+    q = torch.cat([_draw(rng, centers, 150)[0], _draw(rng, centers, 50, shift=3.0)[0]])
+    exact = _exact_kth(f, q, 30)
+    every = KNNScorer(k=30, index="ivf", budget=100, lists=40, probes=40).fit(f, labels=y)
+    assert torch.allclose(every.score(q), exact, atol=1e-5)
+    few = KNNScorer(k=30, index="ivf", budget=100, lists=40, probes=2).fit(f, labels=y)
+    scores = few.score(q)
+    assert bool((scores >= exact - 1e-5).all()) and bool((scores > exact + 1e-4).any())
+    one_at_a_time = torch.cat([few.score(q[i : i + 1]) for i in range(len(q))])
+    in_blocks = torch.cat([few.score(block) for block in q.split(7)])
+    assert torch.allclose(one_at_a_time, scores, atol=1e-6) and torch.allclose(in_blocks, scores, atol=1e-6)
+    # each score is the exact k-th distance among the rows of the query's own probed lists
+    state = few.state_dict()
+    offsets = state["list_offsets"].tolist()
+    for i in (0, 160):
+        probed = (_unit(q[i : i + 1]) @ state["list_centroids"].T).topk(2).indices[0].tolist()
+        rows = torch.cat([state["bank"][offsets[j] : offsets[j + 1]] for j in probed])
+        assert torch.allclose(scores[i], _exact_kth(rows, q[i : i + 1], 30)[0], atol=1e-5)
+
+
+def test_ivf_lists_too_small_for_k_count_the_missing_neighbours_as_farthest():
+    f = torch.randn(500, D, generator=torch.Generator().manual_seed(4))
+    scorer = KNNScorer(k=50, index="ivf", budget=100, lists=100, probes=1).fit(f)
+    longest = int(scorer.state_dict()["list_offsets"].diff().max())
+    assert longest < 50
+    assert torch.equal(scorer.score(f[:20]), torch.full((20,), 2.0))  # cosine -1: the largest distance
+
+
 def test_bad_index_parameters_are_refused_by_name():
     with pytest.raises(ValueError, match="index must be one of"):
         build_ood_scorer("knn", index="ivf-flat")
+    with pytest.raises(ValueError, match="lists must be a positive integer"):
+        build_ood_scorer("knn", index="ivf", lists=0)
+    with pytest.raises(ValueError, match="probes must be a positive integer"):
+        build_ood_scorer("knn", index="ivf", probes=1.5)
     with pytest.raises(ValueError, match="budget must be a positive integer"):
         build_ood_scorer("knn", budget=0)
     with pytest.raises(CalibrationError, match="--ood-index: expected one of"):
@@ -165,7 +230,7 @@ def _calibration(index: str) -> Calibration:
     return clf.calibration_
 
 
-@pytest.fixture(scope="module", params=["exact", "subsample", "kmeans"])
+@pytest.fixture(scope="module", params=["exact", "subsample", "kmeans", "ivf"])
 def saved(request, tmp_path_factory) -> tuple[str, Calibration, Path]:
     directory = tmp_path_factory.mktemp(request.param)
     calibration = _calibration(request.param)
@@ -180,7 +245,7 @@ def test_round_trip_serves_the_same_scores_and_p_values(saved):
     assert doc["ood_scorer"]["params"]["index"] == index
     assert doc["ood_scorer"]["index_used"] == index
     assert loaded.ood_scorer.index_used == index
-    assert loaded.ood_scorer.state_dict()["bank"].shape[0] == (800 if index == "exact" else 100)
+    assert loaded.ood_scorer.state_dict()["bank"].shape[0] == (800 if index in ("exact", "ivf") else 100)
     q = torch.randn(64, D, generator=torch.Generator().manual_seed(5)) * 3
     before, after = calibration.ood_scorer.score(q), loaded.ood_scorer.score(q)
     assert torch.equal(before, after)
@@ -219,8 +284,8 @@ def _edit_tensors(directory: Path, change) -> None:
 
 def test_a_reduced_bank_over_its_budget_is_refused(saved, tmp_path):
     index, _, directory = saved
-    if index == "exact":
-        pytest.skip("an exact bank has no row budget")
+    if index in ("exact", "ivf"):
+        pytest.skip(f"an {index} bank keeps every row: it has no row budget")
     d = _copy(directory, tmp_path)
     _edit_json(d, lambda s: s["params"].update(budget=99))
     _refused(d, "holds at most params.budget=99 rows, got 100")
@@ -229,9 +294,9 @@ def test_a_reduced_bank_over_its_budget_is_refused(saved, tmp_path):
 def test_recorded_training_rows_must_match_the_index(saved, tmp_path):
     index, _, directory = saved
     d = _copy(directory, tmp_path)
-    if index == "exact":
+    if index in ("exact", "ivf"):
         _edit_json(d, lambda s: s.update(source_rows=801))
-        _refused(d, "an exact bank holds every training row")
+        _refused(d, f"an {index} bank holds every training row")
     else:
         _edit_json(d, lambda s: s.update(source_rows=99))
         _refused(d, "source_rows=99 must be a whole number >= the bank size")
@@ -240,8 +305,8 @@ def test_recorded_training_rows_must_match_the_index(saved, tmp_path):
 def test_index_used_must_be_known_and_fit_the_tensors(saved, tmp_path):
     index, _, directory = saved
     d = _copy(directory, tmp_path)
-    _edit_json(d, lambda s: s.update(index_used="ivf"))
-    _refused(d, "index_used must be exact, subsample or kmeans")
+    _edit_json(d, lambda s: s.update(index_used="hnsw"))
+    _refused(d, "index_used must be exact, subsample, kmeans or ivf")
     if index == "subsample":
         d2 = _copy(directory, tmp_path / "k")
         _edit_json(d2, lambda s: s.update(k_used=101))
@@ -253,6 +318,20 @@ def test_index_used_must_be_known_and_fit_the_tensors(saved, tmp_path):
         d4 = _copy(directory, tmp_path / "nocounts")
         _edit_tensors(d4, lambda t: t.pop("ood_scorer.bank_counts"))
         _refused(d4, "cluster sizes")
+    if index == "ivf":
+        d5 = _copy(directory, tmp_path / "offsets")
+        _edit_tensors(d5, lambda t: t.update({"ood_scorer.list_offsets": t["ood_scorer.list_offsets"].flip(0)}))
+        _refused(d5, "list_offsets must be")
+        d6 = _copy(directory, tmp_path / "probes")
+        _edit_json(d6, lambda s: s.update(probes=0))
+        _refused(d6, "probes=0 must be a whole number in [1, ")
+        d7 = _copy(directory, tmp_path / "nolists")
+        _edit_tensors(d7, lambda t: t.pop("ood_scorer.list_centroids"))
+        _refused(d7, "list_centroids")
+    else:
+        d8 = _copy(directory, tmp_path / "stray")
+        _edit_tensors(d8, lambda t: t.update({"ood_scorer.list_offsets": torch.tensor([0, 1])}))
+        _refused(d8, "belong to an ivf bank exactly")
 
 
 @pytest.mark.parametrize("command", [["calibrate", "--model", "m@champion"], ["train"]])
@@ -261,6 +340,26 @@ def test_ood_index_option_reaches_the_calibration_settings(command):
 
     parser = build_parser()
     assert _calibration_settings(parser.parse_args(command)).ood_index == "auto"
-    assert _calibration_settings(parser.parse_args([*command, "--ood-index", "kmeans"])).ood_index == "kmeans"
+    assert _calibration_settings(parser.parse_args([*command, "--ood-index", "ivf"])).ood_index == "ivf"
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--ood-index", "ivf-flat"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ivf_on_cuda_matches_cpu():
+    """fp16 bank and lists on the GPU: cosines within ~1e-3 of the CPU's. A query whose two nearest lists are
+    closer than fp16 can tell apart may probe another list, so a few scores may differ more."""
+    rng = np.random.default_rng(6)
+    centers = _centers(rng)
+    f, y = _draw(rng, centers, 5000)
+    q = _draw(rng, centers, 500)[0]
+    scorer = KNNScorer(k=30, index="ivf", budget=100).fit(f, labels=y)
+    cpu = scorer.score(q)
+    scorer.to("cuda")
+    assert scorer.state_dict()["bank"].dtype == torch.float16
+    got = scorer.score(q.cuda())
+    assert got.device.type == "cuda"
+    close = (got.cpu() - cpu).abs() <= 2e-3
+    assert float(close.double().mean()) >= 0.98, float(close.double().mean())
+    restored = KNNScorer.from_state(scorer.config(), scorer.state_dict())
+    assert torch.equal(restored.score(q.cuda()), got)
