@@ -555,19 +555,22 @@ def augmented(x: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
 
 def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood: int = N_OOD,
                    timing_rows: int = 50000, timing_budget: int = 5000, augment: int = 0,
-                   indexes=BANK_INDEXES, epochs: int | None = None, timing_reps: int = 30) -> dict:
+                   indexes=BANK_INDEXES, epochs: int | None = None, timing_reps: int = 30,
+                   ivf_probes: tuple[int | None, ...] = (None,)) -> dict:
     """Exact vs reduced knn banks on the mnist5k MLP (recipe ce, clean labels, selected checkpoint): AUROC and
     FPR@95 per OOD set, the false-OOD rate on the ID test split and the share of OOD decisions unchanged, each
     bank with its own gate fitted on its own scores of the calibration split; then knn time per batch.
     Every reduced index in ``indexes`` is built at every budget of ``budgets``. With ``augment`` > 0 the bank
     is the features of that many augmented copies of each train image (:func:`augmented`), so that a reduced
-    bank keeps a small share of a large bank of real features."""
+    bank keeps a small share of a large bank of real features. The ivf bank is fitted once and scored with each
+    number of probed lists in ``ivf_probes`` (None: the default)."""
     from noisewise.models.train import load_recipe, train
     from noisewise.models.uncertainty.ood import KNNScorer, OODGate
 
-    # an ivf bank keeps every row whatever the budget: one entry
-    banks = ([("exact", max(budgets))] + [(i, b) for i in indexes if i not in ("exact", "ivf") for b in budgets]
-             + [("ivf", max(budgets))] * ("ivf" in indexes))
+    # an ivf bank keeps every row whatever the budget: one fit, scored at each number of probes
+    banks = ([("exact", max(budgets), None)] + [(i, b, None) for i in indexes if i not in ("exact", "ivf")
+                                                for b in budgets]
+             + [("ivf", max(budgets), p) for p in ivf_probes if "ivf" in indexes])
     runs = []
     for seed in tqdm(seeds, desc="bank index"):
         dataset = load_dataset("mnist5k", noise="none", seed=seed)
@@ -584,10 +587,15 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
             f_ood = {name: features_and_logits(net, load_ood(name, dataset.input_shape, n=n_ood, seed=seed,
                                                              reference=x_te), device)[0] for name in OOD_DATASETS}
         row: dict = {"seed": seed, "bank_rows": int(len(f_tr)), "augment": augment, "banks": {}}
-        flags = {}
-        for index, budget in banks:
-            key = _bank_key(index, budget)
-            scorer = KNNScorer(k=50, index=index, budget=budget, seed=seed).fit(f_tr, labels=torch.as_tensor(y_tr))
+        flags, ivf = {}, None
+        for index, budget, probes in banks:
+            key = _bank_key(index, budget, probes)
+            if index != "ivf":
+                scorer = KNNScorer(k=50, index=index, budget=budget, seed=seed).fit(f_tr, labels=torch.as_tensor(y_tr))
+            else:
+                ivf = ivf or KNNScorer(k=50, index="ivf", budget=budget, seed=seed).fit(f_tr)
+                scorer = ivf if probes is None else KNNScorer.from_state({**ivf.config(), "probes": probes},
+                                                                        ivf.state_dict())
             gate = OODGate(scorer.score(f_cal), alpha_ood=alpha_ood)
             id_scores = scorer.score(f_te)
             entry = {"index": index, "bank_size": int(scorer.state_dict()["bank"].shape[0]),
@@ -609,11 +617,13 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
     timing = {index: {batch: _knn_time_ms(index, timing_rows, timing_budget if index != "exact" else timing_rows,
                                           batch, reps=timing_reps) for batch in (1, 64)} for index in BANK_INDEXES}
     return {"runs": runs, "timing": timing, "timing_rows": timing_rows, "timing_budget": timing_budget,
-            "alpha_ood": alpha_ood, "banks": [_bank_key(i, b) for i, b in banks], "meta": machine_info()}
+            "alpha_ood": alpha_ood, "banks": [_bank_key(*bank) for bank in banks], "meta": machine_info()}
 
 
-def _bank_key(index: str, budget: int) -> str:
-    return index if index in ("exact", "ivf") else f"{index}:{budget}"
+def _bank_key(index: str, budget: int, probes: int | None = None) -> str:
+    if index == "ivf":
+        return "ivf" if probes is None else f"ivf:{probes}"
+    return "exact" if index == "exact" else f"{index}:{budget}"
 
 
 def render_bank_index(report: dict, command: str) -> str:
@@ -708,6 +718,9 @@ def main(argv: list[str] | None = None) -> None:
                              "budget with --augment)")
     parser.add_argument("--indexes", nargs="+", default=list(BANK_INDEXES), choices=BANK_INDEXES,
                         help="with --bank-index: the banks to compare (exact is always included)")
+    parser.add_argument("--probes", type=int, nargs="+", default=None,
+                        help="with --bank-index: score the ivf bank at each of these numbers of probed lists "
+                             "(default: the served default alone)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
@@ -715,7 +728,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.bank_index:
         budgets = tuple(args.budgets) if args.budgets else ((250,) if not args.augment else (OOD_BANK_BUDGET,))
         report = run_bank_index(n_ood=args.n_ood, budgets=budgets, augment=args.augment, epochs=args.epochs,
-                                indexes=tuple(args.indexes), seeds=tuple(args.seeds[:2]))
+                                indexes=tuple(args.indexes), seeds=tuple(args.seeds[:2]),
+                                ivf_probes=tuple(args.probes) if args.probes else (None,))
         print(json.dumps(report, indent=1) if args.json else
               render_bank_index(report, _format_command(["benchmarks/ood.py", *argv])))
         return

@@ -213,7 +213,10 @@ class BF16BankKNN(KNNScorer):
     """
 
     def _after_load(self):
-        self._state["bank"] = self._state["bank"].to(torch.bfloat16).contiguous()
+        super()._after_load()
+        for key in ("bank", "list_centroids"):
+            if key in self._state:
+                self._state[key] = self._state[key].to(torch.bfloat16).contiguous()
 
 
 def measure_batch(predictor: Predictor, net: torch.nn.Module, batch: int, reps: int, warmup: int,
@@ -586,9 +589,9 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
         "with a 50,000 x 512 bank (CIFAR-10's training-set size); `mlp` = the mnist5k MLP (input (1, 28, 28), "
         "hidden 512-512) with the bank of its real training split (2,500 x 512, `mlp-bank2500`) and with a "
         "50,000 x 512 bank (`mlp-bank50000`); `resnet18-bank1m` = the same ResNet-18 whose bank is fitted on "
-        f"1,000,000 training rows with `--ood-index auto`, which keeps a class-stratified subsample of "
-        f"{meta.get('budget', OOD_BANK_BUDGET):,} rows (the served bank; the default budget is {OOD_BANK_BUDGET:,}) "
-        "and reads the neighbour rank scaled to it.",
+        "1,000,000 training rows with `--ood-index auto` (budget "
+        f"{meta.get('budget', OOD_BANK_BUDGET):,}; the default is {OOD_BANK_BUDGET:,}), which above ten budgets "
+        "builds an ivf bank: every row, filed in k-means lists, of which a query scores the nearest few.",
         "",
         "## Bare vs full",
         "",

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +74,8 @@ from noisewise.models.uncertainty.selective import (
     wrong_label_bound,
 )
 from noisewise.models.uncertainty.selective import confidence as confidence_fn
+
+log = logging.getLogger(__name__)
 
 # torch, safetensors.torch, the networks and the OOD scorers are imported by the functions that use them: reading
 # a calibration's document (`Calibration.load(..., tensors=False)`, what `noisewise monitor` needs) loads none.
@@ -441,7 +445,12 @@ def fit_calibration(net: Classifier, dataset: Dataset, settings: CalibrationSett
         head = _ood_head(net, scorer)  # before any forward pass: a scorer the model cannot feed fails at once
         x_tr, y_tr, _ = dataset.split("train")
         f_tr, z_tr = features_and_logits(net, x_tr, device)
+        # a large knn bank takes minutes to file into lists: say so before, and how long it took after
+        log.info("fitting the %s OOD scorer on %d training items", scorer.name, len(y_tr))
+        started = time.perf_counter()
         scorer.fit(f_tr, z_tr, torch.as_tensor(y_tr, device=device), head=head)
+        log.info("OOD scorer fitted in %.1f s (bank: %s)", time.perf_counter() - started,
+                 scorer.config().get("index_used", "none"))
     else:
         scorer = base.ood_scorer.to(device)
     f_cal, z_cal = features_and_logits(net, x_cal, device)

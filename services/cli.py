@@ -374,11 +374,12 @@ def _stage(report: bool, text: str) -> None:
         print(f"noisewise: {text}", file=sys.stderr, flush=True)
 
 
-def _log_epochs_to_stderr() -> None:
-    """Show the training loop's per-epoch INFO lines on stderr (once, however often a process trains)."""
+def _log_progress_to_stderr() -> None:
+    """Show the INFO lines of training (one per epoch) and calibration (its long steps) on stderr (once,
+    however often a process trains)."""
     import logging
 
-    logger = logging.getLogger("noisewise.models.train")
+    logger = logging.getLogger("noisewise.models")
     if not any(getattr(handler, "noisewise_cli", False) for handler in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)  # flushes after every record
         handler.setFormatter(logging.Formatter("noisewise: %(message)s"))
@@ -423,7 +424,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = not args.quiet and not args.json
     on_terminal = sys.stderr.isatty()
     if report and not on_terminal:  # logs and CI: one line per epoch instead of a bar nobody sees redrawn
-        _log_epochs_to_stderr()
+        _log_progress_to_stderr()
     result = train(dataset, recipe, arch=args.arch, seed=args.seed, device=device, progress=report and on_terminal)
     if settings is not None:
         _stage(report, "calibrating: OOD gate, conformal sets and certified abstention on the calibration split, "
@@ -489,6 +490,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     settings = _calibration_settings(args)
     device = pick_device(args.device)
+    if not args.json:
+        _log_progress_to_stderr()
     source = registry.load_model(args.model, device=device)
     base = reference = None
     if args.dataset is None:

@@ -32,4 +32,10 @@ def test_piped_train_writes_one_line_per_epoch_and_the_calibration_stages(tmp_pa
               if line.startswith(("noisewise: calibrating", "noisewise: calibrated and evaluated in",
                                   "noisewise: logging the run"))]
     assert len(stages) == 3 and stages[0] > lines.index(epoch_lines[-1][0])
+    # calibration's long step (filing a large knn bank) is announced and timed inside the calibrating stage
+    fitting = [i for i, line in enumerate(lines) if re.match(r"^noisewise: fitting the knn OOD scorer on \d+ training "
+                                                             r"items$", line)]
+    fitted = [i for i, line in enumerate(lines) if re.match(r"^noisewise: OOD scorer fitted in [\d.]+ s \(bank: exact\)$",
+                                                            line)]
+    assert len(fitting) == len(fitted) == 1 and stages[0] < fitting[0] < fitted[0] < stages[1], lines
     assert "\r" not in proc.stderr  # no progress bar redraws in a log

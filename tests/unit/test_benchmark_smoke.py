@@ -175,12 +175,17 @@ def test_bank_index_on_augmented_real_features(one_thread):
     its budget of rows and gets its own gate, whose false-OOD rate on the ID test split stays near alpha."""
     report = ood_bench.run_bank_index(seeds=(0,), budgets=(100, 400), n_ood=60, augment=2, epochs=2,
                                       indexes=("exact", "subsample", "ivf"), timing_rows=2000, timing_budget=200,
-                                      timing_reps=3)
+                                      timing_reps=3, ivf_probes=(None, 283))
     (run,) = report["runs"]
     assert run["bank_rows"] == 2 * 2500
-    assert report["banks"] == ["exact", "subsample:100", "subsample:400", "ivf"]
-    assert [run["banks"][key]["bank_size"] for key in report["banks"]] == [5000, 100, 400, 5000]
+    assert report["banks"] == ["exact", "subsample:100", "subsample:400", "ivf", "ivf:283"]
+    assert [run["banks"][key]["bank_size"] for key in report["banks"]] == [5000, 100, 400, 5000, 5000]
     assert run["banks"]["ivf"]["lists"] == round(4 * 5000 ** 0.5) and run["banks"]["ivf"]["probes"] >= 1
+    # probing every list is the exact bank: the same AUROC and the same decisions
+    every = run["banks"]["ivf:283"]
+    assert every["probes"] == 283 and every["same_decisions"] == 1.0
+    for name, metrics in every["ood"].items():
+        assert abs(metrics["auroc"] - run["banks"]["exact"]["ood"][name]["auroc"]) < 1e-6
     # mnist5k: the gate is fitted on 1,250 calibration items and read on 750 test items; both draws vary
     tolerance = 3 * (0.05 * 0.95 * (1 / 1250 + 1 / 750)) ** 0.5
     for entry in run["banks"].values():
