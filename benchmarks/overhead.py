@@ -590,7 +590,7 @@ def render_markdown(report: dict, command: str, interpretation: list[str] | None
         "hidden 512-512) with the bank of its real training split (2,500 x 512, `mlp-bank2500`) and with a "
         "50,000 x 512 bank (`mlp-bank50000`); `resnet18-bank1m` = the same ResNet-18 whose bank is fitted on "
         "1,000,000 training rows with `--ood-index auto` (budget "
-        f"{meta.get('budget', OOD_BANK_BUDGET):,}; the default is {OOD_BANK_BUDGET:,}), which above ten budgets "
+        f"{meta.get('budget', OOD_BANK_BUDGET):,}; the default is {OOD_BANK_BUDGET:,}), which above the budget "
         "builds an ivf bank: every row, filed in k-means lists, of which a query scores the nearest few.",
         "",
         "## Bare vs full",

@@ -367,8 +367,8 @@ class CalibrationSettings:
     ood_scorer: str = "knn"
     ood_params: dict = field(default_factory=dict)
     #: the KNN bank (``noisewise.models.uncertainty.ood.KNN_INDEXES``): ``auto`` keeps every training row up
-    #: to ``OOD_BANK_BUDGET`` rows, a subsample of that many up to ten times as many, and an inverted file (ivf)
-    #: above, so serving cost stops growing with the training set
+    #: to ``OOD_BANK_BUDGET`` rows and an inverted file (ivf) above, so serving cost stops growing with the
+    #: training set
     ood_index: str = "auto"
     # LAC by default: its served set is the set the threshold is calibrated for, so coverage lands on
     # 1 - alpha with the smallest sets; MAPIE's APS serves include-last-label supersets that over-cover

@@ -281,7 +281,7 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
                        help="knn bank: exact (every training row), subsample (a class-stratified 10,000 rows), "
                        "kmeans (10,000 weighted k-means centroids), ivf (every row, filed in about 4 sqrt(n) "
                        "k-means lists; a request scores the nearest lists, about 1,250 rows) or auto (exact up to "
-                       "10,000 training rows, subsample up to 100,000, ivf above), so the cost per request stops growing with the training "
+                       "10,000 training rows, ivf above), so the cost per request stops growing with the training "
                        "set. The OOD gate is fitted on the served bank's scores, so the false-OOD bound holds "
                        "either way")
     group.add_argument("--calibration-seed", type=int, default=0, help="seed for the audit draw and randomized scores")

@@ -436,19 +436,13 @@ def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
 #: How the KNN bank is built from the training features (``index``): ``exact`` keeps every row;
 #: ``subsample`` a class-stratified random subset of ``budget`` rows; ``kmeans`` ``budget`` k-means
 #: centroids weighted by their cluster sizes; ``ivf`` every row, grouped into inverted lists of which
-#: each query scores the few nearest; ``auto`` is ``exact`` up to ``budget`` rows, ``subsample`` up to
-#: ``AUTO_IVF_ABOVE`` budgets and ``ivf`` above.
+#: each query scores the few nearest; ``auto`` is ``exact`` up to ``budget`` rows and ``ivf`` above (measured
+#: on real features, docs/ood.md: a 10,000-row subsample loses 0.031 AUROC at 1,000,000 rows, ivf 0.003).
 KNN_INDEXES = ("exact", "subsample", "kmeans", "ivf", "auto")
-
-#: ``auto`` serves a subsample up to this many times ``budget`` training rows and an ivf bank above. Measured
-#: on real features (docs/ood.md): a 10,000-row subsample is within 0.004 AUROC of the exact bank at 100,000
-#: rows and the cheapest bank at every batch size (one matmul), but 0.031 below it at 1,000,000 rows, where
-#: ivf stays within 0.003.
-AUTO_IVF_ABOVE = 10
 
 #: Rows an ``ivf`` query scores by default, per neighbour of ``k``: with ``k = 50``, the lists that hold
 #: about 1,250 rows. Measured on 20,000 to 1,000,000 rows of real features (docs/ood.md): AUROC within
-#: 0.004 of the exact bank on every OOD set.
+#: 0.003 of the exact bank on every OOD set; far fewer rows lose near-OOD power.
 IVF_ROWS_PER_NEIGHBOUR = 25
 
 
@@ -560,8 +554,7 @@ class KNNScorer(OODScorer):
       ``n``, and the bank keeps growing with the data, so near-OOD power is not lost to a fixed sample.
       Where the probed lists hold fewer than ``k`` rows, the missing neighbours count at cosine -1
       (the score can only overstate the exact one).
-    * ``auto``: ``exact`` when ``n <= budget``, ``subsample`` up to ``AUTO_IVF_ABOVE * budget`` rows,
-      ``ivf`` above.
+    * ``auto``: ``exact`` when ``n <= budget``, otherwise ``ivf``.
 
     With ``n <= budget`` every index keeps the exact bank (nothing to reduce). A reduced bank gives
     different scores, so the conformal gate must be fitted on this scorer's scores of held-out ID
@@ -614,9 +607,7 @@ class KNNScorer(OODScorer):
         """The bank that ``fit`` builds from ``n`` training rows: ``exact``, ``subsample``, ``kmeans`` or ``ivf``."""
         if n <= self.budget:
             return "exact"
-        if self.index != "auto":
-            return self.index
-        return "subsample" if n <= AUTO_IVF_ABOVE * self.budget else "ivf"
+        return "ivf" if self.index == "auto" else self.index
 
     def _fit(self, features, logits, labels, head):
         n, d = features.shape
@@ -747,23 +738,20 @@ class KNNScorer(OODScorer):
         b = query.shape[0]
         probed = (query @ self._state["list_centroids"].T).topk(probes, dim=1).indices.reshape(-1)
         order = probed.argsort()  # (query, probe) pairs grouped by list
+        lists, counts = torch.unique_consecutive(probed[order], return_counts=True)
         pairs = order.tolist()
-        lists = probed[order].tolist()
         sims = query.new_full((b * probes, self._list_rows), -1.0)
-        start, m = 0, len(lists)
-        while start < m:
-            stop = start + 1
-            while stop < m and lists[stop] == lists[start]:
-                stop += 1
-            lo, hi = offsets[lists[start]], offsets[lists[start] + 1]
-            if stop - start == 1:  # the common case at small batches: no gather of queries
+        start = 0
+        for lst, count in zip(lists.tolist(), counts.tolist()):
+            lo, hi = offsets[lst], offsets[lst + 1]
+            if count == 1:  # the common case at small batches: no gather of queries
                 pair = pairs[start]
                 q = query[pair // probes : pair // probes + 1]
                 sims[pair : pair + 1, : hi - lo] = q @ bank[lo:hi].T
             else:
-                rows = order[start:stop]
+                rows = order[start : start + count]
                 sims[rows, : hi - lo] = query[rows // probes] @ bank[lo:hi].T
-            start = stop
+            start += count
         sims = sims.view(b, -1)
         if sims.shape[1] < self.k:  # the probed lists cannot hold k rows: the k-th neighbour is missing
             return sims.new_full((b,), -1.0)

@@ -58,7 +58,7 @@ def test_false_ood_rate_stays_at_alpha_for_the_served_bank(index):
         centers = _centers(rng)
         f_train, y_train = _draw(rng, centers, N_TRAIN)
         scorer = KNNScorer(k=50, index=index, budget=BUDGET, seed=draw).fit(f_train, labels=y_train)
-        assert scorer.state_dict()["bank"].shape[0] == (N_TRAIN if index in ("exact", "ivf") else BUDGET)
+        assert scorer.state_dict()["bank"].shape[0] == (N_TRAIN if index in ("exact", "ivf", "auto") else BUDGET)
         for _ in range(30):
             f_cal, _ = _draw(rng, centers, N_CAL)
             f_test, _ = _draw(rng, centers, N_TEST)
@@ -91,7 +91,7 @@ def test_reduced_bank_detects_a_shift_as_well_as_the_exact_bank(index):
         assert auroc[index] >= auroc["exact"] - 0.02, (seed, auroc)
 
 
-def test_auto_keeps_the_exact_bank_up_to_the_budget_subsamples_above_and_files_large_banks_in_lists():
+def test_auto_keeps_the_exact_bank_up_to_the_budget_and_files_it_in_lists_above():
     rng = np.random.default_rng(0)
     centers = _centers(rng)
     f, y = _draw(rng, centers, 1000)
@@ -99,17 +99,13 @@ def test_auto_keeps_the_exact_bank_up_to_the_budget_subsamples_above_and_files_l
     assert at_budget.index_used == "exact" and at_budget.state_dict()["bank"].shape[0] == 1000
     assert torch.equal(at_budget.score(f[:50]), KNNScorer(k=10).fit(f).score(f[:50]))
     above = KNNScorer(k=10, index="auto", budget=999).fit(f, labels=y)
-    assert above.index_used == "subsample" and above.config()["bank_size"] == 999
+    assert above.index_used == "ivf" and above.config()["bank_size"] == 1000
     assert above.config()["source_rows"] == 1000 and above.k_used == 10
-    far_above = KNNScorer(k=10, index="auto", budget=99).fit(f, labels=y)
-    assert far_above.index_used == "ivf" and far_above.config()["bank_size"] == 1000 and far_above.k_used == 10
     # the defaults calibration uses: exact up to OOD_BANK_BUDGET training rows
     assert _ood_params(CalibrationSettings())["index"] == "auto"
     assert _ood_params(CalibrationSettings())["budget"] == OOD_BANK_BUDGET
     assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(OOD_BANK_BUDGET) == "exact"
-    assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(OOD_BANK_BUDGET + 1) == "subsample"
-    assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(10 * OOD_BANK_BUDGET) == "subsample"
-    assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(10 * OOD_BANK_BUDGET + 1) == "ivf"
+    assert KNNScorer(index="auto", budget=OOD_BANK_BUDGET).index_for(OOD_BANK_BUDGET + 1) == "ivf"
 
 
 def test_subsample_keeps_each_class_share_and_scales_k():
