@@ -556,8 +556,9 @@ def augmented(x: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
 def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood: int = N_OOD,
                    timing_rows: int = 50000, timing_budget: int = 5000, augment: int = 0,
                    indexes=BANK_INDEXES, epochs: int | None = None, timing_reps: int = 30,
-                   ivf_probes: tuple[int | None, ...] = (None,)) -> dict:
-    """Exact vs reduced knn banks on the mnist5k MLP (recipe ce, clean labels, selected checkpoint): AUROC and
+                   ivf_probes: tuple[int | None, ...] = (None,), arch: str = "auto") -> dict:
+    """Exact vs reduced knn banks on the mnist5k network ``arch`` (the MLP by default; recipe ce, clean labels,
+    selected checkpoint): AUROC and
     FPR@95 per OOD set, the false-OOD rate on the ID test split and the share of OOD decisions unchanged, each
     bank with its own gate fitted on its own scores of the calibration split; then knn time per batch.
     Every reduced index in ``indexes`` is built at every budget of ``budgets``. With ``augment`` > 0 the bank
@@ -574,7 +575,7 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
     runs = []
     for seed in tqdm(seeds, desc="bank index"):
         dataset = load_dataset("mnist5k", noise="none", seed=seed)
-        net = train(dataset, load_recipe("ce", epochs=epochs), seed=seed, progress=False).net.eval()
+        net = train(dataset, load_recipe("ce", epochs=epochs), arch=arch, seed=seed, progress=False).net.eval()
         device = torch.device("cpu")
         x_tr, y_tr, _ = dataset.split("train")
         if augment:
@@ -586,7 +587,7 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
             f_te, _ = features_and_logits(net, x_te, device)
             f_ood = {name: features_and_logits(net, load_ood(name, dataset.input_shape, n=n_ood, seed=seed,
                                                              reference=x_te), device)[0] for name in OOD_DATASETS}
-        row: dict = {"seed": seed, "bank_rows": int(len(f_tr)), "augment": augment, "banks": {}}
+        row: dict = {"seed": seed, "bank_rows": int(len(f_tr)), "augment": augment, "arch": arch, "banks": {}}
         flags, ivf = {}, None
         for index, budget, probes in banks:
             key = _bank_key(index, budget, probes)
@@ -649,7 +650,8 @@ def render_bank_index(report: dict, command: str) -> str:
              f"Command: `{command}`  ",
              f"Machine: {report['meta'].get('cpu', 'CPU')}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} torch thread(s).", "",
-             f"Setup: the mnist5k MLP (recipe `ce`, clean labels, selected checkpoint), seeds "
+             f"Setup: the mnist5k {'ResNet-18' if runs[0].get('arch') == 'resnet18' else 'MLP'} (recipe `ce`, "
+             "clean labels, selected checkpoint), seeds "
              f"{', '.join(str(r['seed']) for r in runs)} (means over seeds). Bank = {bank}; `subsample` and "
              "`kmeans` keep the rows shown; `ivf` keeps every row in k-means lists and scores a query against the "
              "rows of the lists it probes. Each bank has its own conformal gate (alpha_ood = "
@@ -718,6 +720,8 @@ def main(argv: list[str] | None = None) -> None:
                              "budget with --augment)")
     parser.add_argument("--indexes", nargs="+", default=list(BANK_INDEXES), choices=BANK_INDEXES,
                         help="with --bank-index: the banks to compare (exact is always included)")
+    parser.add_argument("--arch", default="auto", help="with --bank-index: the network (default: the MLP; "
+                        "resnet18 for a ResNet-18 feature bank)")
     parser.add_argument("--probes", type=int, nargs="+", default=None,
                         help="with --bank-index: score the ivf bank at each of these numbers of probed lists "
                              "(default: the served default alone)")
@@ -729,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
         budgets = tuple(args.budgets) if args.budgets else ((250,) if not args.augment else (OOD_BANK_BUDGET,))
         report = run_bank_index(n_ood=args.n_ood, budgets=budgets, augment=args.augment, epochs=args.epochs,
                                 indexes=tuple(args.indexes), seeds=tuple(args.seeds[:2]),
-                                ivf_probes=tuple(args.probes) if args.probes else (None,))
+                                ivf_probes=tuple(args.probes) if args.probes else (None,), arch=args.arch)
         print(json.dumps(report, indent=1) if args.json else
               render_bank_index(report, _format_command(["benchmarks/ood.py", *argv])))
         return
