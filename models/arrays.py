@@ -59,6 +59,7 @@ from noisewise.models.calibrate import (
 )
 from noisewise.models.data import DataError, parse_noise_spec
 from noisewise.models.uncertainty.conformal import CONFORMITY_SCORES, prediction_sets
+from noisewise.models.uncertainty.host import as_numpy
 from noisewise.models.uncertainty.ood import OOD_SCORERS, OODGate, build_ood_scorer
 from noisewise.models.uncertainty.selective import confidence as confidence_fn
 from noisewise.models.uncertainty.selective import select_pnorm
@@ -95,16 +96,6 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    """Any array-like (numpy, torch, JAX, TensorFlow, lists) as a numpy array, without copying when possible."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except Exception as err:  # any conversion failure is the caller's input
-        raise ValueError(f"`{name}` must be array-like (numpy, torch, lists, ...), got {type(x).__name__}") from err
-
-
 def _check_open_unit(value: Any, name: str, hint: str) -> float:
     if not (_is_real(value) and 0.0 < float(value) < 1.0):
         raise ValueError(f"`{name}` must be a number in (0, 1) ({hint}), got {value!r}")
@@ -119,7 +110,7 @@ def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
 
 def _check_matrix(x: Any, name: str, n: int | None = None, k: int | None = None, what: str = "K classes") -> np.ndarray:
     """A finite real 2-D array ``[N, D]``; float32/float64 kept as given (bit-for-bit parity with the CLI)."""
-    arr = _to_numpy(x, name)
+    arr = as_numpy(x, name)
     if arr.ndim != 2:
         raise ValueError(f"`{name}` must be a 2-D array [N, {what.split()[0]}] ({what}), got shape {arr.shape}"
                          + ("; reshape a single item with x[None, :]" if arr.ndim == 1 else ""))
@@ -158,7 +149,7 @@ def _looks_like_probs(arr: np.ndarray) -> bool:
 
 def _check_labels(labels: Any, name: str, n: int, k: int) -> np.ndarray:
     """Integer class indices ``[n]`` in ``[0, k)`` (integral floats accepted)."""
-    y = _to_numpy(labels, name)
+    y = as_numpy(labels, name)
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"`{name}` must be a 1-D array of {n} class indices (one per row of the scores), "
                          f"got shape {y.shape}")
@@ -184,7 +175,7 @@ def _check_trusted(trusted: Any, n: int, k: int) -> tuple[np.ndarray, np.ndarray
     if trusted is None:
         return empty, empty
     if isinstance(trusted, tuple) and len(trusted) == 2:
-        index = _to_numpy(trusted[0], "trusted_labels[0] (index)")
+        index = as_numpy(trusted[0], "trusted_labels[0] (index)")
         if index.ndim != 1 or (index.size and not np.issubdtype(index.dtype, np.integer)):
             raise ValueError("`trusted_labels` as a pair (index, labels) needs a 1-D integer index of calibration "
                              f"rows, got shape {index.shape} and dtype {index.dtype}")
@@ -197,7 +188,7 @@ def _check_trusted(trusted: Any, n: int, k: int) -> tuple[np.ndarray, np.ndarray
             raise ValueError("`trusted_labels` index has repeated rows: give each audited item once")
         order = np.argsort(index, kind="stable")
         return index[order], labels[order]
-    arr = _to_numpy(trusted, "trusted_labels")
+    arr = as_numpy(trusted, "trusted_labels")
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"`trusted_labels` must be an int array of {n} entries (one per calibration item, -1 where "
                          f"the item was not audited) or a pair (index, labels), got shape {arr.shape}")
@@ -393,7 +384,7 @@ class NoiseAwareClassifier:
         if scorer.needs_head:
             if head is None:
                 raise ValueError(f"ood_scorer={name!r} needs head=(weight [K, D], bias [K]) of the final linear layer")
-            head = (self._tensor(_to_numpy(head[0], "head[0]")), self._tensor(_to_numpy(head[1], "head[1]")))
+            head = (self._tensor(as_numpy(head[0], "head[0]")), self._tensor(as_numpy(head[1], "head[1]")))
         scorer.fit(features, logits, labels, head=head)
         self.ood_scorer_ = scorer
         if logits is not None:

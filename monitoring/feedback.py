@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ import pandas as pd
 # torch only where a tensor is made (recalibrated_threshold): `noisewise monitor` loads none. GUARANTEE_KINDS from
 # the calibration document's module, which has none either (noisewise.models.calibrate re-exports it).
 from noisewise.models.calibration_doc import GUARANTEE_KINDS
+from noisewise.models.uncertainty.host import as_numpy
 from noisewise.models.uncertainty.conformal import (
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
@@ -126,13 +126,8 @@ MIN_RECALIBRATION_ITEMS = 100
 # --------------------------------------------------------------------------------------------
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: nothing is imported here
-    return x.detach().cpu().numpy() if torch is not None and isinstance(x, torch.Tensor) else np.asarray(x)
-
-
 def _check_probs(probs: Any) -> np.ndarray:
-    p = _as_numpy(probs)
+    p = as_numpy(probs, "probs")
     if p.ndim != 2 or p.shape[1] < 2:
         raise ValueError(f"`probs` must have shape [N, K] with K >= 2 classes, got shape {p.shape}.")
     if not np.issubdtype(p.dtype, np.floating):
@@ -149,7 +144,7 @@ def _check_probs(probs: Any) -> np.ndarray:
 
 
 def _check_labels(labels: Any, n: int, k: int, name: str = "labels") -> np.ndarray:
-    y = _as_numpy(labels)
+    y = as_numpy(labels, name)
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"`{name}` must have shape [{n}] (one label per row of `probs`), got {y.shape}.")
     if y.size and not np.issubdtype(y.dtype, np.integer) and not (
@@ -253,7 +248,7 @@ def score_feedback(
     p = _check_probs(probs)
     n, k = p.shape
     y = _check_labels(labels, n, k)
-    t = _as_numpy(thresholds)
+    t = as_numpy(thresholds, "thresholds")
     if t.shape != (k,) or not np.issubdtype(t.dtype, np.number) or not np.all(np.isfinite(t)):
         raise ValueError(f"`thresholds` must be {k} finite per-class thresholds (one per column of `probs`), got shape {t.shape}.")
     if method not in LABEL_QUALITY_SCORES:
@@ -332,7 +327,7 @@ def batch_label_issues(
         )
     kwargs: dict[str, Any] = {"filter_by": filter_by, "n_jobs": 1}
     if thresholds is not None:
-        t = _as_numpy(thresholds).astype(np.float64)
+        t = as_numpy(thresholds, "thresholds").astype(np.float64)
         if t.shape != (k,) or not np.all(np.isfinite(t)):
             raise ValueError(f"`thresholds` must be {k} finite per-class thresholds, got shape {t.shape}.")
         kwargs["confident_joint"] = compute_confident_joint(y, p, thresholds=t)

@@ -62,11 +62,12 @@ flip-to-another-class rate ``eps'`` converts as ``eps = eps' K / (K - 1)``
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
+
+from noisewise.models.uncertainty.host import as_numpy
 
 if TYPE_CHECKING:
     import torch
@@ -456,16 +457,6 @@ class ConformalThreshold:
         return cls.from_dict(config)
 
 
-def _as_numpy(x: Any, name: str) -> np.ndarray:
-    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: nothing is imported here
-    if torch is not None and isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - any conversion failure is a caller error
-        raise ValueError(f"{name} must be array-like, got {type(x).__name__}") from exc
-
-
 def _check_alpha(alpha: float) -> float:
     alpha = float(alpha)
     if not 0.0 < alpha < 1.0:
@@ -488,7 +479,7 @@ def _check_delta(delta: float) -> float:
 
 
 def _check_scores_1d(scores: Any, name: str) -> np.ndarray:
-    s = _as_numpy(scores, name).astype(np.float64, copy=False)
+    s = as_numpy(scores, name).astype(np.float64, copy=False)
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array of scores, got shape {s.shape}")
     if np.isnan(s).any():
@@ -497,7 +488,7 @@ def _check_scores_1d(scores: Any, name: str) -> np.ndarray:
 
 
 def _check_scores_2d(scores: Any, name: str) -> np.ndarray:
-    s = _as_numpy(scores, name).astype(np.float64, copy=False)
+    s = as_numpy(scores, name).astype(np.float64, copy=False)
     if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] < 2:
         raise ValueError(f"{name} must have shape [n, K] with n >= 1 and K >= 2, got {s.shape}")
     if np.isnan(s).any():
@@ -506,7 +497,7 @@ def _check_scores_2d(scores: Any, name: str) -> np.ndarray:
 
 
 def _check_labels(labels: Any, name: str, n: int, k: int) -> np.ndarray:
-    y = _as_numpy(labels, name)
+    y = as_numpy(labels, name)
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"{name} must have shape [{n}] (one label per row of the scores), got {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
@@ -517,7 +508,7 @@ def _check_labels(labels: Any, name: str, n: int, k: int) -> np.ndarray:
 
 
 def _check_audit(audit_index: Any, audit_labels: Any, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    idx = _as_numpy(audit_index, "audit_index")
+    idx = as_numpy(audit_index, "audit_index")
     if idx.ndim != 1 or idx.size == 0:
         raise ValueError(f"audit_index must be a non-empty 1-D array of row indices, got shape {idx.shape}")
     if not np.issubdtype(idx.dtype, np.integer):

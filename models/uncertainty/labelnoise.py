@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 import numpy as np
 from scipy import special
 
+from noisewise.models.uncertainty.host import as_numpy
+
 if TYPE_CHECKING:
     import torch
 
@@ -273,13 +275,8 @@ def _check_confidence_level(confidence: Any) -> float:
     return float(confidence)
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: nothing is imported here
-    return x.detach().cpu().numpy() if torch is not None and isinstance(x, torch.Tensor) else np.asarray(x)
-
-
 def _check_labels(labels: Any, name: str, num_classes: int, n: int | None = None) -> np.ndarray:
-    arr = _as_numpy(labels)
+    arr = as_numpy(labels, name)
     if arr.ndim != 1 or arr.shape[0] == 0:
         raise ValueError(f"`{name}` must be a non-empty 1-D array of class indices, got shape {arr.shape}.")
     if n is not None and arr.shape[0] != n:
@@ -298,7 +295,7 @@ def _check_labels(labels: Any, name: str, num_classes: int, n: int | None = None
 
 
 def _check_probs(probs: Any, name: str = "probs") -> np.ndarray:
-    arr = _as_numpy(probs)
+    arr = as_numpy(probs, name)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] < 2:
         raise ValueError(f"`{name}` must have shape [n, K] with n >= 1 and K >= 2, got {arr.shape}.")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -676,7 +673,7 @@ def confident_joint(
 
 
 def _check_thresholds(thresholds: Any, k: int) -> np.ndarray:
-    t = _as_numpy(thresholds)
+    t = as_numpy(thresholds, "thresholds")
     t = t.reshape(-1) if t.ndim == 2 and 1 in t.shape else t
     if t.shape != (k,) or not np.issubdtype(t.dtype, np.number) or not np.all(np.isfinite(t)):
         raise ValueError(f"`thresholds` must be {k} finite per-class thresholds, got shape {t.shape}.")

@@ -39,12 +39,13 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-import sys
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import special
+
+from noisewise.models.uncertainty.host import as_numpy
 
 if TYPE_CHECKING:
     import torch
@@ -256,15 +257,8 @@ def select_pnorm(
 # --------------------------------------------------------------------------------------------
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: nothing is imported here
-    if torch is not None and isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _check_confidence(confidence: Any, name: str = "confidence") -> np.ndarray:
-    conf = _to_numpy(confidence)
+    conf = as_numpy(confidence, name)
     if conf.ndim != 1 or conf.shape[0] == 0:
         raise ValueError(f"`{name}` must be a non-empty 1-D array [n], got shape {conf.shape}.")
     if not np.issubdtype(conf.dtype, np.number) or np.issubdtype(conf.dtype, np.complexfloating):
@@ -276,7 +270,7 @@ def _check_confidence(confidence: Any, name: str = "confidence") -> np.ndarray:
 
 
 def _check_binary(values: Any, name: str, n: int) -> np.ndarray:
-    arr = _to_numpy(values)
+    arr = as_numpy(values, name)
     if arr.shape != (n,):
         raise ValueError(f"`{name}` must have shape ({n},) to match the confidences, got {arr.shape}.")
     if arr.dtype != bool:
