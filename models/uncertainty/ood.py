@@ -467,8 +467,8 @@ def _stratified_rows(labels: torch.Tensor | None, n: int, budget: int, seed: int
     return torch.cat(rows).sort().values
 
 
-def _kmeans(unit: torch.Tensor, clusters: int, seed: int, seeding: str = "k-means++"):
-    """scikit-learn's MiniBatchKMeans fitted on the rows of ``unit``, at calibration only.
+def _kmeans(rows, clusters: int, seed: int, seeding: str = "k-means++"):
+    """scikit-learn's MiniBatchKMeans fitted on ``rows`` (a numpy array [N, D]), at calibration only.
 
     k-means++ seeding costs O(clusters^2) distance passes, so above 2048 clusters the seeds are drawn at
     random instead.
@@ -481,7 +481,7 @@ def _kmeans(unit: torch.Tensor, clusters: int, seed: int, seeding: str = "k-mean
         batch_size=max(1024, 3 * clusters),
         n_init=1,
         random_state=seed,
-    ).fit(unit.detach().cpu().numpy())
+    ).fit(rows)
 
 
 def _kmeans_bank(unit: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,8 +489,9 @@ def _kmeans_bank(unit: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Te
 
     Serving reads the centroids as an ordinary (smaller) bank.
     """
-    km = _kmeans(unit, clusters, seed)
-    sizes = torch.bincount(torch.from_numpy(km.predict(unit.detach().cpu().numpy())).long(), minlength=clusters)
+    x = unit.detach().cpu().numpy()  # one host copy, for the fit and the assignment
+    km = _kmeans(x, clusters, seed)
+    sizes = torch.bincount(torch.from_numpy(km.predict(x)).long(), minlength=clusters)
     keep = sizes > 0
     centroids = torch.from_numpy(km.cluster_centers_).to(unit.device, torch.float32)[keep.to(unit.device)]
     return centroids, sizes[keep].to(unit.device)
@@ -507,14 +508,14 @@ def _ivf_lists(unit: torch.Tensor, lists: int, seed: int) -> tuple[torch.Tensor,
     """
     n = unit.shape[0]
     sample = _stratified_rows(None, n, min(n, 32 * lists), seed).to(unit.device)
-    km = _kmeans(unit[sample], lists, seed, seeding="random")
+    km = _kmeans(unit[sample].detach().cpu().numpy(), lists, seed, seeding="random")
     centroids = _normalize_rows(torch.from_numpy(km.cluster_centers_).to(unit.device, torch.float32))
     block = max(1, KNNScorer.BLOCK_ELEMENTS // len(centroids))  # bounds the [rows, lists] similarities
     assign = torch.cat([(rows @ centroids.T).argmax(dim=1) for rows in unit.split(block)])
     sizes = torch.bincount(assign, minlength=lists)
     keep = sizes > 0
-    renumber = keep.long().cumsum(0) - 1
-    order = renumber[assign].argsort(stable=True)
+    # sorting by list id lays the non-empty lists out in order: dropping the empty ones renumbers nothing
+    order = assign.argsort(stable=True)
     offsets = torch.cat([sizes.new_zeros(1), sizes[keep].cumsum(0)])
     return order, centroids[keep], offsets
 
