@@ -49,10 +49,18 @@ from noisewise.services import startup_check
 
 startup_check.start_check_early()
 
+import os
+
+# Before torch loads OpenMP, which reads it once. OpenMP's default keeps each idle intra-op thread spinning
+# for a while after every parallel region; between the ops of the uncertainty path and the Python work of a
+# pass those spins burn the core that the event loop needs to parse the next requests. PASSIVE threads sleep
+# at once (measured in docs/serving.md: more /predict throughput for noisewise, none lost for plain BentoML).
+# An explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import asyncio
 import dataclasses
 import logging
-import os
 import sys
 import threading
 import uuid

@@ -216,6 +216,10 @@ OTHER_VARIABLES: tuple[Variable, ...] = (
     Variable("NOISEWISE_EXAMPLE_REQUEST", "(none)", "a path: the start-up check writes the served version's "
              "example `/predict` body there (`noisewise serve` sets it for the curl it prints)",
              read_by="services/service.py"),
+    Variable("OMP_WAIT_POLICY", "`PASSIVE` in the service", "OpenMP's idle threads: the service sets `PASSIVE` "
+             "(torch's intra-op threads sleep between parallel regions instead of spinning on the cores that "
+             "parse requests) unless the variable is set; `ACTIVE` keeps them spinning",
+             read_by="services/service.py"),
 )
 
 
@@ -272,7 +276,7 @@ def markdown() -> str:
         "## State and commands",
         "",
         ("Where models, the registry and the store live (read by the service and by every `noisewise` "
-         "command), and the key the commands send."),
+         "command), the key the commands send, and OpenMP's wait policy, which the service sets."),
         "",
         "| variable | read by | default | meaning |",
         "|---|---|---|---|",
