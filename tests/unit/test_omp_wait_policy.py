@@ -28,7 +28,6 @@ PROBE = textwrap.dedent("""
 
     sys.meta_path.insert(0, Watch())
     import noisewise.services.service
-    seen["torch_loaded_by_import"] = "torch" in sys.modules
     import torch
     print(json.dumps(seen))
     """)
