@@ -595,12 +595,14 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
                 scorer = KNNScorer(k=50, index=index, budget=budget, seed=seed).fit(f_tr, labels=torch.as_tensor(y_tr))
             else:
                 ivf = ivf or KNNScorer(k=50, index="ivf", budget=budget, seed=seed).fit(f_tr)
-                scorer = ivf if probes is None else KNNScorer.from_state({**ivf.config(), "probes": probes},
-                                                                        ivf.state_dict())
+                # a fixed number of probes: exactly that many lists per query, no row budget
+                scorer = ivf if probes is None else KNNScorer.from_state(
+                    {**ivf.config(), "probes": probes, "probe_rows": None}, ivf.state_dict())
             gate = OODGate(scorer.score(f_cal), alpha_ood=alpha_ood)
             id_scores = scorer.score(f_te)
             entry = {"index": index, "bank_size": int(scorer.state_dict()["bank"].shape[0]),
-                     "probes": scorer.probes_used, "lists": len(scorer.state_dict().get("list_centroids", ())),
+                     "probes": scorer.probes_used, "probe_rows": scorer.probe_rows_used if index == "ivf" else None,
+                     "lists": len(scorer.state_dict().get("list_centroids", ())),
                      "false_ood": float(gate.is_ood(id_scores).double().mean()), "ood": {}}
             flags[key] = [gate.is_ood(id_scores)]
             for name, f in f_ood.items():
@@ -641,7 +643,10 @@ def render_bank_index(report: dict, command: str) -> str:
         entry = runs[0]["banks"][key]
         if entry.get("probes") is None:
             return f"{entry['bank_size']:,}"
-        return f"{entry['bank_size']:,} in {entry['lists']:,} lists, {entry['probes']} probed"
+        if entry.get("probe_rows") is None:
+            return f"{entry['bank_size']:,} in {entry['lists']:,} lists, {entry['probes']} probed"
+        return (f"{entry['bank_size']:,} in {entry['lists']:,} lists, the nearest holding {entry['probe_rows']:,} "
+                f"rows probed (at most {entry['probes']})")
 
     bank = (f"the {n_rows:,} features of {runs[0]['augment']} augmented copies of each train-split image (random "
             "rotation within 12 degrees, scale 0.9 to 1.1, shift within 2 pixels)" if runs[0]["augment"] else
@@ -723,8 +728,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="auto", help="with --bank-index: the network (default: the MLP; "
                         "resnet18 for a ResNet-18 feature bank)")
     parser.add_argument("--probes", type=int, nargs="+", default=None,
-                        help="with --bank-index: score the ivf bank at each of these numbers of probed lists "
-                             "(default: the served default alone)")
+                        help="with --bank-index: also score the ivf bank at each of these fixed numbers of probed "
+                             "lists, besides the served default (the nearest lists that hold 25 k rows)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
@@ -733,7 +738,7 @@ def main(argv: list[str] | None = None) -> None:
         budgets = tuple(args.budgets) if args.budgets else ((250,) if not args.augment else (OOD_BANK_BUDGET,))
         report = run_bank_index(n_ood=args.n_ood, budgets=budgets, augment=args.augment, epochs=args.epochs,
                                 indexes=tuple(args.indexes), seeds=tuple(args.seeds[:2]),
-                                ivf_probes=tuple(args.probes) if args.probes else (None,), arch=args.arch)
+                                ivf_probes=(None, *(args.probes or ())), arch=args.arch)
         print(json.dumps(report, indent=1) if args.json else
               render_bank_index(report, _format_command(["benchmarks/ood.py", *argv])))
         return

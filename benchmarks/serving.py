@@ -2,7 +2,9 @@
 
 Closed-loop load from this process (the client) against ``bentoml serve`` subprocesses on free loopback
 ports, started and stopped by PID (process group) by this script, one server at a time. One input per
-request; ``C`` client tasks each send the next request as soon as the previous one is answered.
+request, taken in turn from ``--inputs`` different random inputs (64 by default, so that a batch holds
+different inputs as real traffic does); ``C`` client tasks each send the next request as soon as the
+previous one is answered.
 
     .venv/bin/python benchmarks/serving.py                 # docs/serving.md (~10 min on 2 cores)
     .venv/bin/python benchmarks/serving.py --quick         # smoke run: MLP, noisewise + plain, c=1,8 (/tmp)
@@ -48,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -264,9 +267,17 @@ class Server:
 
 
 # --- load ------------------------------------------------------------------------------------------------
-async def closed_loop(url: str, body: bytes, concurrency: int, warmup_s: float, duration_s: float) -> dict:
-    """``concurrency`` tasks, each sending the next request when the last one is answered. Latencies of
-    requests that *start* inside the measurement window and complete before it ends are kept."""
+def request_bodies(shape: tuple[int, ...], n: int, seed: int = 0) -> list[bytes]:
+    """``n`` JSON bodies of one input each, shaped ``shape``, random in [0, 1) to 4 decimals, all different."""
+    rng = np.random.default_rng(seed)
+    return [json.dumps({"inputs": [np.round(rng.random(shape), 4).tolist()]}).encode() for _ in range(n)]
+
+
+async def closed_loop(url: str, bodies: list[bytes], concurrency: int, warmup_s: float, duration_s: float) -> dict:
+    """``concurrency`` tasks, each sending the next request when the last one is answered; the requests take
+    the ``bodies`` in turn (so concurrent requests carry different inputs, as real traffic does: the OOD
+    index's cost depends on how many of its lists a batch reaches). Latencies of requests that *start*
+    inside the measurement window and complete before it ends are kept."""
     import httpx
 
     # one client (one keep-alive connection) per task: a shared pool of C connections costs the client
@@ -274,6 +285,7 @@ async def closed_loop(url: str, body: bytes, concurrency: int, warmup_s: float, 
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     errors = 0
+    turn = itertools.cycle(bodies)
     clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=120) for _ in range(concurrency)]
     try:
         loop_start = time.perf_counter()
@@ -286,7 +298,7 @@ async def closed_loop(url: str, body: bytes, concurrency: int, warmup_s: float, 
                 if t0 >= t_end:
                     return
                 try:
-                    r = await client.post(url, content=body, headers=headers)
+                    r = await client.post(url, content=next(turn), headers=headers)
                 except httpx.TransportError:  # a dropped connection counts as an error; the client reconnects
                     r = None
                 t1 = time.perf_counter()
@@ -313,7 +325,8 @@ async def closed_loop(url: str, body: bytes, concurrency: int, warmup_s: float, 
     return out
 
 
-def run_point(server: Server, route: str, body: bytes, c: int, warmup: float, duration: float, kind: str) -> dict:
+def run_point(server: Server, route: str, bodies: list[bytes], c: int, warmup: float, duration: float,
+              kind: str) -> dict:
     import httpx
 
     names = (("noisewise_batch_inputs_sum", "noisewise_batch_inputs_count") if kind != "plain" else
@@ -324,7 +337,7 @@ def run_point(server: Server, route: str, body: bytes, c: int, warmup: float, du
         return [parse_metric(text, n) for n in names]
 
     m0, cpu0 = scrape(), server.cpu_seconds()
-    res = asyncio.run(closed_loop(server.url + route, body, c, warmup, duration))
+    res = asyncio.run(closed_loop(server.url + route, bodies, c, warmup, duration))
     m1, cpu1 = scrape(), server.cpu_seconds()
     passes = m1[1] - m0[1]
     res["mean_batch"] = (m1[0] - m0[0]) / passes if passes > 0 else float("nan")
@@ -349,7 +362,7 @@ def round_order(names: list[str], round_index: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def run_interleaved(servers: dict[str, tuple[Server, str]], route: str, body: bytes, c: int, rounds: int,
+def run_interleaved(servers: dict[str, tuple[Server, str]], route: str, bodies: list[bytes], c: int, rounds: int,
                     warmup: float, duration: float) -> list[dict]:
     """``rounds`` rounds; in each, every server gets one closed-loop window at concurrency ``c`` (its own warm-up
     first) while the others sit idle. Per window: :func:`run_point`'s figures plus the CPU the idle servers used
@@ -363,7 +376,7 @@ def run_interleaved(servers: dict[str, tuple[Server, str]], route: str, body: by
             server, kind = servers[name]
             idle0 = {n: servers[n][0].cpu_seconds() for n in names if n != name}
             t0 = time.perf_counter()
-            res = run_point(server, route, body, c, warmup, duration, kind)
+            res = run_point(server, route, bodies, c, warmup, duration, kind)
             span = time.perf_counter() - t0
             res["idle_cpu"] = sum(servers[n][0].cpu_seconds() - v for n, v in idle0.items()) / span
             windows[name] = res
@@ -402,7 +415,7 @@ def render_interleaved(rounds: list[dict], meta: dict) -> str:
         + ", ".join(f"{n} {meta['startup_s'][n]:.0f} s" for n in names) + ")",
         (f"- load: {meta['rounds']} rounds; in each, one window per server at c = {meta['concurrency']} "
          f"({meta['warmup']} s warm-up, then {meta['duration']} s measured), the others idle; the order rotates "
-         "by one server per round"),
+         "by one server per round; " + _inputs_text(meta.get("inputs", 1))),
         "",
         "| round | order | noisewise req/s | plain-A req/s | plain-B req/s | noisewise / plain-A | plain-B / plain-A |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -434,6 +447,11 @@ def render_interleaved(rounds: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _inputs_text(n: int) -> str:
+    return ("every request carries the same input" if n == 1 else
+            f"the requests carry {n} different random inputs in turn, one per request")
+
+
 def splice_interleaved(text: str, section: str) -> str:
     """``text`` (docs/serving.md) with its interleaved section replaced by ``section``, or ``section`` inserted
     before the hand-written analysis (at the end when there is none); every other part is kept."""
@@ -457,8 +475,7 @@ def main_interleaved(args, home: Path, env: dict, banks: dict, out: Path, argv, 
     duration = args.duration if args.duration is not None else 8.0
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
-    x = np.round(np.random.default_rng(0).random(MODELS[key][1]), 4).tolist()
-    body = json.dumps({"inputs": [x]}).encode()
+    bodies = request_bodies(MODELS[key][1], args.inputs)
     load_before = os.getloadavg()
     servers: dict[str, tuple[Server, str]] = {}
     try:
@@ -471,14 +488,14 @@ def main_interleaved(args, home: Path, env: dict, banks: dict, out: Path, argv, 
         for name, (server, _) in servers.items():
             server.wait_ready()
             startup[name] = time.perf_counter() - server.started
-        rounds = run_interleaved(servers, "/predict", body, c, args.interleave, warmup, duration)
+        rounds = run_interleaved(servers, "/predict", bodies, c, args.interleave, warmup, duration)
     finally:
         for server, _ in servers.values():
             server.stop()
     meta = {"command": " ".join(["python", "benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_s": time.perf_counter() - t0, "machine": machine(), "warmup": warmup, "duration": duration,
-            "concurrency": c, "rounds": args.interleave, "model_key": key, "bank": banks[key], "startup_s": startup,
+            "concurrency": c, "inputs": args.inputs, "rounds": args.interleave, "model_key": key, "bank": banks[key], "startup_s": startup,
             "load_before": load_before, "load_after": os.getloadavg()}
     section = render_interleaved(rounds, meta)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -567,7 +584,12 @@ def main(argv: list[str] | None = None) -> int:
                     "server at the first --concurrency (default 32); writes its own section of --out")
     ap.add_argument("--port-base", type=int, default=0, metavar="PORT",
                     help="--interleave: serve on PORT, PORT+1, PORT+2 (default: free ports)")
+    ap.add_argument("--inputs", type=int, default=64, metavar="N",
+                    help="N different random inputs, sent in turn one per request (default 64; 1: every "
+                         "request carries the same input, as runs before 2026-12-03 did)")
     args = ap.parse_args(argv)
+    if args.inputs < 1:
+        ap.error("--inputs must be >= 1")
     q = args.quick
     models = (args.models or ("mlp" if q else "mlp,resnet18")).split(",")
     servers = (args.servers or ("noisewise,plain" if q else ",".join(SERVERS))).split(",")
@@ -601,13 +623,11 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.cleanup()
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
     results: dict = {}
     try:
         for key in models:
             name, shape = banks[key]["model"], MODELS[key][1]
-            x = np.round(rng.random(shape), 4).tolist()
-            body = json.dumps({"inputs": [x]}).encode()
+            bodies = request_bodies(shape, args.inputs)
             results[key] = {}
             for kind in servers:
                 target, extra = SERVERS[kind]
@@ -617,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                     startup = server.wait_ready()
                     points = []
                     for c in levels:
-                        r = run_point(server, "/predict", body, c, warmup, duration, kind)
+                        r = run_point(server, "/predict", bodies, c, warmup, duration, kind)
                         print(f"{key:8s} {kind:18s} c={c:3d} {r['throughput']:8.1f} req/s p50 {r['p50_ms']:7.1f} "
                               f"ms p99 {r['p99_ms']:7.1f} ms err {r['errors']} batch {r['mean_batch']:.1f} "
                               f"client cpu {r['client_cpu']:.2f} server {r['server_cpu_ms_per_req']:.1f} ms/req",

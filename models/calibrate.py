@@ -333,6 +333,9 @@ def _check_ivf_lists(meta: dict, state: dict, is_ivf: bool, fail) -> None:
     probes = meta.get("probes")
     if isinstance(probes, bool) or not isinstance(probes, int) or not 1 <= probes <= lists:
         fail(f"probes={probes!r} must be a whole number in [1, {lists}] (the lists of the bank)")
+    rows = meta.get("probe_rows")  # absent or null: every query scores exactly `probes` lists
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        fail(f"probe_rows={rows!r} must be a positive whole number of rows, or null")
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -55,6 +55,7 @@ fit time (``knn``), so noisy labels cannot enter the score at all.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import warnings
 from typing import Any, ClassVar, Mapping, Self
@@ -444,6 +445,9 @@ KNN_INDEXES = ("exact", "subsample", "kmeans", "ivf", "auto")
 #: about 1,250 rows. Measured on 20,000 to 1,000,000 rows of real features (docs/ood.md): AUROC within
 #: 0.003 of the exact bank on every OOD set; far fewer rows lose near-OOD power.
 IVF_ROWS_PER_NEIGHBOUR = 25
+#: The most lists an ``ivf`` query probes under its row budget, as a multiple of the lists that hold the
+#: budget on average: where the nearest lists are small, the query reads fewer rows rather than many lists.
+IVF_PROBE_CAP = 4
 
 
 def _stratified_rows(labels: torch.Tensor | None, n: int, budget: int, seed: int) -> torch.Tensor:
@@ -550,9 +554,13 @@ class KNNScorer(OODScorer):
     * ``ivf``: an inverted file (Jegou, Douze and Schmid, *Product Quantization for Nearest Neighbor
       Search*, TPAMI 2011, the IVF of faiss): every row is kept and filed under the nearest of
       ``lists`` k-means centroids (default ``round(4 sqrt(n))``); a query scores only the rows of its
-      ``probes`` nearest lists (default: enough lists for ``IVF_ROWS_PER_NEIGHBOUR * k`` rows on
-      average) and reads its k-th neighbour among them. The cost per query follows ``probes``, not
-      ``n``, and the bank keeps growing with the data, so near-OOD power is not lost to a fixed sample.
+      nearest lists and reads its k-th neighbour among them. By default it takes lists, nearest first,
+      until they hold ``IVF_ROWS_PER_NEIGHBOUR * k`` rows (as faiss's ``max_codes`` bounds a search), at
+      most ``IVF_PROBE_CAP`` times the lists that hold that many rows on average: k-means of features
+      that crowd together leaves a few long lists and many near-empty ones, where a fixed number of
+      lists would read several times the rows. With ``probes`` set, every query scores exactly that many
+      lists. The cost per query follows those rows, not ``n``, and the bank keeps growing with the
+      data, so near-OOD power is not lost to a fixed sample.
       Where the probed lists hold fewer than ``k`` rows, the missing neighbours count at cosine -1
       (the score can only overstate the exact one).
     * ``auto``: ``exact`` when ``n <= budget``, otherwise ``ivf``.
@@ -573,8 +581,9 @@ class KNNScorer(OODScorer):
     seed : int, default 0
         Seed of the subsample draw or of k-means.
     lists, probes : int or None, default None
-        ``ivf`` only: the number of inverted lists and of lists a query scores (None: from ``n`` and
-        ``k`` as above).
+        ``ivf`` only: the number of inverted lists (None: ``round(4 sqrt(n))``) and the number of lists
+        every query scores (None: the nearest lists that hold ``IVF_ROWS_PER_NEIGHBOUR * k`` rows, as
+        above).
     """
 
     BLOCK_ELEMENTS = 1 << 24  # similarities per block: 64 MiB in fp32
@@ -634,7 +643,8 @@ class KNNScorer(OODScorer):
         else:
             order, centroids, offsets = _ivf_lists(unit, self.lists or max(1, round(4 * math.sqrt(n))), self.seed)
             self._state = {"bank": unit[order], "list_centroids": centroids, "list_offsets": offsets}
-            probes = self.probes or math.ceil(IVF_ROWS_PER_NEIGHBOUR * self.k * len(centroids) / n)
+            probe_rows = None if self.probes else IVF_ROWS_PER_NEIGHBOUR * self.k
+            probes = self.probes or IVF_PROBE_CAP * math.ceil(IVF_ROWS_PER_NEIGHBOUR * self.k * len(centroids) / n)
         self._fitted_meta = {
             "bank_size": int(self._state["bank"].shape[0]),
             "feature_dim": int(d),
@@ -645,6 +655,7 @@ class KNNScorer(OODScorer):
             self._fitted_meta["k_used"] = int(k_used)
         if index == "ivf":
             self._fitted_meta["probes"] = min(int(probes), len(centroids))
+            self._fitted_meta["probe_rows"] = probe_rows
 
     @property
     def index_used(self) -> str:
@@ -658,8 +669,15 @@ class KNNScorer(OODScorer):
 
     @property
     def probes_used(self) -> int | None:
-        """The lists an ``ivf`` query scores (None for the other banks)."""
+        """The most lists an ``ivf`` query scores (None for the other banks)."""
         return int(self._fitted_meta["probes"]) if self.index_used == "ivf" else None
+
+    @property
+    def probe_rows_used(self) -> int | None:
+        """The rows after which an ``ivf`` query stops probing further lists (None: it scores exactly
+        ``probes_used`` lists, as calibrations saved before the row budget do)."""
+        rows = self._fitted_meta.get("probe_rows") if self.index_used == "ivf" else None
+        return None if rows is None else int(rows)
 
     def _after_load(self):
         bank = self._state["bank"]
@@ -678,8 +696,11 @@ class KNNScorer(OODScorer):
             offsets = self._state["list_offsets"].cpu()
             if offsets.ndim != 1 or offsets.shape[0] < 2:
                 raise ValueError(f"list_offsets must be a 1-D tensor of at least 2 offsets, got {list(offsets.shape)}")
-            self._list_offsets = offsets.tolist()
-            self._list_rows = int((offsets[1:] - offsets[:-1]).max())
+            sizes = offsets[1:] - offsets[:-1]
+            self._list_rows = int(sizes.max())
+            self._list_sizes = sizes.to(bank.device)
+            # one transposed view per list, made once: slicing per list and per request cost more than the matmul
+            self._list_banks = [self._state["bank"][lo:hi].T for lo, hi in itertools.pairwise(offsets.tolist())]
 
     def _score(self, features, logits):
         bank = self._state["bank"]
@@ -727,33 +748,46 @@ class KNNScorer(OODScorer):
         return max(1, self.BLOCK_ELEMENTS // (self.probes_used * self._list_rows))
 
     def _ivf_kth(self, query: torch.Tensor) -> torch.Tensor:
-        """k-th largest cosine of each query ``[B, D]`` among the rows of its ``probes`` nearest lists.
+        """k-th largest cosine of each query ``[B, D]`` among the rows of the lists it probes.
+
+        A query probes its nearest lists, nearest first: ``probes_used`` of them, or, with a row budget
+        (``probe_rows_used``), only as many as it takes to hold that many rows (at most ``probes_used``).
+        The budget keeps the rows read per query near ``IVF_ROWS_PER_NEIGHBOUR * k`` when the lists are
+        unequal (k-means of features that crowd together leaves a few large lists and many near-empty
+        ones: on the 50,000 ResNet-18 features of random images of ``benchmarks/serving.py``, 23 fixed
+        lists held about 5,200 rows per query, the budget about 1,400).
 
         One pass over the distinct lists the block probes: each list's rows are read once, against every
-        query that probes it (per list a single matmul: the rows of a list are contiguous). The
-        similarities land in one ``[B * probes, longest list]`` table padded with -1, and one ``topk``
-        reads the k-th largest per query.
+        query that probes it (a single matmul per list: its rows are contiguous). The similarities land in
+        a table with one row per (query, probe) pair, grouped by list, padded with -1; one gather lays it
+        out per query and one ``topk`` reads the k-th largest.
         """
-        bank, offsets = self._state["bank"], self._list_offsets
-        probes = self.probes_used
+        probes, budget = self.probes_used, self.probe_rows_used
         b = query.shape[0]
-        probed = (query @ self._state["list_centroids"].T).topk(probes, dim=1).indices.reshape(-1)
-        order = probed.argsort()  # (query, probe) pairs grouped by list
+        nearest = (query @ self._state["list_centroids"].T).topk(probes, dim=1).indices  # [B, probes], nearest first
+        if budget is None:
+            keep = torch.ones_like(nearest, dtype=torch.bool)
+        else:
+            sizes = self._list_sizes[nearest]
+            keep = sizes.cumsum(dim=1) - sizes < budget  # the nearer lists hold fewer rows than the budget
+        width = int(keep.sum(dim=1).max())  # a prefix of each row is kept: the most lists one query probes
+        keep = keep[:, :width]
+        probed = nearest[:, :width][keep]  # the kept (query, probe) pairs, query-major
+        order = probed.argsort()  # grouped by list
         lists, counts = torch.unique_consecutive(probed[order], return_counts=True)
-        pairs = order.tolist()
-        sims = query.new_full((b * probes, self._list_rows), -1.0)
+        owners = keep.nonzero()[:, 0]
+        queries = query[owners[order]]
+        pairs = probed.shape[0]
+        sims = query.new_full((pairs + 1, self._list_rows), -1.0)  # the last row pads the probes not taken
         start = 0
         for lst, count in zip(lists.tolist(), counts.tolist()):
-            lo, hi = offsets[lst], offsets[lst + 1]
-            if count == 1:  # the common case at small batches: no gather of queries
-                pair = pairs[start]
-                q = query[pair // probes : pair // probes + 1]
-                sims[pair : pair + 1, : hi - lo] = q @ bank[lo:hi].T
-            else:
-                rows = order[start : start + count]
-                sims[rows, : hi - lo] = query[rows // probes] @ bank[lo:hi].T
-            start += count
-        sims = sims.view(b, -1)
+            rows = self._list_banks[lst]
+            end = start + count
+            sims[start:end, : rows.shape[1]] = queries[start:end] @ rows
+            start = end
+        slot = torch.full((b, width), pairs, dtype=torch.long, device=query.device)
+        slot[keep] = order.argsort()  # each kept pair's row in the table
+        sims = sims[slot.view(-1)].view(b, -1)
         if sims.shape[1] < self.k:  # the probed lists cannot hold k rows: the k-th neighbour is missing
             return sims.new_full((b,), -1.0)
         return sims.topk(self.k, dim=1, sorted=False).values.amin(dim=1)

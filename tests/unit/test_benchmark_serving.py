@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -16,6 +19,7 @@ from benchmarks.serving import (
     percentile,
     render,
     render_interleaved,
+    request_bodies,
     round_order,
     splice_interleaved,
     summarize,
@@ -95,6 +99,16 @@ def test_render_interleaved_gives_per_round_and_median_ratios_with_the_control()
     assert "**0.950** | **1.000** |" in text
     assert "| min - max | | | | | 0.900 - 1.000 | 0.950 - 1.010 |" in text
     assert "bank fitted on 50000 training rows, index `subsample`" in text and "[[10000, 512]]" in text
+    assert "the requests carry 64 different random inputs in turn" in render_interleaved(rounds, {**meta, "inputs": 64})
+    assert "every request carries the same input" in text  # records written before --inputs had one input
+
+
+def test_request_bodies_are_different_inputs_of_the_model_shape():
+    bodies = request_bodies((3, 4, 4), 5)
+    inputs = [np.asarray(json.loads(b)["inputs"]) for b in bodies]
+    assert all(x.shape == (1, 3, 4, 4) and 0.0 <= x.min() and x.max() < 1.0 for x in inputs)
+    assert len({x.tobytes() for x in inputs}) == 5
+    assert request_bodies((3, 4, 4), 5) == bodies  # seeded: every run sends the same inputs
 
 
 def test_splice_interleaved_keeps_the_tables_and_the_hand_written_analysis():

@@ -196,5 +196,7 @@ def test_bank_index_on_augmented_real_features(one_thread):
     text = ood_bench.render_bank_index(report, "benchmarks/ood.py --bank-index --augment 2")
     assert "5,000 features of 2 augmented copies" in text
     assert text.count("| `subsample` | 400 |") == len(ood_bench.OOD_DATASETS) + 1
-    assert text.count(f"| `ivf` | 5,000 in 283 lists, {run['banks']['ivf']['probes']} probed |") == len(
-        ood_bench.OOD_DATASETS) + 1
+    assert run["banks"]["ivf"]["probe_rows"] == 25 * 50 and every["probe_rows"] is None
+    assert text.count(f"| `ivf` | 5,000 in 283 lists, the nearest holding 1,250 rows probed (at most "
+                      f"{run['banks']['ivf']['probes']}) |") == len(ood_bench.OOD_DATASETS) + 1
+    assert text.count("| `ivf` | 5,000 in 283 lists, 283 probed |") == len(ood_bench.OOD_DATASETS) + 1

@@ -157,8 +157,39 @@ def test_ivf_files_every_row_once_under_its_nearest_list():
     assert torch.allclose(bank.sort(dim=0).values, _unit(f).sort(dim=0).values, atol=1e-6)
     lists = torch.repeat_interleave(torch.arange(len(centroids)), offsets.diff())
     assert torch.equal((bank @ centroids.T).argmax(dim=1), lists)
-    # the default probes hold about 25 * k rows on average
-    assert scorer.probes_used == math.ceil(25 * 20 * len(centroids) / 3000)
+    # a query probes lists until they hold 25 * k rows, at most 4 times the lists that hold that on average
+    assert scorer.probe_rows_used == 25 * 20
+    assert scorer.probes_used == min(len(centroids), 4 * math.ceil(25 * 20 * len(centroids) / 3000))
+
+
+def test_ivf_row_budget_probes_the_nearest_lists_until_they_hold_the_budget():
+    """With unequal lists (one dense cluster, scattered rows around it), each query reads its nearest lists
+    up to the first that brings the rows it read to ``probe_rows``: its score is the exact k-th distance
+    among exactly those rows, whatever the batch it comes in."""
+    rng = np.random.default_rng(5)
+    dense = torch.from_numpy(rng.normal(size=(2500, D)) * 0.3 + 4.0).float()
+    scattered = torch.from_numpy(rng.normal(size=(1500, D)) * 2.0).float()
+    f = torch.cat([dense, scattered])
+    scorer = KNNScorer(k=10, index="ivf", budget=100, lists=60).fit(f)
+    state = scorer.state_dict()
+    sizes = state["list_offsets"].diff()
+    q = torch.cat([dense[:20] + 0.05, scattered[:20] + 0.05])
+    scores = scorer.score(q)
+    assert torch.allclose(torch.cat([scorer.score(block) for block in q.split(3)]), scores, atol=1e-6)
+    offsets = state["list_offsets"].tolist()
+    budget, probes = scorer.probe_rows_used, scorer.probes_used
+    assert budget == 250
+    read, lists_taken = [], set()
+    for i in range(len(q)):
+        nearest = (_unit(q[i : i + 1]) @ state["list_centroids"].T).topk(probes).indices[0].tolist()
+        held = np.cumsum([offsets[j + 1] - offsets[j] for j in nearest])
+        taken = nearest[: int(np.searchsorted(held, budget)) + 1]  # up to the list that reaches the budget
+        rows = torch.cat([state["bank"][offsets[j] : offsets[j + 1]] for j in taken])
+        read.append(len(rows))
+        lists_taken.add(len(taken))
+        assert torch.allclose(scores[i], _exact_kth(rows, q[i : i + 1], 10)[0], atol=1e-5)
+    assert min(read) >= budget and max(read) < budget + int(sizes.max())
+    assert len(lists_taken) > 1  # not a fixed number of lists: as many as the budget takes
 
 
 def test_ivf_score_is_the_exact_score_over_the_probed_lists():
@@ -321,6 +352,9 @@ def test_index_used_must_be_known_and_fit_the_tensors(saved, tmp_path):
         d6 = _copy(directory, tmp_path / "probes")
         _edit_json(d6, lambda s: s.update(probes=0))
         _refused(d6, "probes=0 must be a whole number in [1, ")
+        d9 = _copy(directory, tmp_path / "probe_rows")
+        _edit_json(d9, lambda s: s.update(probe_rows=0.5))
+        _refused(d9, "probe_rows=0.5 must be a positive whole number of rows, or null")
         d7 = _copy(directory, tmp_path / "nolists")
         _edit_tensors(d7, lambda t: t.pop("ood_scorer.list_centroids"))
         _refused(d7, "list_centroids")
