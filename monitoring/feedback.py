@@ -49,7 +49,7 @@ import pandas as pd
 # torch only where a tensor is made (recalibrated_threshold): `noisewise monitor` loads none. GUARANTEE_KINDS from
 # the calibration document's module, which has none either (noisewise.models.calibrate re-exports it).
 from noisewise.models.calibration_doc import GUARANTEE_KINDS
-from noisewise.models.uncertainty.host import as_numpy
+from noisewise.models.uncertainty.host import as_numpy, check_labels, check_probs
 from noisewise.models.uncertainty.conformal import (
     CONFORMITY_SCORES,
     MAPIE_CONVENTION,
@@ -124,41 +124,6 @@ MIN_RECALIBRATION_ITEMS = 100
 # --------------------------------------------------------------------------------------------
 # Input validation
 # --------------------------------------------------------------------------------------------
-
-
-def _check_probs(probs: Any) -> np.ndarray:
-    p = as_numpy(probs, "probs")
-    if p.ndim != 2 or p.shape[1] < 2:
-        raise ValueError(f"`probs` must have shape [N, K] with K >= 2 classes, got shape {p.shape}.")
-    if not np.issubdtype(p.dtype, np.floating):
-        raise ValueError(f"`probs` must be floating-point probabilities, got dtype {p.dtype}.")
-    if p.size and (not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0):
-        bad = np.flatnonzero(~np.all(np.isfinite(p) & (p >= 0) & (p <= 1), axis=1))
-        raise ValueError(f"`probs` must be finite probabilities in [0, 1]; row {int(bad[0])} is not.")
-    # Loose tolerance, as in labelnoise: stored probabilities may be float32 or rounded.
-    sums = p.sum(axis=1, dtype=np.float64)
-    off = np.flatnonzero(np.abs(sums - 1.0) > 1e-2)
-    if off.size:
-        raise ValueError(f"rows of `probs` must sum to 1 (softmax outputs); row {int(off[0])} sums to {sums[off[0]]:.4g}.")
-    return p
-
-
-def _check_labels(labels: Any, n: int, k: int, name: str = "labels") -> np.ndarray:
-    y = as_numpy(labels, name)
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"`{name}` must have shape [{n}] (one label per row of `probs`), got {y.shape}.")
-    if y.size and not np.issubdtype(y.dtype, np.integer) and not (
-        np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))
-    ):
-        raise ValueError(f"`{name}` must hold integer class indices, got dtype {y.dtype}.")
-    y = y.astype(np.int64)
-    bad = np.flatnonzero((y < 0) | (y >= k))
-    if bad.size:
-        raise ValueError(
-            f"`{name}[{int(bad[0])}]` = {int(y[bad[0]])} is not a class index in [0, {k - 1}] "
-            f"({bad.size} label(s) out of range)."
-        )
-    return y
 
 
 def _check_frame(frame: Any, columns: tuple[str, ...], caller: str) -> pd.DataFrame:
@@ -245,9 +210,9 @@ def score_feedback(
     FeedbackScores
         ``(quality [N] float64, suspect [N] bool, proposed [N] int64)``.
     """
-    p = _check_probs(probs)
+    p = check_probs(probs, allow_empty=True, dtype=None)
     n, k = p.shape
-    y = _check_labels(labels, n, k)
+    y = check_labels(labels, "labels", k, n=n, allow_empty=True)
     t = as_numpy(thresholds, "thresholds")
     if t.shape != (k,) or not np.issubdtype(t.dtype, np.number) or not np.all(np.isfinite(t)):
         raise ValueError(f"`thresholds` must be {k} finite per-class thresholds (one per column of `probs`), got shape {t.shape}.")
@@ -315,9 +280,9 @@ def batch_label_issues(
     from cleanlab.count import compute_confident_joint
     from cleanlab.filter import find_label_issues
 
-    p = _check_probs(probs)
+    p = check_probs(probs, allow_empty=True, dtype=None)
     n, k = p.shape
-    y = _check_labels(labels, n, k)
+    y = check_labels(labels, "labels", k, n=n, allow_empty=True)
     if n == 0:
         return np.zeros(0, dtype=bool)
     if n < min_items:

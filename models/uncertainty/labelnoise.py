@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 import numpy as np
 from scipy import special
 
-from noisewise.models.uncertainty.host import as_numpy
+from noisewise.models.uncertainty.host import as_numpy, check_labels, check_probs
 
 if TYPE_CHECKING:
     import torch
@@ -275,43 +275,6 @@ def _check_confidence_level(confidence: Any) -> float:
     return float(confidence)
 
 
-def _check_labels(labels: Any, name: str, num_classes: int, n: int | None = None) -> np.ndarray:
-    arr = as_numpy(labels, name)
-    if arr.ndim != 1 or arr.shape[0] == 0:
-        raise ValueError(f"`{name}` must be a non-empty 1-D array of class indices, got shape {arr.shape}.")
-    if n is not None and arr.shape[0] != n:
-        raise ValueError(f"`{name}` must have length {n} to match its paired array, got {arr.shape[0]}.")
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr))):
-            raise ValueError(f"`{name}` must hold integer class indices, got dtype {arr.dtype}.")
-        arr = arr.astype(np.int64)
-    bad = (arr < 0) | (arr >= num_classes)
-    if bad.any():
-        raise ValueError(
-            f"`{name}` must hold class indices in [0, {num_classes - 1}], got {int(bad.sum())} "
-            f"out of range (e.g. {arr[bad][0]})."
-        )
-    return arr.astype(np.int64)
-
-
-def _check_probs(probs: Any, name: str = "probs") -> np.ndarray:
-    arr = as_numpy(probs, name)
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] < 2:
-        raise ValueError(f"`{name}` must have shape [n, K] with n >= 1 and K >= 2, got {arr.shape}.")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"`{name}` must be floating-point probabilities, got dtype {arr.dtype}.")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
-        raise ValueError(f"`{name}` must be finite probabilities in [0, 1].")
-    # Loose tolerance: stored probabilities may have been rounded or kept in fp16.
-    worst = float(np.max(np.abs(arr.sum(axis=1) - 1.0)))
-    if worst > 1e-2:
-        raise ValueError(
-            f"rows of `{name}` must sum to 1 (softmax outputs), worst row sums to 1 {worst:+.3g}."
-        )
-    return arr
-
-
 def clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
     """Exact two-sided binomial interval for a proportion ``k / n`` (Clopper and Pearson, 1934).
 
@@ -394,8 +357,8 @@ def noise_rate_direct(
         (rows: trusted label, columns: observed label).
     """
     k = _check_num_classes(num_classes)
-    observed = _check_labels(observed_labels, "observed_labels", k)
-    trusted = _check_labels(trusted_labels, "trusted_labels", k, n=observed.shape[0])
+    observed = check_labels(observed_labels, "observed_labels", k)
+    trusted = check_labels(trusted_labels, "trusted_labels", k, n=observed.shape[0])
     level = _check_confidence_level(confidence)
     m = observed.shape[0]
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -462,8 +425,8 @@ def noise_rate_from_duplicates(
         ``method="duplicates"``, ``heuristic=False``, ``n = m``.
     """
     k = _check_num_classes(num_classes)
-    a = _check_labels(labels_a, "labels_a", k)
-    b = _check_labels(labels_b, "labels_b", k, n=a.shape[0])
+    a = check_labels(labels_a, "labels_a", k)
+    b = check_labels(labels_b, "labels_b", k, n=a.shape[0])
     level = _check_confidence_level(confidence)
     m = a.shape[0]
     agree = int(np.sum(a == b))
@@ -531,10 +494,10 @@ def noise_rate_audit_model_heuristic(
         NaN when ``psi0 <= 1/K``.
     """
     k = _check_num_classes(num_classes)
-    pa = _check_labels(model_pred_audited, "model_pred_audited", k)
-    ya = _check_labels(audited_labels, "audited_labels", k, n=pa.shape[0])
-    po = _check_labels(model_pred_ordinary, "model_pred_ordinary", k)
-    yo = _check_labels(ordinary_labels, "ordinary_labels", k, n=po.shape[0])
+    pa = check_labels(model_pred_audited, "model_pred_audited", k)
+    ya = check_labels(audited_labels, "audited_labels", k, n=pa.shape[0])
+    po = check_labels(model_pred_ordinary, "model_pred_ordinary", k)
+    yo = check_labels(ordinary_labels, "ordinary_labels", k, n=po.shape[0])
     level = _check_confidence_level(confidence)
     each = 1.0 - (1.0 - level) / 2.0
     a, o = pa.shape[0], po.shape[0]
@@ -592,10 +555,10 @@ def per_class_thresholds(probs: np.ndarray, labels: np.ndarray, num_classes: int
     np.ndarray, shape [K], float64
     """
     k = _check_num_classes(num_classes)
-    p = _check_probs(probs)
+    p = check_probs(probs)
     if p.shape[1] != k:
         raise ValueError(f"`probs` has {p.shape[1]} columns but `num_classes` is {k}.")
-    y = _check_labels(labels, "labels", k, n=p.shape[0])
+    y = check_labels(labels, "labels", k, n=p.shape[0])
     counts = np.bincount(y, minlength=k)
     empty = np.flatnonzero(counts == 0)
     if empty.size:
@@ -653,9 +616,9 @@ def confident_joint(
     -------
     np.ndarray of int, shape [K, K]
     """
-    p = _check_probs(probs)
+    p = check_probs(probs)
     k = p.shape[1]
-    y = _check_labels(labels, "labels", k, n=p.shape[0])
+    y = check_labels(labels, "labels", k, n=p.shape[0])
     t = per_class_thresholds(p, y, k) if thresholds is None else _check_thresholds(thresholds, k)
     confident = p >= t - THRESHOLD_SLACK
     n_confident = confident.sum(axis=1)
@@ -840,8 +803,8 @@ def label_quality(
     if method not in LABEL_QUALITY_SCORES:
         raise ValueError(f"`method` must be one of {sorted(LABEL_QUALITY_SCORES)}, got {method!r}.")
     if isinstance(probs, np.ndarray):
-        p = _check_probs(probs)
-        return LABEL_QUALITY_SCORES[method](p, _check_labels(labels, "labels", p.shape[1], n=p.shape[0]))
+        p = check_probs(probs)
+        return LABEL_QUALITY_SCORES[method](p, check_labels(labels, "labels", p.shape[1], n=p.shape[0]))
     return LABEL_QUALITY_SCORES[method](probs, _check_item_arrays(probs, labels))
 
 
