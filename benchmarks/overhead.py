@@ -217,6 +217,8 @@ class BF16BankKNN(KNNScorer):
         for key in ("bank", "list_centroids"):
             if key in self._state:
                 self._state[key] = self._state[key].to(torch.bfloat16).contiguous()
+        if self.index_used == "ivf":
+            self._view_lists()
 
 
 def measure_batch(predictor: Predictor, net: torch.nn.Module, batch: int, reps: int, warmup: int,

@@ -699,8 +699,13 @@ class KNNScorer(OODScorer):
             sizes = offsets[1:] - offsets[:-1]
             self._list_rows = int(sizes.max())
             self._list_sizes = sizes.to(bank.device)
-            # one transposed view per list, made once: slicing per list and per request cost more than the matmul
-            self._list_banks = [self._state["bank"][lo:hi].T for lo, hi in itertools.pairwise(offsets.tolist())]
+            self._view_lists()
+
+    def _view_lists(self) -> None:
+        """One transposed view of the bank per ivf list, made once (again whenever the bank tensor is replaced):
+        slicing per list and per request cost more than the matmul."""
+        offsets = self._state["list_offsets"].tolist()
+        self._list_banks = [self._state["bank"][lo:hi].T for lo, hi in itertools.pairwise(offsets)]
 
     def _score(self, features, logits):
         bank = self._state["bank"]
