@@ -280,7 +280,7 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ood-index", choices=OOD_INDEXES, default="auto",
                        help="knn bank: exact (every training row), subsample (a class-stratified 10,000 rows), "
                        "kmeans (10,000 weighted k-means centroids), ivf (every row, filed in about 4 sqrt(n) "
-                       "k-means lists; a request scores the nearest lists, about 1,250 rows) or auto (exact up to "
+                       "k-means lists; a request scores its nearest lists until they hold 1,250 rows) or auto (exact up to "
                        "10,000 training rows, ivf above), so the cost per request stops growing with the training "
                        "set. The OOD gate is fitted on the served bank's scores, so the false-OOD bound holds "
                        "either way")
