@@ -601,7 +601,7 @@ def run_bank_index(seeds=(0, 1), budgets=(250,), alpha_ood: float = 0.05, n_ood:
             gate = OODGate(scorer.score(f_cal), alpha_ood=alpha_ood)
             id_scores = scorer.score(f_te)
             entry = {"index": index, "bank_size": int(scorer.state_dict()["bank"].shape[0]),
-                     "probes": scorer.probes_used, "probe_rows": scorer.probe_rows_used if index == "ivf" else None,
+                     "probes": scorer.probes_used, "probe_rows": scorer.probe_rows_used,
                      "lists": len(scorer.state_dict().get("list_centroids", ())),
                      "false_ood": float(gate.is_ood(id_scores).double().mean()), "ood": {}}
             flags[key] = [gate.is_ood(id_scores)]
