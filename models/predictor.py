@@ -1,9 +1,11 @@
 """Network + Calibration -> predictions with uncertainty, in one batched pass on the model's device.
 
-:meth:`Predictor.forward` is the hot path: one ``forward_features`` / ``forward_head`` pass, then the
-OOD score and conformal p-value, the conformal set, the confidence and the decision, all as batched
-torch on the device. :meth:`Predictor.predict` makes the single host copy and builds
-:class:`Prediction` objects.
+:meth:`Predictor.forward` is the hot path, in two stages that a server may run on two threads so that one
+batch's uncertainty overlaps the next batch's network pass: :meth:`Predictor.forward_network`
+(``forward_features`` / ``forward_head``), then :meth:`Predictor.forward_uncertainty` (the OOD score and
+conformal p-value, the conformal set, the confidence and the decision), all as batched torch on the device.
+:meth:`Predictor.predictions` makes the single host copy and builds :class:`Prediction` objects;
+:meth:`Predictor.predict` is all of it.
 """
 
 from __future__ import annotations
@@ -84,13 +86,23 @@ class Predictor:
     def input_shape(self) -> tuple[int, ...]:
         return self.net.input_shape
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> BatchOutput:
-        """The whole uncertainty path for a batch ``x`` ``[N, *input_shape]`` on the model's device."""
-        cal = self.calibration
-        x = x.to(self.device, non_blocking=True)
+        """The whole path for a batch ``x`` ``[N, *input_shape]``: :meth:`forward_network`, then
+        :meth:`forward_uncertainty`."""
+        return self.forward_uncertainty(*self.forward_network(x))
+
+    @torch.no_grad()
+    def forward_network(self, x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's pass over a batch ``x`` ``[N, *input_shape]``: features ``[N, D]`` and logits ``[N, K]``,
+        on the model's device."""
+        x = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
         features = self.net.forward_features(x)
-        logits = self.net.forward_head(features)
+        return features, self.net.forward_head(features)
+
+    @torch.no_grad()  # grad mode is per thread: a server may call this on another thread than forward_network
+    def forward_uncertainty(self, features: torch.Tensor, logits: torch.Tensor) -> BatchOutput:
+        """Everything after the network's pass, from its ``features`` ``[N, D]`` and ``logits`` ``[N, K]``."""
+        cal = self.calibration
         probs = torch.softmax(logits.float(), dim=1)
         ood_score = cal.ood_scorer.score(features, logits)
         p_value = cal.ood_gate.p_value(ood_score)
@@ -104,8 +116,11 @@ class Predictor:
                            reason == REASON_NONE, reason.to(torch.int8), features, logits)
 
     def predict(self, x: torch.Tensor | np.ndarray) -> list[Prediction]:
-        """:meth:`forward`, then one copy to the host and one :class:`Prediction` per input."""
-        out = self.forward(torch.as_tensor(x, dtype=torch.float32))
+        """:meth:`forward`, then :meth:`predictions`."""
+        return self.predictions(self.forward(x))
+
+    def predictions(self, out: BatchOutput) -> list[Prediction]:
+        """One copy of a batch's outputs to the host, then one :class:`Prediction` per input."""
         top_p, top_i = out.probs.topk(self.top_k, dim=1)
         host = {name: t.cpu().numpy() for name, t in {
             "probs": out.probs, "label": out.label, "confidence": out.confidence, "sets": out.sets,

@@ -137,7 +137,8 @@ class Served:
 
     name: str
     version: str
-    predict: Callable[[np.ndarray], list]
+    forward: Callable[[np.ndarray], Any]  # a batch's network pass (Predictor.forward_network)
+    finish: Callable[[Any], list]  # forward's outputs -> one prediction per input (uncertainty, host copy)
     spec: InputSpec
     info: ModelInfo
     guarantees: Guarantees
@@ -199,8 +200,9 @@ def load_served(settings: Settings) -> Served:
                             batch_max_latency_ms=settings.batch_max_latency_ms,
                             max_inputs_per_request=settings.max_batch, top_k=settings.top_k),
     )
-    return Served(loaded.name, loaded.version, predictor.predict, spec, info, guarantees, loaded.weights or "",
-                  loaded.calibration)
+    return Served(loaded.name, loaded.version, predictor.forward_network,
+                  lambda outputs: predictor.predictions(predictor.forward_uncertainty(*outputs)), spec, info,
+                  guarantees, loaded.weights or "", loaded.calibration)
 
 
 def _one_line(err: BaseException) -> str:
@@ -472,7 +474,7 @@ class Noisewise:
         except (SettingsError, StartupError) as err:
             _fail(str(err))
         self.served = served
-        self.batcher = Batcher(self._predict, enabled=self.settings.batching,
+        self.batcher = Batcher(self._forward_network, self._finish, enabled=self.settings.batching,
                                max_batch_size=self.settings.batch_max_size,
                                max_latency_ms=self.settings.batch_max_latency_ms)
         self.decoder = WorkQueue(threads=DECODE_THREADS, max_pending=DECODE_QUEUE)
@@ -490,11 +492,18 @@ class Noisewise:
                  served.info.serving.device, "on" if self.settings.batching else "off",
                  _safe_url(self.store.url) if self.store is not None else "off")
 
-    def _predict(self, x: np.ndarray) -> list[tuple[Served, Any]]:
-        """One forward pass with the model served now; each output remembers which model made it, so that a
-        hot reload between the pass and the response cannot mislabel it."""
+    def _forward_network(self, x: np.ndarray) -> tuple[Served, Any]:
+        """The network's pass with the model served now, kept with that model, so that a hot reload between the
+        pass and the response cannot mislabel it (the batcher's model thread)."""
         served = self.served
-        return [(served, out) for out in served.predict(x)]
+        return served, served.forward(x)
+
+    @staticmethod
+    def _finish(passed: tuple[Served, Any]) -> list[tuple[Served, Any]]:
+        """The rest of the pass with the model that ran it: one (model, prediction) per input (the batcher's
+        finishing thread)."""
+        served, outputs = passed
+        return [(served, out) for out in served.finish(outputs)]
 
     @bentoml.on_deployment
     def check_model() -> None:

@@ -11,13 +11,13 @@ _load_served = service.load_served
 
 def _slow_load_served(settings):
     served = _load_served(settings)
-    predict, delay = served.predict, float(os.environ.get("NOISEWISE_TEST_PASS_DELAY_MS", "0")) / 1000
+    forward, delay = served.forward, float(os.environ.get("NOISEWISE_TEST_PASS_DELAY_MS", "0")) / 1000
 
-    def slow_predict(x):
+    def slow_forward(x):
         time.sleep(delay)
-        return predict(x)
+        return forward(x)
 
-    served.predict = slow_predict
+    served.forward = slow_forward
     return served
 
 

@@ -153,14 +153,14 @@ def serve(env: dict, slow_passes: threading.Event | None = None, delay_s: float 
 
             def slow_load(settings):
                 served = load(settings)
-                predict = served.predict
+                forward = served.forward
 
                 def slow(x):
                     if slow_passes.is_set():
                         time.sleep(delay_s)
-                    return predict(x)
+                    return forward(x)
 
-                served.predict = slow
+                served.forward = slow
                 return served
 
             mp.setattr(service_module, "load_served", slow_load)

@@ -34,14 +34,14 @@ def serve(env: dict, delay_s: float = 0.0, passes: list | None = None):
         if passes is not None:
             def slow_load(settings):
                 served = load_served(settings)
-                predict = served.predict
+                forward = served.forward
 
                 def counted(x):
                     time.sleep(delay_s)
                     passes.append(len(x))
-                    return predict(x)
+                    return forward(x)
 
-                served.predict = counted
+                served.forward = counted
                 return served
 
             mp.setattr(service_module, "load_served", slow_load)
