@@ -16,8 +16,8 @@ the answers) on a second thread, while the model thread already runs the next ba
 free for parsing the next requests. At most one finished forward waits for its ``finish``: the dispatcher starts
 no new batch before the ``finish`` of the one before last is done, so a slow ``finish`` slows the intake instead
 of queueing batches without bound. Overlapping the stages raised the throughput of a ResNet-18 with a
-50,000-row OOD bank on 2 CPU cores by about 3% (docs/serving.md): while ``finish`` ran on the model thread, the
-second core idled for it.
+50,000-row OOD bank on 2 CPU cores by 2-3% (docs/serving.md): while ``finish`` ran on the model thread, the
+next batch waited for it although the server had CPU to spare.
 
 Decoding request images runs in a :class:`WorkQueue` of its own: a few threads and a bounded queue, so that
 images that are cheap to send and costly to decode never hold the threads that ``/feedback``, ``/suspects`` and
