@@ -24,6 +24,7 @@ class Timeline:
         self.events: list[tuple[str, int, float, float]] = []
         self.threads: dict[str, set[str]] = {"forward": set(), "finish": set()}
         self.sizes: list[int] = []  # inputs per forward
+        self.failed_inputs: set[float] = set()  # the inputs of the batches whose finish failed
         self._lock = threading.Lock()
         self._batches = 0
 
@@ -46,6 +47,7 @@ class Timeline:
         self.threads["finish"].add(threading.current_thread().name)
         time.sleep(self.finish_s)
         if self.fail_finish_on is not None and 2 * self.fail_finish_on in doubled:
+            self.failed_inputs.update(float(v) / 2 for v in doubled)
             raise ValueError("finish failed")
         self.events.append(("finish", batch, start, time.perf_counter()))
         return [float(v) + 1 for v in doubled]
@@ -118,9 +120,12 @@ def test_a_failing_finish_fails_its_batch_only():
             batcher.close()
 
     first, later = asyncio.run(main())
-    failed = [r for r in first if isinstance(r, Exception)]
-    assert failed and all(isinstance(r, ValueError) and str(r) == "finish failed" for r in failed)
-    assert [2.0 * 3.0 + 1, 2.0 * 3.0 + 2] not in first
+    assert 3.0 in stages.failed_inputs
+    for v, result in zip([0.0, 1.0, 3.0, 4.0], first):
+        if v in stages.failed_inputs:  # shared the failing batch
+            assert isinstance(result, ValueError) and str(result) == "finish failed", (v, result)
+        else:
+            assert result == [2.0 * v + 1, 2.0 * v + 2], (v, result)
     assert later == [15.0]  # the batcher goes on serving
 
 
